@@ -1,0 +1,1 @@
+"""Small helpers shared by the samplers and the metrics: errors, weights cache, torchrun."""
