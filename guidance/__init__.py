@@ -1,0 +1,16 @@
+"""Guidance methods shared by the EDM2 and DiT samplers.
+
+``guide(denoiser, method=..., weight=..., ...)`` wraps any ``D(x, sigma, labels)``
+callable; see :mod:`guidance.methods` for the equations and
+:mod:`guidance.windows` for the window geometry.
+"""
+
+from .guided import GuidanceError, GuidedDenoiser, guide, method_names
+from .methods import CFG, CFGSWG, METHODS, SWG, WMG, WMGSWG, Evaluation, Guider, NoGuidance
+from .windows import WindowError, WindowGrid, sliding_window_predict, window_origins
+
+__all__ = [
+    "guide", "GuidedDenoiser", "GuidanceError", "method_names",
+    "Guider", "NoGuidance", "CFG", "WMG", "SWG", "WMGSWG", "CFGSWG", "METHODS", "Evaluation",
+    "WindowGrid", "WindowError", "window_origins", "sliding_window_predict",
+]

@@ -13,12 +13,14 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from utils.errors import UsageError
+
 __all__ = ["WindowError", "window_origins", "WindowGrid", "sliding_window_predict"]
 
 Pair = Union[int, Sequence[int]]
 
 
-class WindowError(ValueError):
+class WindowError(UsageError, ValueError):
     """Raised for a window configuration that cannot cover the input."""
 
 
