@@ -1,0 +1,277 @@
+"""Crash-safe image output shared by the samplers.
+
+Two layouts:
+
+* PNG per seed: ``outdir/{seed:07d}.png``, or with ``subdirs=True``
+  ``outdir/{seed - seed % 1000:06d}/{seed:07d}.png`` (the per-1000 folders of
+  EDM2's ``generate_images.py``);
+* tar shards: ``outdir/{first:07d}-{last:07d}.tar`` holding ``{seed:07d}.png``
+  members, at most ``shard_size`` images per shard.
+
+Every file is written under a hidden temporary name (``.<name>.tmp<pid>``) and
+moved to its final name only when complete, so a killed run never leaves a
+truncated PNG or a half-written shard under a final name.  Final names are
+never overwritten.  :func:`done_seeds` lists the seeds already finished, so a
+rerun can produce only the missing ones.
+
+PNG encoding and file writing run in background threads so the sampler keeps
+the accelerator busy; :meth:`ImageWriter.write` only copies the batch to host
+memory and enqueues it (blocking when ``max_pending`` batches are waiting).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import os
+import pathlib
+import queue
+import re
+import tarfile
+import threading
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import PIL.Image
+
+__all__ = ["png_relpath", "done_seeds", "remove_stale_temps", "ImageWriter"]
+
+_PNG_RE = re.compile(r"^(\d+)\.png$")
+_TAR_RE = re.compile(r"^\d+-\d+(-\d+)?\.tar$")
+_TMP_RE = re.compile(r"^\..*\.tmp\d+$")
+
+
+def png_relpath(seed: int, subdirs: bool = False) -> str:
+    """Relative path of the PNG of ``seed``."""
+    name = f"{seed:07d}.png"
+    return f"{seed - seed % 1000:06d}/{name}" if subdirs else name
+
+
+def _tmp_name(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _publish(tmp: pathlib.Path, final: pathlib.Path) -> bool:
+    """Move a finished temporary file to ``final`` without ever replacing an existing file.
+
+    Returns False (and drops ``tmp``) when ``final`` already exists.
+    """
+    try:
+        os.link(tmp, final)  # atomic and refuses to clobber
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        return False
+    except OSError:  # file systems without hard links
+        if final.exists():
+            tmp.unlink(missing_ok=True)
+            return False
+        os.replace(tmp, final)
+        return True
+    tmp.unlink()
+    return True
+
+
+def _tar_members(path: pathlib.Path) -> list[str]:
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return tar.getnames()
+    except (tarfile.TarError, OSError, EOFError):
+        return []  # a damaged shard counts as not done; it is never overwritten
+
+
+def done_seeds(outdir: os.PathLike | str) -> set[int]:
+    """Seeds whose image is finished in ``outdir``: PNGs (flat or per-1000 folders) and finished tar shards."""
+    outdir = pathlib.Path(outdir)
+    seeds: set[int] = set()
+    if not outdir.is_dir():
+        return seeds
+    for entry in os.scandir(outdir):
+        if entry.is_file():
+            m = _PNG_RE.match(entry.name)
+            if m:
+                seeds.add(int(m.group(1)))
+            elif _TAR_RE.match(entry.name):
+                seeds.update(int(mm.group(1)) for n in _tar_members(pathlib.Path(entry.path))
+                             if (mm := _PNG_RE.match(os.path.basename(n))))
+        elif entry.is_dir() and re.fullmatch(r"\d{6}", entry.name):
+            for sub in os.scandir(entry.path):
+                m = _PNG_RE.match(sub.name)
+                if m and sub.is_file():
+                    seeds.add(int(m.group(1)))
+    return seeds
+
+
+def remove_stale_temps(outdir: os.PathLike | str) -> int:
+    """Delete temporary files left by killed runs (call on one rank before writers start)."""
+    outdir = pathlib.Path(outdir)
+    count = 0
+    if not outdir.is_dir():
+        return 0
+    for path in [outdir, *[p for p in outdir.iterdir() if p.is_dir() and re.fullmatch(r"\d{6}", p.name)]]:
+        for p in path.iterdir():
+            if _TMP_RE.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                count += 1
+    return count
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+    mode = "L" if image.shape[2] == 1 else "RGB"
+    buf = io.BytesIO()
+    PIL.Image.fromarray(image[:, :, 0] if mode == "L" else image, mode).save(buf, format="png")
+    return buf.getvalue()
+
+
+def _to_numpy_nhwc(images) -> np.ndarray:
+    """uint8 images as NHWC numpy (accepts torch NCHW tensors on any device, or numpy NHWC)."""
+    if hasattr(images, "detach"):  # torch tensor, NCHW
+        images = images.detach().permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise ValueError(f"expected uint8 images NHWC with 1 or 3 channels, got {images.dtype} {images.shape}")
+    return images
+
+
+class ImageWriter:
+    """Writes images named by seed in the background; use as a context manager.
+
+    ``write(seeds, images)`` takes a batch (torch uint8 NCHW or numpy uint8 NHWC);
+    ``close()`` waits for everything and finishes the last tar shard.  Errors in
+    the background threads are raised by the next ``write`` or by ``close``.
+    """
+
+    def __init__(self, outdir: os.PathLike | str, *, subdirs: bool = False, tar: bool = False,
+                 shard_size: int = 1000, max_pending: int = 4, encode_threads: Optional[int] = None):
+        self.outdir = pathlib.Path(outdir)
+        self.subdirs = bool(subdirs)
+        self.tar = bool(tar)
+        self.shard_size = int(shard_size)
+        if self.shard_size < 1:
+            raise ValueError("shard_size must be >= 1")
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        self.written: list[int] = []  # seeds published by this writer
+        self._shard: Optional[tarfile.TarFile] = None
+        self._shard_tmp: Optional[pathlib.Path] = None
+        self._shard_seeds: list[int] = []
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(max_pending)))
+        self._error: Optional[BaseException] = None
+        threads = encode_threads or min(8, os.cpu_count() or 1)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png")
+        self._thread = threading.Thread(target=self._run, name="image-writer", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    # -- producer side -------------------------------------------------------------
+    def write(self, seeds: Sequence[int], images) -> None:
+        self._raise_if_failed()
+        if self._closed:
+            raise RuntimeError("ImageWriter is closed")
+        images = _to_numpy_nhwc(images)
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != images.shape[0]:
+            raise ValueError(f"{len(seeds)} seeds for {images.shape[0]} images")
+        self._queue.put((seeds, images))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+            self._pool.shutdown(wait=True)
+        self._raise_if_failed()
+
+    def __enter__(self) -> "ImageWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # On an error upstream: publish what is complete, keep the original exception.
+        try:
+            self.close()
+        except BaseException:
+            pass
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"image writer failed: {self._error}") from self._error
+
+    # -- consumer side ---------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            if self._error is not None:
+                continue  # drain so the producer never blocks forever
+            try:
+                seeds, images = item
+                pngs = list(self._pool.map(_encode_png, list(images)))
+                for seed, data in zip(seeds, pngs):
+                    self._store(seed, data)
+            except BaseException as exc:  # reported to the producer
+                self._error = exc
+        try:
+            if self._error is None:
+                self._finish_shard()
+            else:
+                self._abandon_shard()
+        except BaseException as exc:
+            self._error = self._error or exc
+
+    def _store(self, seed: int, data: bytes) -> None:
+        if self.tar:
+            self._add_to_shard(seed, data)
+            return
+        final = self.outdir / png_relpath(seed, self.subdirs)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(final)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if _publish(tmp, final):
+            self.written.append(seed)
+
+    def _add_to_shard(self, seed: int, data: bytes) -> None:
+        if self._shard is None:
+            self._shard_tmp = self.outdir / f".shard-{threading.get_ident()}.tar.tmp{os.getpid()}"
+            self._shard = tarfile.open(self._shard_tmp, "w", format=tarfile.PAX_FORMAT)
+            self._shard_seeds = []
+        info = tarfile.TarInfo(f"{seed:07d}.png")
+        info.size = len(data)
+        info.mode = 0o644
+        self._shard.addfile(info, io.BytesIO(data))
+        self._shard_seeds.append(seed)
+        if len(self._shard_seeds) >= self.shard_size:
+            self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        if self._shard is None:
+            return
+        self._shard.close()
+        with open(self._shard_tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        base = f"{min(self._shard_seeds):07d}-{max(self._shard_seeds):07d}"
+        for n in range(1000):
+            final = self.outdir / (f"{base}.tar" if n == 0 else f"{base}-{n}.tar")
+            if not final.exists():
+                break
+        tmp = self._shard_tmp
+        self._shard, self._shard_tmp = None, None
+        if not _publish(tmp, final):
+            raise FileExistsError(f"{final} appeared while writing; nothing was overwritten")
+        self.written.extend(self._shard_seeds)
+        self._shard_seeds = []
+
+    def _abandon_shard(self) -> None:
+        if self._shard is not None:
+            self._shard.close()
+            self._shard_tmp.unlink(missing_ok=True)
+            self._shard, self._shard_tmp = None, None
+
+
+def iter_pending(seeds: Iterable[int], done: set[int]) -> list[int]:
+    """``seeds`` without the finished ones, order kept."""
+    return [s for s in seeds if s not in done]

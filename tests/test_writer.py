@@ -1,0 +1,166 @@
+"""sampling.writer: layouts, atomic publication, resume listing, background encoding."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from sampling import writer as W
+
+
+def _images(seeds, size=8, channels=3):
+    """Deterministic distinct images per seed (so a file's content identifies its seed)."""
+    out = np.zeros((len(seeds), size, size, channels), np.uint8)
+    for i, s in enumerate(seeds):
+        out[i] = np.random.default_rng(s).integers(0, 256, (size, size, channels), dtype=np.uint8)
+    return out
+
+
+def _read_png(data_or_path):
+    if isinstance(data_or_path, bytes):
+        data_or_path = io.BytesIO(data_or_path)
+    return np.asarray(PIL.Image.open(data_or_path))
+
+
+def test_png_paths():
+    assert W.png_relpath(7) == "0000007.png"
+    assert W.png_relpath(12345, subdirs=True) == "012000/0012345.png"
+    assert W.png_relpath(999, subdirs=True) == "000000/0000999.png"
+
+
+@pytest.mark.parametrize("subdirs", [False, True])
+def test_png_roundtrip_and_done(tmp_path, subdirs):
+    seeds = [0, 5, 999, 1000, 2500]
+    with W.ImageWriter(tmp_path, subdirs=subdirs) as w:
+        w.write(seeds[:2], _images(seeds[:2]))
+        # torch NCHW input is accepted too
+        w.write(seeds[2:], torch.from_numpy(_images(seeds[2:])).permute(0, 3, 1, 2))
+    for s, img in zip(seeds, _images(seeds)):
+        path = tmp_path / W.png_relpath(s, subdirs)
+        assert path.is_file()
+        np.testing.assert_array_equal(_read_png(path), img)
+    assert W.done_seeds(tmp_path) == set(seeds)
+    assert sorted(w.written) == seeds
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    if subdirs:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["000000", "001000", "002000"]
+
+
+def test_grayscale(tmp_path):
+    with W.ImageWriter(tmp_path) as w:
+        w.write([3], _images([3], channels=1))
+    np.testing.assert_array_equal(_read_png(tmp_path / "0000003.png"), _images([3], channels=1)[0, :, :, 0])
+
+
+def test_never_overwrites(tmp_path):
+    (tmp_path / "0000001.png").write_bytes(b"finished earlier")
+    with W.ImageWriter(tmp_path) as w:
+        w.write([1, 2], _images([1, 2]))
+    assert (tmp_path / "0000001.png").read_bytes() == b"finished earlier"
+    assert w.written == [2]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_tar_shards(tmp_path):
+    seeds = list(range(10, 17))
+    with W.ImageWriter(tmp_path, tar=True, shard_size=3) as w:
+        for i in range(0, len(seeds), 2):
+            w.write(seeds[i:i + 2], _images(seeds[i:i + 2]))
+    shards = sorted(p.name for p in tmp_path.iterdir())
+    assert shards == ["0000010-0000012.tar", "0000013-0000015.tar", "0000016-0000016.tar"]
+    got = {}
+    for name in shards:
+        with tarfile.open(tmp_path / name) as tar:
+            for m in tar.getmembers():
+                got[m.name] = _read_png(tar.extractfile(m).read())
+    assert sorted(got) == [f"{s:07d}.png" for s in seeds]
+    for s, img in zip(seeds, _images(seeds)):
+        np.testing.assert_array_equal(got[f"{s:07d}.png"], img)
+    assert W.done_seeds(tmp_path) == set(seeds)
+
+
+def test_unfinished_shard_invisible_until_done(tmp_path):
+    w = W.ImageWriter(tmp_path, tar=True, shard_size=100)
+    w.write([1, 2], _images([1, 2]))
+    deadline = time.time() + 10
+    while not any(tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.01)
+    names = [p.name for p in tmp_path.iterdir()]
+    assert names and all(n.startswith(".") and ".tmp" in n for n in names)  # only a hidden temp file
+    assert W.done_seeds(tmp_path) == set()
+    w.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["0000001-0000002.tar"]
+    assert W.done_seeds(tmp_path) == {1, 2}
+
+
+def test_shard_name_collision_gets_suffix(tmp_path):
+    for _ in range(2):
+        with W.ImageWriter(tmp_path, tar=True) as w:
+            w.write([4, 5], _images([4, 5]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000004-0000005-1.tar", "0000004-0000005.tar"]
+
+
+def test_done_ignores_temps_and_junk_and_stale_cleanup(tmp_path):
+    (tmp_path / ".0000004.png.tmp123").write_bytes(b"half")
+    (tmp_path / ".shard-1.tar.tmp99").write_bytes(b"half")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "0000009-0000010.tar").write_bytes(b"not a tar")  # damaged: not done, not an error
+    (tmp_path / "001000").mkdir()
+    (tmp_path / "001000" / "0001001.png").write_bytes(b"png")
+    (tmp_path / "001000" / ".0001002.png.tmp7").write_bytes(b"half")
+    assert W.done_seeds(tmp_path) == {1001}
+    assert W.done_seeds(tmp_path / "missing") == set()
+    assert W.remove_stale_temps(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["0000009-0000010.tar", "0001001.png", "001000",
+                                                           "notes.txt"]
+
+
+def test_mixed_layouts_resume(tmp_path):
+    with W.ImageWriter(tmp_path) as w:
+        w.write([0, 1], _images([0, 1]))
+    with W.ImageWriter(tmp_path, tar=True) as w:
+        w.write([2, 3], _images([2, 3]))
+    done = W.done_seeds(tmp_path)
+    assert done == {0, 1, 2, 3}
+    assert W.iter_pending(range(6), done) == [4, 5]
+
+
+def test_background_does_not_block_producer(tmp_path, monkeypatch):
+    gate = threading.Event()
+    real = W._encode_png
+
+    def slow_encode(img):
+        gate.wait(10)
+        return real(img)
+
+    monkeypatch.setattr(W, "_encode_png", slow_encode)
+    w = W.ImageWriter(tmp_path, max_pending=4)
+    t0 = time.perf_counter()
+    for s in range(3):
+        w.write([s], _images([s]))
+    assert time.perf_counter() - t0 < 2.0  # returned while encoding is still held back
+    assert W.done_seeds(tmp_path) == set()
+    gate.set()
+    w.close()
+    assert W.done_seeds(tmp_path) == {0, 1, 2}
+
+
+def test_background_error_surfaces(tmp_path, monkeypatch):
+    def boom(img):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(W, "_encode_png", boom)
+    w = W.ImageWriter(tmp_path)
+    w.write([0], _images([0]))
+    with pytest.raises(RuntimeError, match="disk full"):
+        w.close()
+    with pytest.raises(ValueError):
+        W.ImageWriter(tmp_path).write([0, 1], _images([0]))
