@@ -1,0 +1,105 @@
+"""DiT as a denoiser for the shared guidance module, and the DiT guidance modes of the reference.
+
+The DiT network predicts ``[eps, v]`` (``2C`` channels) from ``(x_t, t, y)``.
+:class:`DiTDenoiser` gives it the ``D(x, sigma, labels)`` signature of
+:mod:`guidance` (``sigma`` is the integer timestep here, ``labels=None`` means
+the null class), and :func:`dit_guidance` maps the reference's switches to a
+:func:`guidance.guide` call.  Every mode extrapolates on the network output
+(``eps`` and possibly ``v``) before DiT's diffusion turns it into a step:
+
+- ``swg`` (``--crop 1``, M-SWG with ``--mask 1``), all ``2C`` channels::
+
+      out = pos + w m (pos - win)
+
+- ``cfg`` (``--vanila_cfg 1``), on the first 3 channels as DiT's release does
+  (``cfg_channels="all"`` guides all ``C`` eps channels); variance from ``pos``::
+
+      eps = uncond + s (pos - uncond) = pos + (s - 1)(pos - uncond)
+
+- ``cfg-swg`` (``--cfg_crop 1``), on the ``C`` eps channels; windows with the
+  true labels, mask honoured, variance from the conditional output::
+
+      eps = pos + g (pos - uncond) + w m (pos - win)
+
+``uncond`` (``--uncond 1``) samples with the null class and no guidance.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from guidance import guide
+from utils.errors import UsageError
+
+__all__ = ["DiTDenoiser", "dit_guidance", "DIT_MODES", "default_window_size"]
+
+DIT_MODES = ("none", "uncond", "swg", "cfg", "cfg-swg")
+
+
+class DiTDenoiser:
+    """``D(x, t, labels) = net(x, t, labels)``, ``labels=None`` meaning the null class ``num_classes``."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+
+    @property
+    def null_class(self) -> int:
+        return self.net.num_classes
+
+    def __call__(self, x: torch.Tensor, t, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if labels is None:
+            if not self.net.has_null_class:
+                raise UsageError("this DiT has no null-class embedding (class_dropout_prob=0); "
+                                 "unconditional sampling and CFG need a model trained with label dropout")
+            labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        return self.net(x, t, labels)
+
+
+def default_window_size(latent_size: int) -> int:
+    """Window of the paper: 5/8 of the latent (20 for 32x32 latents, 40 for 64x64)."""
+    return latent_size * 5 // 8
+
+
+def dit_guidance(
+    net: torch.nn.Module,
+    mode: str = "none",
+    g_scale: float = 0.0,
+    crop_scale: float = 0.0,
+    mask: bool = False,
+    window_size=None,
+    window_steps=2,
+    cfg_channels: str = "reference",
+    max_window_batch: Optional[int] = None,
+):
+    """Guided DiT denoiser ``D(x, t, labels) -> [eps, v]`` for one of :data:`DIT_MODES`.
+
+    ``g_scale``: SWG weight ``w`` (``swg``), CFG scale ``s`` (``cfg``, ``s = 1`` is
+    unguided) or CFG weight ``g`` (``cfg-swg``); ``crop_scale``: SWG weight of
+    ``cfg-swg``.  ``window_size`` defaults to :func:`default_window_size` of the
+    network's latent.  ``cfg_channels``: ``"reference"`` (3 channels) or ``"all"``
+    (every eps channel) for plain CFG.
+    """
+    if mode not in DIT_MODES:
+        raise UsageError(f"unknown DiT guidance mode {mode!r}; use one of {', '.join(DIT_MODES)}")
+    if cfg_channels not in ("reference", "all"):
+        raise UsageError(f"cfg_channels must be 'reference' or 'all', got {cfg_channels!r}")
+    den = DiTDenoiser(net)
+    if mode in ("none", "uncond"):
+        return guide(den, method="none", weight=None)
+    if window_size is None:
+        window_size = default_window_size(net.input_size)
+    eps = slice(0, net.in_channels)
+    if mode == "swg":
+        return guide(den, method="swg", weight=g_scale, window_size=window_size, window_steps=window_steps,
+                     masked=bool(mask), channels=None, max_window_batch=max_window_batch)
+    if mode == "cfg":
+        channels = slice(0, 3) if cfg_channels == "reference" else eps
+        return guide(den, method="cfg", weight=g_scale - 1.0, neg_denoiser=den, channels=channels)
+    return guide(den, method="cfg-swg", weight=(g_scale, crop_scale), neg_denoiser=den,
+                 window_size=window_size, window_steps=window_steps, masked=bool(mask), channels=eps,
+                 reference_quirks=False, max_window_batch=max_window_batch)
