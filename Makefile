@@ -1,0 +1,29 @@
+# One command to set up and run the tests, one to run the main job; each builds .venv itself.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU machines of this project install torch from a local wheel cache; on a GPU cluster
+# override with the build for your CUDA, e.g. make TORCH="torch==2.14.1 torchvision==0.29.1" setup
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?= -q -n 2
+
+.PHONY: setup test bench demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_swg.py
+	$(PY) benchmarks/bench_frechet.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
