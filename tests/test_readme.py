@@ -1,0 +1,25 @@
+"""The README's Python API example runs as written."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _python_blocks():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_api_example_runs(capsys):
+    blocks = _python_blocks()
+    assert blocks, "README has a Python API example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    images = namespace["images"]
+    assert tuple(images.shape) == (4, 3, 32, 32)
+    assert images.isfinite().all()
+    assert "torch.Size([4, 3, 32, 32])" in capsys.readouterr().out
