@@ -1,0 +1,6 @@
+"""``python -m metrics``: see :mod:`metrics.cli`."""
+
+from metrics.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Public entry points: image statistics, metrics against a reference, result files.
+
+Metric names (``METRICS``):
+
+========================  ===============  ==================================================
+name                      detector         result keys
+========================  ===============  ==================================================
+``fid``                   Inception pool3  ``fid``
+``fd_dinov2``             DINOv2 CLS       ``fd_dinov2``
+``is``                    Inception probs  ``is``, ``is_std`` (10 splits)
+``saturation``            none             ``saturation`` (mean HSV S in [0, 1])
+``pr_inception``          Inception pool3  ``precision_inception``, ``recall_inception``
+``pr_dinov2``             DINOv2 CLS       ``precision_dinov2``, ``recall_dinov2``
+========================  ===============  ==================================================
+
+FID and FD-DINOv2 compare ``N(mu, sigma)`` of the generated images with the
+reference's block ``'fid'`` / ``'fd_dinov2'`` (EDM2's pickles).  Precision and
+recall need reference *features*: a reference built with
+``python -m metrics ref --features N`` or a reference given as an image folder.
+
+Under torchrun every rank calls the same function; images are split as
+``indices[rank::world]``, sums are all-reduced, and every rank gets the same
+results.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import tqdm
+
+from utils.errors import UsageError
+
+from . import dist
+from .detectors import get_detector
+from .frechet import frechet_distance
+from .images import ImageSource, is_image_source, iterate_batches, open_images, select_indices
+from .refs import load_ref
+from .scores import inception_score, precision_recall, saturation_sum
+from .stats import FeatureStats
+
+__all__ = [
+    "METRICS",
+    "STAT_KEYS",
+    "parse_metrics",
+    "compute_stats",
+    "calc_metrics_from_stats",
+    "calc_metrics",
+    "write_metrics",
+]
+
+# metric -> (detector, detector output, what is computed)
+METRICS: Dict[str, tuple] = {
+    "fid": ("inception", "features", "fd"),
+    "fd_dinov2": ("dinov2", "features", "fd"),
+    "is": ("inception", "probs", "is"),
+    "saturation": (None, None, "saturation"),
+    "pr_inception": ("inception", "features", "pr"),
+    "pr_dinov2": ("dinov2", "features", "pr"),
+}
+# detector -> name of its statistics block in a reference (EDM2's names)
+STAT_KEYS = {"inception": "fid", "dinov2": "fd_dinov2"}
+IS_SPLITS = 10
+
+Images = Union[str, os.PathLike, ImageSource, Iterable]
+
+
+def parse_metrics(metrics: Union[str, Sequence[str]]) -> list[str]:
+    """``'fid,fd_dinov2'`` or a sequence -> validated list of metric names (order kept, no duplicates)."""
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    out = []
+    for name in (n.strip().lower() for n in names):
+        if not name or name in out:
+            continue
+        if name not in METRICS:
+            raise UsageError(f"unknown metric '{name}'; choose from {','.join(METRICS)}")
+        out.append(name)
+    if not out:
+        raise UsageError(f"no metrics given; choose from {','.join(METRICS)}")
+    return out
+
+
+def _needs_ref(metric: str) -> bool:
+    return METRICS[metric][2] in ("fd", "pr")
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _to_nchw_uint8(batch) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(batch) if not isinstance(batch, torch.Tensor) else batch)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != torch.uint8:
+        raise UsageError(f"image batches must be uint8 NHWC with 1 or 3 channels, got {tuple(x.shape)} {x.dtype}")
+    x = x.permute(0, 3, 1, 2)
+    return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x.contiguous()
+
+
+def _local_batches(images: Images, num: Optional[int], batch: int, seed: int):
+    """(uint8 NCHW batch iterator for this rank, number of batches or None, global image count)."""
+    if isinstance(images, (str, os.PathLike, ImageSource)):
+        source = images if isinstance(images, ImageSource) else open_images(images)
+        indices = select_indices(len(source), num, seed)
+        local = indices[dist.rank()::dist.world_size()]
+        return iterate_batches(source, local, batch), -(-len(local) // batch), len(indices)
+
+    def gen():
+        seen = 0
+        for b in images:
+            x = _to_nchw_uint8(b)
+            if num is not None:
+                x = x[: max(num - seen, 0)]
+            if x.shape[0]:
+                seen += x.shape[0]
+                yield x
+            if num is not None and seen >= num:
+                break
+    return gen(), None, None
+
+
+def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dinov2"), *,
+                  probs: bool = False, saturation: bool = False, keep_features: bool = False,
+                  num: Optional[int] = None, batch: int = 64, seed: int = 0, device=None,
+                  detector_kwargs: Optional[Mapping[str, dict]] = None,
+                  progress: bool = True, desc: str = "images") -> Dict[str, Any]:
+    """Statistics of ``images`` for the given detectors, in EDM2's reference layout.
+
+    Returns ``{'num_images': N, 'fid': {'mu', 'sigma'[, 'features']}, 'fd_dinov2': {...}}``
+    plus ``'probs'`` [N, 1008] when ``probs`` and ``'saturation'`` when asked.
+    ``images``: a folder/zip/tar/npz path, an :class:`ImageSource`, or an
+    iterable of uint8 NHWC batches (under torchrun: this rank's share).
+    """
+    device = torch.device(device) if device is not None else _default_device()
+    batches, num_batches, total = _local_batches(images, num, batch, seed)
+    kwargs = dict(detector_kwargs or {})
+    dets = {kind: get_detector(kind, device, **kwargs.get(kind, {})) for kind in detectors}
+    stats = {kind: FeatureStats(det.feature_dim, keep_rows=keep_features, device=device)
+             for kind, det in dets.items()}
+    prob_rows = []
+    sat = 0.0
+    count = 0
+    bar = tqdm.tqdm(batches, total=num_batches, desc=desc, unit="batch",
+                    disable=not progress or dist.rank() != 0, leave=False)
+    for x in bar:
+        count += x.shape[0]
+        if saturation:
+            sat += saturation_sum(x)
+        x = x.to(device)
+        for kind, det in dets.items():
+            out = det(x)
+            stats[kind].append(out["features"])
+            if probs and kind == "inception":
+                prob_rows.append(out["probs"].double().cpu())
+    if total is None and num is not None and count < num:
+        raise UsageError(f"asked for {num} images but the batches held only {count}; lower --num or generate more")
+    result: Dict[str, Any] = {}
+    n = int(dist.all_reduce_sum(torch.tensor([count], dtype=torch.int64)).item())
+    if total is not None and n != total:
+        raise RuntimeError(f"read {n} images, expected {total}")
+    if n < 2:
+        raise UsageError(f"found {n} image(s); statistics need at least 2, point --images at more")
+    result["num_images"] = n
+    for kind, st in stats.items():
+        mu, sigma = st.reduce().mean_cov()
+        block = {"mu": mu, "sigma": sigma}
+        if keep_features:
+            block["features"] = st.features()
+        result[STAT_KEYS[kind]] = block
+    if probs:
+        if "inception" not in dets:
+            raise ValueError("probs need the inception detector")
+        local = torch.cat(prob_rows) if prob_rows else torch.zeros([0, 1008], dtype=torch.float64)
+        result["probs"] = dist.gather_rows(local).numpy()
+    if saturation:
+        result["saturation"] = float(dist.all_reduce_sum(torch.tensor([sat], dtype=torch.float64)).item()) / n
+    return result
+
+
+def calc_metrics_from_stats(stats: Mapping[str, Any], ref: Optional[Mapping[str, Any]],
+                            metrics: Sequence[str], device=None) -> Dict[str, float]:
+    """Turn statistics (from :func:`compute_stats`) and a reference into metric values."""
+    results: Dict[str, float] = {}
+    for metric in parse_metrics(metrics):
+        kind, _, what = METRICS[metric]
+        if what == "fd":
+            key = STAT_KEYS[kind]
+            a, b = stats[key], ref[key]
+            results[metric] = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+        elif what == "is":
+            results["is"], results["is_std"] = inception_score(stats["probs"], IS_SPLITS)
+        elif what == "saturation":
+            results["saturation"] = stats["saturation"]
+        elif what == "pr":
+            key = STAT_KEYS[kind]
+            p, r = precision_recall(ref[key]["features"], stats[key]["features"], k=3, device=device)
+            results[f"precision_{kind}"], results[f"recall_{kind}"] = p, r
+    results["num_images"] = int(stats["num_images"])
+    return results
+
+
+def _check_ref_covers(ref: Mapping[str, Any], metrics: Sequence[str], where: str) -> None:
+    for metric in metrics:
+        kind, _, what = METRICS[metric]
+        if what not in ("fd", "pr"):
+            continue
+        key = STAT_KEYS[kind]
+        if key not in ref:
+            raise UsageError(f"{where} has no '{key}' statistics needed for {metric}; "
+                             f"use a reference that has them or drop {metric} from --metrics")
+        if what == "pr" and ref[key].get("features") is None:
+            raise UsageError(f"{where} has no '{key}' features needed for {metric}; rebuild it with "
+                             f"'python -m metrics ref --features 50000' or pass an image folder as --ref")
+
+
+def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "fd_dinov2"),
+                 ref_path: Optional[Union[str, os.PathLike]] = None, num: Optional[int] = None,
+                 batch: int = 64, device=None, *, seed: int = 0, ref: Optional[Mapping[str, Any]] = None,
+                 detector_kwargs: Optional[Mapping[str, dict]] = None,
+                 progress: bool = True) -> Dict[str, float]:
+    """Compute ``metrics`` of ``images`` against the reference at ``ref_path`` (or a loaded ``ref``).
+
+    ``ref_path``: an EDM2-format ``.pkl``, an FID-only ``.npz`` (``mu``/``sigma``), a URL
+    (fetched into the cache), or an image folder/zip/tar/npz whose statistics are computed.
+    ``num`` images are drawn with ``seed`` (all when None); fewer present is an error.
+    Returns ``{metric: value, ..., 'num_images': N}``; identical on every torchrun rank.
+    """
+    names = parse_metrics(metrics)
+    device = torch.device(device) if device is not None else _default_device()
+    need_ref = [m for m in names if _needs_ref(m)]
+    detectors = sorted({METRICS[m][0] for m in names if METRICS[m][0]}, key=["inception", "dinov2"].index)
+    need_feats = any(METRICS[m][2] == "pr" for m in names)
+
+    # Validate cheap things (reference, image count) before loading any network.
+    if isinstance(images, (str, os.PathLike)):
+        images = open_images(images)
+    if isinstance(images, ImageSource):
+        select_indices(len(images), num, seed)
+    if need_ref and ref is None:
+        if ref_path is None:
+            raise UsageError(f"metrics {','.join(need_ref)} need reference statistics; pass --ref / ref_path")
+        if is_image_source(ref_path):
+            ref_kinds = sorted({METRICS[m][0] for m in need_ref}, key=["inception", "dinov2"].index)
+            ref = compute_stats(ref_path, ref_kinds, keep_features=need_feats, batch=batch, device=device,
+                                detector_kwargs=detector_kwargs, progress=progress, desc="reference images")
+        else:
+            ref = load_ref(ref_path)
+    where = str(ref_path) if ref_path is not None else "the reference"
+    if need_ref:
+        _check_ref_covers(ref, need_ref, where)
+    kwargs = dict(detector_kwargs or {})
+    for kind in detectors:  # loads (and caches) the networks
+        det = get_detector(kind, device, **kwargs.get(kind, {}))
+        key = STAT_KEYS[kind]
+        if ref is not None and key in ref and any(METRICS[m][0] == kind for m in need_ref):
+            dim = np.asarray(ref[key]["mu"]).reshape(-1).shape[0]
+            if dim != det.feature_dim:
+                raise UsageError(f"{where}: '{key}' statistics have {dim} features but the {kind} detector "
+                                 f"gives {det.feature_dim}; use a reference made with this detector "
+                                 f"('python -m metrics ref')")
+
+    stats = compute_stats(images, detectors, probs="is" in names, saturation="saturation" in names,
+                          keep_features=need_feats, num=num, batch=batch, seed=seed, device=device,
+                          detector_kwargs=detector_kwargs, progress=progress)
+    return calc_metrics_from_stats(stats, ref, names, device=device)
+
+
+# ----------------------------------------------------------------------------
+# Result files.
+
+
+def _free_name(run_dir: pathlib.Path, stem: str) -> str:
+    """``stem`` or ``stem-1``, ``stem-2``, ... so that neither .json nor .csv exists yet."""
+    k = 0
+    while True:
+        name = stem if k == 0 else f"{stem}-{k}"
+        if not (run_dir / f"{name}.json").exists() and not (run_dir / f"{name}.csv").exists():
+            return name
+        k += 1
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _plain(value):
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_metrics(run_dir: Union[str, os.PathLike], results: Mapping[str, Any], args: Mapping[str, Any],
+                  wandb_log: bool = False) -> tuple[pathlib.Path, pathlib.Path]:
+    """Write ``metrics.json`` and a one-row ``metrics.csv`` (run arguments, then results) in ``run_dir``.
+
+    Earlier result files are never overwritten: a second call writes
+    ``metrics-1.json``/``.csv`` and so on.  With ``wandb_log`` the results are
+    also logged to the active wandb run, if any.  Returns the two paths.
+    """
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = _free_name(run_dir, "metrics")
+    args = {k: _plain(v) for k, v in args.items()}
+    results = {k: _plain(v) for k, v in results.items()}
+    doc = {"results": results, "args": args,
+           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    json_path, csv_path = run_dir / f"{name}.json", run_dir / f"{name}.csv"
+    _atomic_write(json_path, json.dumps(doc, indent=2) + "\n")
+    row = {**{k: json.dumps(v) if isinstance(v, list) else v for k, v in args.items()}, **results}
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(row))
+    writer.writeheader()
+    writer.writerow(row)
+    _atomic_write(csv_path, buf.getvalue())
+    if wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            wandb = None
+        if wandb is not None and wandb.run is not None:
+            wandb.log({f"metrics/{k}": v for k, v in results.items()})
+    return json_path, csv_path

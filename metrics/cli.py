@@ -1,0 +1,134 @@
+"""Command line: ``python -m metrics calc`` and ``python -m metrics ref`` (torchrun-able).
+
+    python -m metrics calc --images samples/ --ref img512.pkl --metrics fid,fd_dinov2 [--num 50000]
+    python -m metrics ref  --images imagenet512/ --dest img512.pkl [--features 50000]
+    torchrun --standalone --nproc_per_node=4 -m metrics calc ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+import numpy as np
+
+from utils.errors import UsageError, exit_on_usage_error
+
+from . import dist
+from .api import METRICS, STAT_KEYS, calc_metrics, compute_stats, parse_metrics, write_metrics
+from .refs import save_ref
+
+__all__ = ["main"]
+
+
+def _init_distributed() -> None:
+    """Join the torchrun process group when launched by torchrun (no-op otherwise)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    try:
+        from utils.dist import init  # shared helper, when present
+    except ImportError:
+        init = None
+    if init is not None:
+        init()
+        return
+    import torch
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            tdist.init_process_group("nccl")
+        else:
+            tdist.init_process_group("gloo")
+
+
+def _detector_kwargs(inception_weights, dinov2_weights, dinov2_resize) -> dict:
+    kw = {"inception": {}, "dinov2": {"resize_mode": dinov2_resize}}
+    if inception_weights:
+        kw["inception"]["weights"] = inception_weights
+    if dinov2_weights:
+        kw["dinov2"]["weights"] = dinov2_weights
+    return kw
+
+
+_common = [
+    click.option("--batch", default=64, show_default=True, type=click.IntRange(min=1), help="images per detector call (per rank)"),
+    click.option("--device", default=None, help="torch device (default: cuda when available)"),
+    click.option("--inception_weights", default=None, type=click.Path(dir_okay=False), help="local pt_inception-2015-12-05 .pth instead of the cached download"),
+    click.option("--dinov2_weights", default=None, type=click.Path(dir_okay=False), help="local DINOv2 ViT-L/14 weights (.safetensors or .pth)"),
+    click.option("--dinov2_resize", default="torch", show_default=True, type=click.Choice(["torch", "pil"]), help="DINOv2 resize: fast torch bicubic or EDM2's slower PIL mode"),
+]
+
+
+def _with_common(fn):
+    for opt in reversed(_common):
+        fn = opt(fn)
+    return fn
+
+
+@click.group()
+def main():
+    """FID, FD-DINOv2, Inception score, saturation and precision/recall of generated images."""
+
+
+@main.command()
+@click.option("--images", required=True, help="folder (recursive PNG/JPEG, tar shards), .zip, .tar or ADM .npz")
+@click.option("--ref", "ref", default=None, help="reference .pkl/.npz, URL, or an image folder")
+@click.option("--metrics", default="fid,fd_dinov2", show_default=True, help=f"comma list of {','.join(METRICS)}")
+@click.option("--num", default=None, type=int, help="use N images drawn with --seed (default: all)")
+@click.option("--seed", default=0, show_default=True, help="seed of the --num choice")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="also write metrics.json and metrics.csv here")
+@_with_common
+@exit_on_usage_error
+def calc(images, ref, metrics, num, seed, out, batch, device, inception_weights, dinov2_weights, dinov2_resize):
+    """Compute metrics of --images against --ref."""
+    names = parse_metrics(metrics)
+    _init_distributed()
+    results = calc_metrics(images, names, ref_path=ref, num=num, batch=batch, device=device, seed=seed,
+                           detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize))
+    if dist.rank() == 0:
+        if out:
+            args = dict(images=images, ref=ref, metrics=",".join(names), num=num, seed=seed)
+            write_metrics(out, results, args)
+        click.echo(json.dumps(results))
+
+
+@main.command()
+@click.option("--images", required=True, help="folder (recursive), .zip, .tar or ADM .npz of reference images")
+@click.option("--dest", required=True, type=click.Path(dir_okay=False), help="output reference pickle")
+@click.option("--metrics", default="fid,fd_dinov2", show_default=True, help="which statistics: fid and/or fd_dinov2")
+@click.option("--num", default=None, type=int, help="use N images drawn with --seed (default: all)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--features", default=0, show_default=True, type=click.IntRange(min=0), help="also store up to N feature rows for precision/recall")
+@click.option("--overwrite", is_flag=True, help="replace an existing --dest")
+@_with_common
+@exit_on_usage_error
+def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, inception_weights, dinov2_weights, dinov2_resize):
+    """Compute EDM2-format reference statistics of --images into --dest."""
+    names = parse_metrics(metrics)
+    kinds = []
+    for name in names:
+        kind, _, what = METRICS[name]
+        if what != "fd":
+            raise UsageError(f"'ref' stores Fréchet statistics only ({','.join(STAT_KEYS.values())}); drop {name}")
+        kinds.append(kind)
+    if os.path.exists(dest) and not overwrite:
+        raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
+    _init_distributed()
+    stats = compute_stats(images, kinds, keep_features=features > 0, num=num, batch=batch, seed=seed, device=device,
+                          detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize),
+                          desc="reference images")
+    if features > 0:
+        rng = np.random.default_rng(seed)
+        for kind in kinds:
+            block = stats[STAT_KEYS[kind]]
+            rows = block["features"]
+            if rows.shape[0] > features:
+                rows = rows[np.sort(rng.choice(rows.shape[0], features, replace=False))]
+            block["features"] = rows
+    if dist.rank() == 0:
+        path = save_ref(stats, dest, overwrite=overwrite)
+        click.echo(f"wrote {path} ({stats['num_images']} images: {', '.join(STAT_KEYS[k] for k in kinds)})")
+    dist.barrier()

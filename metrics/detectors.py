@@ -1,0 +1,99 @@
+"""Feature detectors: uint8 NCHW RGB batches in, named float outputs out.
+
+Two detectors exist.  ``inception`` yields ``features`` (pool3, 2048-d) and
+``probs`` (softmax of the 1008 bias-free logits, for the Inception score);
+``dinov2`` yields ``features`` (CLS token, 1024-d).  Each metric names the
+detector and output it needs (see ``metrics.api.METRICS``).
+
+Loaders live in :data:`LOADERS` so that tests (or users with local weight
+files) can swap them; ``get_detector`` caches one instance per (kind, device).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+from utils.errors import UsageError
+
+from . import dinov2 as _dinov2
+from . import inception as _inception
+
+__all__ = ["Detector", "InceptionDetector", "DINOv2Detector", "LOADERS", "get_detector", "clear_cache"]
+
+
+class Detector:
+    """Base class: ``name``, ``feature_dim`` and ``__call__(uint8 NCHW) -> dict of tensors``."""
+
+    name = "detector"
+    feature_dim = 0
+
+    def __call__(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        raise TypeError(f"{type(self).__name__} does not implement __call__")
+
+
+class InceptionDetector(Detector):
+    """FID Inception-v3: ``features`` [N, 2048] and ``probs`` [N, 1008] (bias-free softmax)."""
+
+    name = "inception"
+
+    def __init__(self, model: _inception.InceptionV3):
+        self.model = model
+        self.feature_dim = model.fc.in_features
+
+    @torch.no_grad()
+    def __call__(self, images):
+        feats, logits = self.model(images, no_output_bias=True)
+        return {"features": feats, "probs": torch.softmax(logits.double(), dim=1)}
+
+
+class DINOv2Detector(Detector):
+    """DINOv2 ViT-L/14: ``features`` [N, 1024] (CLS token after the final norm)."""
+
+    name = "dinov2"
+
+    def __init__(self, model: torch.nn.Module, resize_mode: str = "torch"):
+        if resize_mode not in ("torch", "pil"):
+            raise UsageError(f"unknown DINOv2 resize mode {resize_mode!r}; use 'torch' or 'pil'")
+        self.model = model
+        self.resize_mode = resize_mode
+        self.feature_dim = model.embed_dim
+
+    @torch.no_grad()
+    def __call__(self, images):
+        x = _dinov2.preprocess_dinov2(images, self.resize_mode)
+        return {"features": self.model(x.to(next(self.model.parameters()).device))}
+
+
+def _load_inception(device, **kwargs) -> Detector:
+    return InceptionDetector(_inception.load_inception(kwargs.get("weights"), device=device))
+
+
+def _load_dinov2(device, **kwargs) -> Detector:
+    model = _dinov2.load_dinov2(kwargs.get("weights"), device=device)
+    return DINOv2Detector(model, resize_mode=kwargs.get("resize_mode", "torch"))
+
+
+LOADERS: Dict[str, Callable[..., Detector]] = {
+    "inception": _load_inception,
+    "dinov2": _load_dinov2,
+}
+
+_cache: Dict[tuple, Detector] = {}
+
+
+def get_detector(kind: str, device=None, **kwargs) -> Detector:
+    """The detector ``kind`` ('inception' | 'dinov2') on ``device``, loaded once per process."""
+    if kind not in LOADERS:
+        raise UsageError(f"unknown detector {kind!r}; use one of {sorted(LOADERS)}")
+    device = torch.device(device or "cpu")
+    key = (kind, str(device), tuple(sorted(kwargs.items())))
+    if key not in _cache:
+        _cache[key] = LOADERS[kind](device, **kwargs)
+    return _cache[key]
+
+
+def clear_cache() -> None:
+    """Forget loaded detectors (frees memory; tests use it after swapping loaders)."""
+    _cache.clear()

@@ -1,0 +1,133 @@
+"""Reference statistics: EDM2's pickle format, FID-only ``.npz``, safe loading.
+
+EDM2's ``dataset-refs/img512.pkl`` is a pickle of a plain dict
+
+    {'num_images': int,
+     'fid':       {'mu': float64[2048], 'sigma': float64[2048, 2048]},
+     'fd_dinov2': {'mu': float64[1024], 'sigma': float64[1024, 1024]}}
+
+Pickles can run code when loaded, so :func:`load_ref` uses an unpickler that
+only resolves the handful of globals needed to rebuild numpy arrays and
+scalars; anything else (``os.system``, ``builtins.eval``, ...) is refused.
+Our own refs may also carry ``'features'`` (float32 rows) per detector, used
+for precision/recall.  A ``.npz`` with ``mu`` and ``sigma`` (as pytorch-fid
+writes) is read as FID-only statistics.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import pickle
+import tempfile
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from utils.errors import UsageError
+
+__all__ = ["load_ref", "save_ref", "resolve_ref_path", "check_ref", "SafeUnpickler"]
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles of arrays
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles
+    ("collections", "OrderedDict"),
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler restricted to plain containers and numpy arrays."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a reference file")
+
+
+def resolve_ref_path(ref: str | os.PathLike) -> pathlib.Path:
+    """A local path as is; a URL or ``hf://`` address through the download cache."""
+    ref = str(ref)
+    if "://" in ref:
+        from utils.cache import fetch
+
+        return pathlib.Path(fetch(ref, desc="reference statistics"))
+    path = pathlib.Path(ref).expanduser()
+    if not path.is_file():
+        raise UsageError(f"reference statistics not found: {path}; pass --ref with an existing .pkl/.npz "
+                         f"(e.g. https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl) "
+                         f"or build one with 'python -m metrics ref'")
+    return path
+
+
+def _as_array(value, what: str, path) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise UsageError(f"{path}: {what} is {type(value).__name__}, not a numpy array; the reference file is malformed")
+    return value
+
+
+def check_ref(ref: Dict[str, Any], path="reference") -> Dict[str, Any]:
+    """Validate a loaded reference dict (shapes, dimensions); returns it."""
+    if not isinstance(ref, dict):
+        raise UsageError(f"{path}: expected a dict of statistics, found {type(ref).__name__}; use an EDM2-format reference pickle")
+    for key, block in ref.items():
+        if key == "num_images":
+            continue
+        if not isinstance(block, dict) or "mu" not in block or "sigma" not in block:
+            continue
+        mu = _as_array(block["mu"], f"'{key}' mu", path)
+        sigma = _as_array(block["sigma"], f"'{key}' sigma", path)
+        dim = mu.reshape(-1).shape[0]
+        if sigma.shape != (dim, dim):
+            raise UsageError(f"{path}: '{key}' sigma has shape {sigma.shape}, expected {(dim, dim)}; the reference file is malformed")
+        feats = block.get("features")
+        if feats is not None and (_as_array(feats, f"'{key}' features", path).ndim != 2 or feats.shape[1] != dim):
+            raise UsageError(f"{path}: '{key}' features have shape {feats.shape}, expected [N, {dim}]")
+    return ref
+
+
+def load_ref(ref: str | os.PathLike) -> Dict[str, Any]:
+    """Load reference statistics from a ``.pkl`` (EDM2 format) or ``.npz`` (FID only), path or URL."""
+    path = resolve_ref_path(ref)
+    data = path.read_bytes()
+    if data[:2] == b"PK":  # .npz is a zip archive
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                if "mu" not in npz or "sigma" not in npz:
+                    raise UsageError(f"{path}: an .npz reference needs 'mu' and 'sigma' arrays, found {sorted(npz.files)}")
+                out = {"fid": {"mu": npz["mu"].astype(np.float64), "sigma": npz["sigma"].astype(np.float64)}}
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"{path}: unreadable .npz reference ({exc})") from exc
+        return check_ref(out, path)
+    try:
+        out = SafeUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as exc:
+        raise UsageError(f"{path}: refused to load ({exc}); use a reference pickle of plain dicts and numpy arrays") from exc
+    except Exception as exc:
+        raise UsageError(f"{path}: not a readable reference pickle ({type(exc).__name__}: {exc})") from exc
+    return check_ref(out, path)
+
+
+def save_ref(ref: Dict[str, Any], dest: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
+    """Write ``ref`` as an EDM2-format pickle atomically; an existing file is kept unless ``overwrite``."""
+    dest = pathlib.Path(dest).expanduser()
+    if dest.exists() and not overwrite:
+        raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(ref, f)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dest

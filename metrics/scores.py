@@ -1,0 +1,88 @@
+"""Scores that are not Fréchet distances: Inception score, saturation, precision/recall.
+
+Inception score (Salimans et al. 2016, as StyleGAN3/EDM2 compute it): the
+``N`` class-probability rows are cut into ``splits`` consecutive parts; for
+each part ``P`` with marginal ``p(y) = mean_{x in P} p(y|x)``
+
+    IS_P = exp( mean_{x in P} KL(p(y|x) || p(y)) ),
+
+and the score is the mean (and standard deviation) of ``IS_P`` over parts.
+
+Saturation (as the paper's plots): images converted to HSV, the mean of
+``S = (max(R,G,B) - min(R,G,B)) / max(R,G,B)`` (0 where max = 0) over pixels
+and images, in [0, 1].
+
+Precision and recall (Kynkäänniemi et al. 2019): each feature set defines a
+manifold, the union of balls around its points whose radius is the distance
+to the point's ``k``-th nearest neighbour in the same set (itself excluded).
+Precision is the share of generated points inside the real manifold, recall
+the share of real points inside the generated one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["inception_score", "saturation_sum", "precision_recall", "knn_radii"]
+
+
+def inception_score(probs, splits: int = 10) -> tuple[float, float]:
+    """Mean and std of the Inception score of ``probs`` [N, C] over ``splits`` parts."""
+    p = np.asarray(probs, dtype=np.float64)
+    n = p.shape[0]
+    if n < splits:
+        raise ValueError(f"Inception score needs at least {splits} images, got {n}")
+    scores = []
+    for i in range(splits):
+        part = p[i * n // splits: (i + 1) * n // splits]
+        marginal = part.mean(axis=0, keepdims=True)
+        # p log(p / q), with 0 log 0 = 0.
+        ratio = np.divide(part, marginal, out=np.ones_like(part), where=part > 0)
+        kl = (part * np.log(ratio)).sum(axis=1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def saturation_sum(images: torch.Tensor) -> float:
+    """Sum over images of the mean HSV saturation of uint8 NCHW RGB ``images``."""
+    x = images.to(torch.float64)
+    mx = x.amax(dim=1)
+    mn = x.amin(dim=1)
+    s = torch.where(mx > 0, (mx - mn) / mx.clamp_min(1e-12), torch.zeros_like(mx))
+    return float(s.mean(dim=(1, 2)).sum())
+
+
+def _pairwise_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def knn_radii(feats: torch.Tensor, k: int = 3, batch: int = 1024) -> torch.Tensor:
+    """Distance of each row to its ``k``-th nearest other row (float64)."""
+    n = feats.shape[0]
+    if n <= k:
+        raise ValueError(f"k-NN radii need more than k={k} points, got {n}")
+    out = []
+    for i in range(0, n, batch):
+        d = _pairwise_dist(feats[i:i + batch], feats)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # the smallest (0) is the point itself
+    return torch.cat(out)
+
+
+def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch: int) -> float:
+    inside = 0
+    for i in range(0, points.shape[0], batch):
+        d = _pairwise_dist(points[i:i + batch], centres)
+        inside += int((d <= radii[None, :]).any(dim=1).sum())
+    return inside / points.shape[0]
+
+
+def precision_recall(real, fake, k: int = 3, batch: int = 1024, device=None) -> tuple[float, float]:
+    """Improved precision and recall of ``fake`` features against ``real`` ones."""
+    real = torch.as_tensor(np.asarray(real), dtype=torch.float64, device=device)
+    fake = torch.as_tensor(np.asarray(fake), dtype=torch.float64, device=device)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature dimensions differ: {real.shape[1]} vs {fake.shape[1]}")
+    precision = _coverage(fake, real, knn_radii(real, k, batch), batch)
+    recall = _coverage(real, fake, knn_radii(fake, k, batch), batch)
+    return precision, recall
