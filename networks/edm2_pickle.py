@@ -36,6 +36,7 @@ dict, read with ``weights_only=True``) beside ``net.json`` holding
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -341,8 +342,11 @@ def build_precond(init_kwargs: dict, state_dict: dict, source: str) -> torch.nn.
     from networks.edm2 import Precond
 
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(init_kwargs).items()}
+    # Large networks are built on the meta device (no random init, no memory) and take the
+    # loaded tensors directly; small ones are cheaper to build normally.
+    big = sum(t.numel() for t in state_dict.values()) > 50_000_000
     try:
-        with torch.device("meta"):
+        with torch.device("meta") if big else contextlib.nullcontext():
             net = Precond(**kwargs)
     except TypeError as exc:
         raise CheckpointError(f"{source}: constructor arguments do not fit networks.edm2.Precond ({exc}); "
