@@ -57,18 +57,19 @@ def _guidance_mode(crop: int, cfg_crop: int, vanila_cfg: int, uncond: int) -> st
 
 
 def _parse_metrics(text) -> list[str]:
-    if text is None:
+    """``'fid,fd_dinov2'`` / ``'fid fd_dinov2'`` -> metric names of :mod:`metrics.api`; ``none`` -> []."""
+    from metrics.api import parse_metrics
+
+    names = [m for m in str(text or "").replace(",", " ").split() if m]
+    if not names or names == ["none"]:
         return []
-    items = text if isinstance(text, (list, tuple)) else [text]
-    names = [m for item in items for m in str(item).replace(",", " ").split() if m]
-    if names in (["none"], ["0"], []):
-        return []
-    known = ("fid", "fd_dinov2")
-    bad = [m for m in names if m not in known]
-    if bad:
-        raise UsageError(f"unknown metric {bad[0]!r}; use --metrics with {' / '.join(known)} "
-                         f"(space or comma separated) or none")
-    return list(dict.fromkeys(names))
+    return parse_metrics(names)
+
+
+def _needs_ref(metrics: Sequence[str]) -> bool:
+    from metrics.api import METRICS
+
+    return any(METRICS[m][2] in ("fd", "pr") for m in metrics)
 
 
 def resolve_config(opts: dict) -> dict:
@@ -171,7 +172,8 @@ def resolve_config(opts: dict) -> dict:
     if cfg["global_seed"] < 0 or cfg["global_seed"] >= 2 ** 31:
         raise UsageError(f"--global-seed must lie in [0, 2^31), got {cfg['global_seed']}")
     cfg["metrics"] = _parse_metrics(cfg["metrics"])
-    if cfg["metrics"] and cfg["ref_path"] and len(seeds) < 2:
+    cfg["ref_path"] = _default_ref_path(cfg) if _needs_ref(cfg["metrics"]) else cfg["ref_path"]
+    if cfg["metrics"] and (cfg["ref_path"] or not _needs_ref(cfg["metrics"])) and len(seeds) < 2:
         raise UsageError("metrics need at least 2 images; sample more or pass --metrics none")
     return cfg
 
@@ -307,34 +309,58 @@ def _load_vae(cfg: dict, device):
     return vae
 
 
-def _read_images(outdir: pathlib.Path, seeds: Sequence[int]) -> np.ndarray:
-    """The finished images of ``seeds`` (PNG files or tar shards) as uint8 NHWC, in order."""
-    import io
-    import tarfile
+class ImageIndex:
+    """Where each finished image of a run folder lives: a PNG (flat or per-1000 folder) or a tar shard member."""
 
-    import PIL.Image
+    def __init__(self, outdir: os.PathLike | str):
+        import tarfile
 
-    from sampling.writer import png_relpath
+        self.outdir = pathlib.Path(outdir)
+        self.where: dict[int, tuple] = {}
+        for shard in sorted(self.outdir.glob("[0-9]*.tar")):
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar.getmembers():
+                    stem = os.path.basename(member.name).removesuffix(".png")
+                    if member.isfile() and member.name.endswith(".png") and stem.isdigit():
+                        self.where[int(stem)] = ("tar", shard, member.name)
+        for png in [*self.outdir.glob("[0-9]*.png"), *self.outdir.glob("[0-9]" * 6 + "/[0-9]*.png")]:
+            if png.stem.isdigit():
+                self.where[int(png.stem)] = ("png", png, None)
+        self._tars: dict = {}
 
-    wanted = {int(s) for s in seeds}
-    found: dict[int, np.ndarray] = {}
-    for shard in sorted(outdir.glob("*.tar")):
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar.getmembers():
-                stem = os.path.basename(member.name).removesuffix(".png")
-                if member.isfile() and stem.isdigit() and int(stem) in wanted:
-                    found[int(stem)] = np.asarray(PIL.Image.open(io.BytesIO(tar.extractfile(member).read())))
-    for s in wanted - set(found):
-        for sub in (False, True):
-            path = outdir / png_relpath(s, sub)
-            if path.is_file():
-                found[s] = np.asarray(PIL.Image.open(path))
-                break
-    missing = sorted(wanted - set(found))
-    if missing:
-        raise UsageError(f"{len(missing)} images (e.g. {missing[0]:07d}.png) are missing in {outdir}; "
-                         f"rerun the sampling command to finish them")
-    return np.stack([found[int(s)] for s in seeds])
+    def read(self, seeds: Sequence[int]) -> np.ndarray:
+        """uint8 NHWC images of ``seeds`` in order; a missing one is a :class:`UsageError`."""
+        import io
+        import tarfile
+
+        import PIL.Image
+
+        missing = [s for s in seeds if int(s) not in self.where]
+        if missing:
+            raise UsageError(f"{len(missing)} images (e.g. {missing[0]:07d}.png) are missing in {self.outdir}; "
+                             f"rerun the sampling command to finish them")
+        out = []
+        for s in seeds:
+            kind, path, member = self.where[int(s)]
+            if kind == "png":
+                data = path.read_bytes()
+            else:
+                if path not in self._tars:
+                    self._tars[path] = tarfile.open(path, "r:")
+                data = self._tars[path].extractfile(member).read()
+            with PIL.Image.open(io.BytesIO(data)) as img:
+                out.append(np.asarray(img.convert("RGB")))
+        return np.stack(out)
+
+    def batches(self, seeds: Sequence[int], batch: int = 64):
+        """Yield uint8 NHWC batches of ``seeds``."""
+        for i in range(0, len(seeds), batch):
+            yield self.read(seeds[i:i + batch])
+
+    def close(self) -> None:
+        for tar in self._tars.values():
+            tar.close()
+        self._tars.clear()
 
 
 def write_npz(outdir: pathlib.Path, seeds: Sequence[int], path: Optional[pathlib.Path] = None) -> pathlib.Path:
@@ -344,21 +370,41 @@ def write_npz(outdir: pathlib.Path, seeds: Sequence[int], path: Optional[pathlib
     """
     outdir = pathlib.Path(outdir)
     path = pathlib.Path(path) if path else outdir.with_suffix(".npz")
-    images = _read_images(outdir, seeds)
+    index = ImageIndex(outdir)
+    try:
+        images = index.read(seeds)
+    finally:
+        index.close()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
     np.savez(tmp, arr_0=images)
     os.replace(tmp, path)
     return path
 
 
-def _compute_metrics(cfg: dict, outdir: pathlib.Path, num_images: int) -> Optional[dict]:
+def _default_ref_path(cfg: dict) -> Optional[str]:
+    """``--ref-path``, else ``dataset_refs/img{size}.pkl`` when present (the seed README's location)."""
+    if cfg["ref_path"]:
+        return cfg["ref_path"]
+    local = pathlib.Path("dataset_refs") / f"img{cfg['image_size']}.pkl"
+    return str(local) if local.is_file() else None
+
+
+def _compute_metrics(cfg: dict, outdir: pathlib.Path, ref: dict, device) -> dict:
+    """Metrics of exactly this run's images (each rank reads its share), written beside them by rank 0."""
+    from metrics.api import calc_metrics, write_metrics
+    from utils import dist
+
+    seeds = sorted(cfg["seed_list"])
+    index = ImageIndex(outdir)
     try:
-        from metrics.api import calc_metrics, write_metrics
-    except ImportError:
-        raise UsageError("metrics are not available in this installation; pass --metrics none") from None
-    results = calc_metrics(image_path=str(outdir), ref_path=cfg["ref_path"], metrics=cfg["metrics"],
-                           num_images=num_images, batch=cfg["per_proc_batch_size"])
-    write_metrics(results, outdir)
+        share = seeds[dist.get_rank()::dist.get_world_size()]
+        results = calc_metrics(index.batches(share, 64), cfg["metrics"], ref=ref, device=device,
+                               progress=dist.get_rank() == 0)
+    finally:
+        index.close()
+    if dist.get_rank() == 0:
+        record = {k: v for k, v in cfg.items() if k != "seed_list"}
+        write_metrics(outdir, results, record)
     return results
 
 
@@ -385,9 +431,10 @@ def generate(cfg: dict) -> dict:
         dist.print0("cached: " + ", ".join(str(p) for p in paths))
         return {"prefetched": [str(p) for p in paths]}
 
-    if cfg["metrics"] and cfg["ref_path"]:
-        from utils.cache import fetch
-        fetch(cfg["ref_path"], desc="reference statistics")  # fail early, before hours of sampling
+    ref = None
+    if _needs_ref(cfg["metrics"]) and cfg["ref_path"]:
+        from metrics.refs import load_ref
+        ref = load_ref(cfg["ref_path"])  # fail early, before hours of sampling
     model = _load_model(cfg, device)
     vae = _load_vae(cfg, device)
     diffusion = create_diffusion(cfg["num_sampling_steps"])
@@ -426,11 +473,14 @@ def generate(cfg: dict) -> dict:
         summary["npz"] = str(write_npz(outdir, cfg["seed_list"]))
         dist.print0(f"wrote {summary['npz']}")
     dist.barrier()
-    if cfg["metrics"]:
-        if cfg["ref_path"] is None:
-            dist.print0("metrics skipped: no --ref-path given (e.g. --ref-path dataset_refs/img256.pkl)")
-        else:
-            summary["metrics"] = _compute_metrics(cfg, outdir, min(total, len(cfg["seed_list"])))
+    if _needs_ref(cfg["metrics"]) and ref is None:
+        dist.print0(f"metrics skipped: no reference statistics (pass --ref-path, or place them at "
+                    f"dataset_refs/img{cfg['image_size']}.pkl)")
+    elif cfg["metrics"]:
+        if total < len(cfg["seed_list"]):
+            raise UsageError(f"only {total} of {len(cfg['seed_list'])} images exist in {outdir}; "
+                             f"rerun to finish them before computing metrics")
+        summary["metrics"] = _compute_metrics(cfg, outdir, ref, device)
     return summary
 
 

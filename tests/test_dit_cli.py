@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL
 
 import sample_dit
+from sample_dit import ImageIndex
 from networks.dit import create_dit
 from networks.dit_guided import dit_guidance
 from sampling.gaussian_diffusion import create_diffusion
@@ -230,7 +231,9 @@ BAD = [
     (["--seeds", "0-3", "--num-fid-samples", "4"], "give one of them"),
     (["--num-fid-samples", "0"], "must be >= 1"),
     (["--num-sampling-steps", "2000"], "at most 1000"),
-    (["--metrics", "is"], "unknown metric 'is'"),
+    (["--metrics", "fid,kid"], "unknown metric 'kid'"),
+    (["--metrics", "saturation", "--seeds", "0"], "at least 2 images"),
+    (["--metrics", "fid", "--ref-path", "/nonexistent/img256.pkl", "--num-fid-samples", "1"], "at least 2"),
     (["--vae", "kl"], "'kl' is not one of"),
     (["--no-such-flag"], "No such option"),
 ]
@@ -260,6 +263,30 @@ def test_bad_inputs_with_a_checkpoint(assets, argv, msg, capsys, tmp_path):
     rc, err = _run(_base(assets, tmp_path / "o", "--seeds", "0", *argv), capsys)
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_metrics_hook(assets, tmp_path, capsys):
+    """Metrics run on exactly the run's images and land in metrics.json beside them."""
+    out = tmp_path / "out"
+    argv = _base(assets, out, "--seeds", "0-2,5", "--save-tar")
+    argv[argv.index("--metrics") + 1] = "saturation"
+    rc, err = _run(argv, capsys)
+    assert rc == 0, err
+    run = _run_dir(out)
+    doc = json.loads((run / "metrics.json").read_text())
+    images = ImageIndex(run).read([0, 1, 2, 5])
+    hsv = np.stack([np.asarray(PIL.Image.fromarray(im).convert("HSV")) for im in images])
+    assert doc["results"]["num_images"] == 4
+    assert doc["results"]["saturation"] == pytest.approx(hsv[..., 1].mean() / 255, abs=2e-3)
+    assert doc["args"]["method"] == "none"
+    # FID without reference statistics: sampling works, the metric is skipped with a note.
+    out2 = tmp_path / "out2"
+    rc, err = _run(_base(assets, out2, "--seeds", "0-1", "--metrics", "fid", "fd_dinov2"), capsys)
+    assert rc == 0 and not list(_run_dir(out2).glob("metrics*"))
+    # A missing reference is refused before sampling.
+    rc, err = _run(_base(assets, tmp_path / "o3", "--seeds", "0-1", "--metrics", "fid", "--ref-path",
+                         str(tmp_path / "img64.pkl")), capsys)
+    assert rc == 2 and "img64.pkl" in err and not (tmp_path / "o3").exists()
 
 
 def test_missing_checkpoint_and_prefetch(assets, tmp_path, capsys):
