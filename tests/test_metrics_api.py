@@ -1,0 +1,199 @@
+"""metrics.api and the ``python -m metrics`` CLI on synthetic images with tiny detectors."""
+
+import io
+import json
+import os
+import pickle
+import re
+import tarfile
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from metrics import api, detectors, dinov2
+from metrics.cli import main as cli
+from metrics.detectors import Detector, DINOv2Detector
+from metrics.scores import saturation_sum
+
+
+class TinyInception(Detector):
+    """Stand-in with the Inception detector's outputs (64-d features to keep FD cheap, 1008 probabilities)."""
+
+    name = "inception"
+    feature_dim = 64
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.randn(48, 64, generator=g)
+        self.cls = torch.randn(48, 1008, generator=g)
+
+    def __call__(self, x):
+        p = F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+        return {"features": p @ self.proj, "probs": torch.softmax((p @ self.cls).double() * 4, dim=1)}
+
+
+def tiny_dinov2():
+    torch.manual_seed(3)
+    return DINOv2Detector(dinov2.build_dinov2(embed_dim=16, depth=1, num_heads=2).eval())
+
+
+@pytest.fixture(autouse=True)
+def tiny_detectors(monkeypatch):
+    monkeypatch.setitem(detectors.LOADERS, "inception", lambda device, **kw: TinyInception())
+    monkeypatch.setitem(detectors.LOADERS, "dinov2", lambda device, **kw: tiny_dinov2())
+    detectors.clear_cache()
+    yield
+    detectors.clear_cache()
+
+
+def make_images(n, seed, size=16):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def png_bytes(a):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_folder(root, imgs, per_dir=5):
+    for i, a in enumerate(imgs):
+        d = root / f"{i // per_dir * per_dir:06d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:07d}.png").write_bytes(png_bytes(a))
+    return root
+
+
+def run_cli(*args):
+    """(exit code, stdout, stderr) of the CLI run in-process."""
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    return res.exit_code, res.stdout, res.stderr
+
+
+def test_sources_agree_and_saturation(tmp_path):
+    imgs = make_images(12, 0)
+    folder = write_folder(tmp_path / "folder", imgs)
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for i, a in enumerate(imgs):
+            data = png_bytes(a)
+            info = tarfile.TarInfo(f"{i:07d}.png"); info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        for i, a in enumerate(imgs):
+            zf.writestr(f"x/{i:07d}.png", png_bytes(a))
+    np.savez(tmp_path / "samples.npz", imgs)
+    shards = tmp_path / "shards"; shards.mkdir()
+    os.replace(tmp_path / "shard.tar", shards / "000000.tar")
+    expect = api.compute_stats(iter([imgs[:7], imgs[7:]]), ["inception"], saturation=True, progress=False)
+    sat = saturation_sum(torch.from_numpy(imgs).permute(0, 3, 1, 2)) / 12
+    assert expect["saturation"] == pytest.approx(sat)
+    for src in (folder, shards, tmp_path / "imgs.zip", tmp_path / "samples.npz"):
+        got = api.compute_stats(src, ["inception"], saturation=True, batch=5, progress=False)
+        assert got["num_images"] == 12
+        # float32 features: batch composition changes the last bits of the matmul.
+        np.testing.assert_allclose(got["fid"]["mu"], expect["fid"]["mu"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["fid"]["sigma"], expect["fid"]["sigma"], rtol=1e-5, atol=1e-5)
+        assert got["saturation"] == pytest.approx(sat)
+
+
+def test_ref_then_calc_cli(tmp_path):
+    gen = write_folder(tmp_path / "gen", make_images(20, 1))
+    other = write_folder(tmp_path / "other", make_images(20, 2) // 2)
+    ref = tmp_path / "ref.pkl"
+    code, out, err = run_cli("ref", "--images", gen, "--dest", ref, "--features", 20)
+    assert code == 0, err
+    with open(ref, "rb") as f:
+        stored = pickle.load(f)
+    assert stored["num_images"] == 20 and stored["fid"]["mu"].shape == (64,)
+    assert stored["fd_dinov2"]["sigma"].shape == (16, 16) and stored["fid"]["features"].shape == (20, 64)
+
+    metrics = "fid,fd_dinov2,is,saturation,pr_inception,pr_dinov2"
+    code, out, err = run_cli("calc", "--images", gen, "--ref", ref, "--metrics", metrics, "--out", tmp_path / "run")
+    assert code == 0, err
+    same = json.loads(out)
+    assert abs(same["fid"]) < 1e-6 * np.trace(stored["fid"]["sigma"])
+    assert abs(same["fd_dinov2"]) < 1e-6 * np.trace(stored["fd_dinov2"]["sigma"])
+    assert same["precision_inception"] == 1.0 and same["recall_dinov2"] == 1.0
+    assert same["is"] >= 1.0 and 0 < same["saturation"] < 1 and same["num_images"] == 20
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["results"]["fid"] == same["fid"]
+
+    diff = api.calc_metrics(other, "fid,fd_dinov2", ref_path=ref, progress=False)
+    direct = api.calc_metrics(other, "fid", ref_path=gen, progress=False)  # ref given as images
+    assert diff["fid"] > 1.0 and diff["fd_dinov2"] > 0
+    assert direct["fid"] == pytest.approx(diff["fid"], rel=1e-9)
+
+    # --num picks a seeded subset: same seed -> same subset, other seed -> other subset.
+    a = api.calc_metrics(other, "fid", ref_path=ref, num=10, seed=1, progress=False)
+    b = api.calc_metrics(other, "fid", ref_path=ref, num=10, seed=1, progress=False)
+    c = api.calc_metrics(other, "fid", ref_path=ref, num=10, seed=2, progress=False)
+    assert a == b and a["num_images"] == 10 and a["fid"] != c["fid"]
+
+
+def one_error_line(code, out, err, pattern):
+    """Exit 2, nothing on stdout, one 'error: ...' line on stderr (progress-bar redraws aside)."""
+    lines = [l for l in re.split(r"[\r\n]", err) if l.strip() and not re.match(r"^\S*( images)?:\s+\d+%", l)]
+    assert code == 2 and not out and len(lines) == 1, (code, out, err)
+    assert lines[0].startswith("error:") and pattern in lines[0], lines[0]
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path):
+    gen = write_folder(tmp_path / "gen", make_images(6, 3))
+    ref = tmp_path / "ref.pkl"
+    one_error_line(*run_cli("calc", "--images", gen, "--ref", tmp_path / "none.pkl"), "not found")
+    one_error_line(*run_cli("calc", "--images", tmp_path / "nowhere", "--ref", ref), "images not found")
+    one_error_line(*run_cli("calc", "--images", gen, "--ref", ref, "--metrics", "fid,kid"), "unknown metric 'kid'")
+    with open(ref, "wb") as f:
+        pickle.dump({"num_images": 9, "fid": {"mu": np.zeros(1000), "sigma": np.eye(1000)}}, f)
+    one_error_line(*run_cli("calc", "--images", gen, "--ref", ref, "--metrics", "fid"), "1000 features")
+    one_error_line(*run_cli("calc", "--images", gen, "--ref", ref, "--metrics", "fd_dinov2"), "no 'fd_dinov2'")
+    one_error_line(*run_cli("calc", "--images", gen, "--ref", ref, "--metrics", "fid", "--num", 50),
+                   "asked for 50 images but only 6")
+    one_error_line(*run_cli("ref", "--images", gen, "--dest", ref), "already exists")
+    (gen / "000000" / "0000002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    one_error_line(*run_cli("ref", "--images", gen, "--dest", tmp_path / "new.pkl", "--metrics", "fid"), "0000002.png")
+    assert not (tmp_path / "new.pkl").exists()
+
+
+def test_write_metrics_keeps_earlier_results(tmp_path):
+    j1, c1 = api.write_metrics(tmp_path, {"fid": 2.5, "num_images": 10}, {"g_weight": [1.2, 0.1], "seeds": "0-9"})
+    j2, c2 = api.write_metrics(tmp_path, {"fid": 3.0, "num_images": 10}, {"seeds": "0-9"})
+    assert j1.name == "metrics.json" and c1.name == "metrics.csv" and j2.name == "metrics-1.json"
+    assert json.loads(j1.read_text())["results"]["fid"] == 2.5
+    rows = c1.read_text().strip().splitlines()
+    assert rows[0] == "g_weight,seeds,fid,num_images" and rows[1] == '"[1.2, 0.1]",0-9,2.5,10'
+
+
+def _dist_worker(rank, store, folder, out):
+    import torch.distributed as tdist
+    detectors.LOADERS["inception"] = lambda device, **kw: TinyInception()
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        st = api.compute_stats(folder, ["inception"], probs=True, saturation=True, keep_features=True,
+                               batch=3, device="cpu", progress=False)
+        if rank == 0:
+            with open(out, "wb") as f:
+                pickle.dump(st, f)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_ranks_equal_one(tmp_path):
+    folder = write_folder(tmp_path / "imgs", make_images(11, 4))
+    single = api.compute_stats(folder, ["inception"], probs=True, saturation=True, keep_features=True,
+                               batch=3, progress=False)
+    torch.multiprocessing.spawn(_dist_worker, args=(str(tmp_path / "store"), str(folder), str(tmp_path / "r.pkl")),
+                                nprocs=2, join=True)
+    with open(tmp_path / "r.pkl", "rb") as f:
+        multi = pickle.load(f)
+    assert multi["num_images"] == 11
+    np.testing.assert_allclose(multi["fid"]["mu"], single["fid"]["mu"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(multi["fid"]["sigma"], single["fid"]["sigma"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(multi["fid"]["features"], single["fid"]["features"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(multi["probs"], single["probs"], rtol=1e-5, atol=1e-8)
+    assert multi["saturation"] == pytest.approx(single["saturation"], rel=1e-12)
