@@ -204,9 +204,10 @@ def test_offline_message(tmp_path, capsys, monkeypatch):
 def test_prefetch_local(nets, tmp_path, capsys):
     ref = tmp_path / "ref.pkl"
     ref.write_bytes(b"stats")
-    code, err = run_cli(["--net_pos_pkl", nets / "pos.pkl", "--ref_path", ref, "--prefetch"], capsys)
-    assert code == 0, err
-    assert "cached:" in capsys.readouterr().out or True
+    capsys.readouterr()
+    sample_edm2.cli(["--net_pos_pkl", str(nets / "pos.pkl"), "--ref_path", str(ref), "--prefetch"])
+    out = capsys.readouterr().out
+    assert f"cached: {nets / 'pos.pkl'}" in out and f"cached: {ref}" in out
 
 
 BAD = {
