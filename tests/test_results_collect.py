@@ -1,0 +1,150 @@
+"""results.collect on synthetic run folders written with the samplers' and metrics' own record formats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pathlib
+
+import numpy as np
+import PIL.Image
+import pytest
+from click.testing import CliRunner
+
+from metrics.api import write_metrics
+from results import collect as C
+from utils.errors import UsageError
+
+
+def edm2_run(root: pathlib.Path, name: str, results: dict, **opts) -> pathlib.Path:
+    """A sample_edm2.py run folder: generate_args.json from the real config, metrics via metrics.api."""
+    from sampling import edm2_run as R
+
+    outdir = root / name / "samples"
+    cfg = R.build_config(outdir=str(outdir), seeds="0-99", **opts)
+    outdir.mkdir(parents=True)
+    (outdir / "generate_args.json").write_text(json.dumps(cfg.to_json()))
+    write_metrics(outdir, results, cfg.to_json())
+    return outdir
+
+
+def dit_run(root: pathlib.Path, results: dict, **opts) -> pathlib.Path:
+    """A sample_dit.py run folder: args.json as the CLI records it, metrics via metrics.api."""
+    import sample_dit
+
+    ctx = sample_dit.cli.make_context("sample_dit.py", [a for k, v in opts.items() for a in (k, str(v))])
+    cfg = sample_dit.resolve_config(dict(ctx.params))
+    outdir = root / sample_dit.folder_name(cfg) / "samples"
+    outdir.mkdir(parents=True)
+    record = {k: v for k, v in cfg.items() if k != "seed_list"}
+    record["num_images"] = len(cfg["seed_list"])
+    (outdir / "args.json").write_text(json.dumps(record))
+    write_metrics(outdir, results, record)
+    return outdir
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    root = tmp_path / "samples"
+    s = "raw-img512-s"
+    for w, fid, fdd, sat in [(0.2, 2.55, 81.35, 0.31), (1.1, 4.96, 53.45, 0.42), (0.6, 3.1, 62.0, 0.36)]:
+        edm2_run(root, f"s/MSWG/{w}", {"fid": fid, "fd_dinov2": fdd, "saturation": sat, "num_images": 100},
+                 net_pos_pkl=s, g_method="swg", g_weight=str(w), swg_sizes="40", swg_steps="2",
+                 scale_window_guide=1)
+    edm2_run(root, "s/RT_SWG/1.2_0.25", {"fid": 3.35, "fd_dinov2": 40.94, "num_images": 100}, net_pos_pkl=s,
+             net_neg_pkl="raw-img512-s-T16", g_method="wmg-swg", g_weight="1.2,0.25", swg_sizes="40")
+    edm2_run(root, "s/none", {"fid": 2.56, "fd_dinov2": 68.64, "num_images": 100}, net_pos_pkl=s)
+    dit_run(root / "dit", {"fid": 5.97, "fd_dinov2": 79.95, "is": 210.5, "is_std": 3.0, "num_images": 50},
+            **{"--crop": 1, "--mask": 1, "--g-scale": 0.5, "--num-fid-samples": 50})
+    dit_run(root / "dit", {"fid": 6.79, "fd_dinov2": 49.97, "num_images": 50},
+            **{"--cfg-crop": 1, "--mask": 1, "--g-scale": 0.6, "--crop-scale": 0.5, "--num-fid-samples": 50})
+    return root
+
+
+def test_rows_describe_each_run(runs):
+    rows = C.collect(runs)
+    assert len(rows) == 7
+    by = {(r["sampler"], r["method"], r["weights"]): r for r in rows}
+    r = by["edm2", "swg", "1.1"]
+    assert (r["label"], r["windows"], r["model"], r["N"], r["fid"], r["fd_dinov2"], r["saturation"]) == \
+        ("M-SWG", "k=40,n=2", "edm2-img512-s-2147483-0.100", 100, 4.96, 53.45, 0.42)
+    r = by["edm2", "wmg-swg", "1.2,0.25"]
+    assert (r["label"], r["masked"], r["fid"]) == ("WMG+SWG", 0, 3.35)  # reference mode ignores the mask
+    assert by["edm2", "none", ""]["windows"] == ""
+    r = by["dit", "swg", "0.5"]
+    assert (r["label"], r["model"], r["windows"], r["N"], r["is"]) == ("M-SWG", "DiT-XL/2@256", "k=20,n=2", 50, 210.5)
+    r = by["dit", "cfg-swg", "0.6,0.5"]
+    assert (r["label"], r["fd_dinov2"]) == ("CFG+M-SWG", 49.97)
+    # ordered by sampler, model, method, weights
+    swg = [r["weights"] for r in rows if r["method"] == "swg" and r["sampler"] == "edm2"]
+    assert swg == ["0.2", "0.6", "1.1"]
+
+
+def test_newest_evaluation_and_csv_only_runs(runs, tmp_path):
+    folder = runs / "s/MSWG/0.2/samples"
+    write_metrics(folder, {"fid": 2.50, "num_images": 100}, json.loads((folder / "generate_args.json").read_text()))
+    assert (folder / "metrics-1.json").is_file()
+    (rows,) = [r for r in C.collect(runs) if r["run"].startswith("s/MSWG/0.2")]
+    assert (rows["fid"], rows["evaluation"]) == (2.50, 1)
+    both = [r for r in C.collect(runs, all_evals=True) if r["run"].startswith("s/MSWG/0.2")]
+    assert [(r["evaluation"], r["fid"]) for r in both] == [(0, 2.55), (1, 2.50)]
+
+    # A folder with only the CSV row (arguments then results) and no args file.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "metrics.csv").write_text("g_method,g_weight,swg_sizes,swg_steps,scale_window_guide,net_pos_pkl,fid,"
+                                      "num_images\nswg,[0.4],[32],[2],0,/m/net.pkl,7.5,64\n")
+    (row,) = C.collect(lone)
+    assert (row["label"], row["weights"], row["windows"], row["model"], row["fid"], row["N"]) == \
+        ("SWG", "0.4", "k=32,n=2", "net", 7.5, 64)
+
+
+def test_tables_and_plot(runs, tmp_path):
+    paths = C.write_report(runs, tmp_path / "report")
+    table = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert len(table) == 7
+    row = next(t for t in table if t["method"] == "swg" and t["weights"] == "0.6")
+    assert float(row["fid"]) == 3.1 and float(row["saturation"]) == 0.36 and row["windows"] == "k=40,n=2"
+    md = paths["markdown"].read_text().splitlines()
+    assert md[0] == "| method | weights | windows | model | N | FID | FDD | IS | saturation |"
+    assert "| M-SWG | 1.1 | k=40,n=2 | edm2-img512-s-2147483-0.100 | 100 | 4.96 | 53.45 | – | 0.420 |" in md
+    assert len(md) == 2 + 7
+    img = PIL.Image.open(paths["plot"])
+    assert img.format == "PNG"
+    # four metrics present (FID, FDD, IS, saturation): four panels of 4.6 in at 120 dpi
+    assert img.size[0] == round(4 * 4.6 * 120)
+    assert np.asarray(img.convert("L")).std() > 10  # something was drawn
+
+
+def test_series_put_the_swg_weight_on_x(runs):
+    series = C._series(C.collect(runs), "fid")
+    assert series["edm2-img512-s-2147483-0.100: M-SWG, k=40,n=2"] == [(0.2, 2.55), (0.6, 3.1), (1.1, 4.96)]
+    assert series["edm2-img512-s-2147483-0.100: WMG+SWG (w1=1.2), k=40,n=2"] == [(0.25, 3.35)]
+    assert series["edm2-img512-s-2147483-0.100: no guidance"] == [(0.0, 2.56)]
+
+
+def test_cli(runs, tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(C.main, [str(runs), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "| M-SWG | 0.2 |" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["metrics_vs_weight.png", "results.csv", "results.md"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(C.main, [str(empty), "--out", str(out)])
+    assert res.exit_code == 2 and "no metrics.json" in res.output
+    res = CliRunner().invoke(C.main, [str(tmp_path / "missing")])
+    assert res.exit_code == 2
+
+
+def test_broken_file_is_skipped_with_a_warning(runs, capsys):
+    bad = runs / "broken"
+    bad.mkdir()
+    (bad / "metrics.json").write_text("{not json")
+    rows = C.collect(runs)
+    assert len(rows) == 7
+    assert "skipping" in capsys.readouterr().err
+    with pytest.raises(UsageError):
+        C.collect(bad)
