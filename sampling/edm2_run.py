@@ -488,13 +488,13 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
 
 
 def _run_metrics(cfg: GenerateConfig, outdir: pathlib.Path) -> dict:
-    """FID / FD-DINOv2 of ``outdir`` against ``ref_path`` through the metrics package."""
+    """FID / FD-DINOv2 of the images in ``outdir`` against ``ref_path`` (``metrics.api``), saved beside them."""
     from metrics import api as metrics_api
 
-    ref = str(cache.fetch(cfg.ref_path, desc="reference statistics"))
-    results = metrics_api.calc_metrics(image_path=str(outdir), ref_path=ref, metrics=list(cfg.metrics))
+    results = metrics_api.calc_metrics(str(outdir), list(cfg.metrics), ref_path=cfg.ref_path,
+                                       num=len(cfg.seeds), progress=dist.get_rank() == 0)
     if dist.get_rank() == 0:
-        metrics_api.write_metrics(str(outdir), results)
+        metrics_api.write_metrics(outdir, results, cfg.to_json(), wandb_log=bool(cfg.use_wandb))
     return dict(results)
 
 
