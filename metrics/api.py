@@ -248,6 +248,10 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
         images = open_images(images)
     if isinstance(images, ImageSource):
         select_indices(len(images), num, seed)
+        minimum = max([IS_SPLITS if m == "is" else 4 if METRICS[m][2] == "pr" else 2 for m in names])
+        if (num or len(images)) < minimum:
+            raise UsageError(f"{','.join(names)} need at least {minimum} images, found {num or len(images)}; "
+                             f"point --images at more")
     if need_ref and ref is None:
         if ref_path is None:
             raise UsageError(f"metrics {','.join(need_ref)} need reference statistics; pass --ref / ref_path")

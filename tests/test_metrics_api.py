@@ -154,6 +154,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
     one_error_line(*run_cli("calc", "--images", gen, "--ref", ref, "--metrics", "fd_dinov2"), "no 'fd_dinov2'")
     one_error_line(*run_cli("calc", "--images", gen, "--ref", ref, "--metrics", "fid", "--num", 50),
                    "asked for 50 images but only 6")
+    one_error_line(*run_cli("calc", "--images", gen, "--metrics", "is"), "need at least 10 images")
     one_error_line(*run_cli("ref", "--images", gen, "--dest", ref), "already exists")
     (gen / "000000" / "0000002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     one_error_line(*run_cli("ref", "--images", gen, "--dest", tmp_path / "new.pkl", "--metrics", "fid"), "0000002.png")

@@ -107,6 +107,30 @@ def test_fid_blocks_pool_as_the_tf_graph():
     torch.testing.assert_close(e(x)[:, -192:], e.branch_pool(maxed))
 
 
+@pytest.mark.parametrize("ours,theirs,args", [
+    ("FIDInceptionA", "InceptionA", (192, 32)),
+    ("FIDInceptionC", "InceptionC", (768, 128)),
+    ("FIDInceptionE_1", "InceptionE", (1280,)),
+    ("InceptionB", "InceptionB", (288,)),
+    ("InceptionD", "InceptionD", (768,)),
+])
+def test_blocks_match_torchvision_except_padded_pools(ours, theirs, args):
+    """Same names and weights as torchvision's blocks; the TF pools differ from them only on the border."""
+    tv = pytest.importorskip("torchvision.models.inception")
+    torch.manual_seed(4)
+    ref = getattr(tv, theirs)(*args).eval()
+    mine = getattr(inception, ours)(*args).eval()
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, args[0], 7, 7)
+    with torch.no_grad():
+        a, b = mine(x), ref(x)
+    if ours == theirs:  # reduction blocks are unchanged
+        torch.testing.assert_close(a, b)
+    else:
+        torch.testing.assert_close(a[..., 1:-1, 1:-1], b[..., 1:-1, 1:-1])
+        assert not torch.allclose(a[..., 0, :], b[..., 0, :])
+
+
 # ---------------------------------------------------------------------------
 # DINOv2
 
