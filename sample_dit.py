@@ -10,10 +10,10 @@ VAE through the weights cache -> guided denoiser (:mod:`networks.dit_guided`)
 -> :class:`sampling.writer.ImageWriter` -> optional ``.npz`` and metrics.
 
 Image ``i`` (``--seeds`` or ``0 .. --num-fid-samples - 1``) is drawn from its
-own generator seeded with ``global_seed * 2**32 + i``: its initial noise, its
-class label and every step's noise.  The images therefore do not depend on
-the number of processes or the batch size (the official DiT script seeds one
-generator per rank and its images change with the GPU count).
+own CPU generator seeded with ``global_seed * 2**32 + i``: its initial noise,
+its class label and every step's noise.  The images therefore do not depend on
+the number of processes, the batch size or the device type (the official DiT
+script seeds one generator per rank and its images change with the GPU count).
 """
 
 from __future__ import annotations
@@ -233,29 +233,31 @@ def _prepare_outdir(cfg: dict) -> pathlib.Path:
 # Sampling.
 
 class ImageGenerators:
-    """One ``torch.Generator`` per image, seeded with ``global_seed * 2**32 + index`` (64-bit, no collisions).
+    """One CPU ``torch.Generator`` per image, seeded with ``global_seed * 2**32 + index`` (64-bit, no collisions).
 
     Same interface as :class:`sampling.seeds.StackedRandomGenerator`; draws are
-    stacked along the batch axis, each sample from its own generator.
+    stacked along the batch axis, each sample from its own generator, and moved
+    to ``device``.  Drawing on the CPU makes the noise, and so the images up to
+    floating-point rounding, the same on every device type.
     """
 
     def __init__(self, device, indices: Sequence[int], global_seed: int = 0):
         self.device = torch.device(device)
         self.seeds = image_seeds(indices, global_seed)
-        self.generators = [torch.Generator(self.device).manual_seed(s) for s in self.seeds]
+        self.generators = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
 
-    def randn(self, size: Sequence[int], **kwargs) -> torch.Tensor:
+    def randn(self, size: Sequence[int], dtype=torch.float32, device=None, **kwargs) -> torch.Tensor:
         assert size[0] == len(self.generators)
-        kwargs.setdefault("device", self.device)
-        return torch.stack([torch.randn(list(size[1:]), generator=g, **kwargs) for g in self.generators])
+        draws = torch.stack([torch.randn(list(size[1:]), generator=g, dtype=dtype) for g in self.generators])
+        return draws.to(device if device is not None else self.device)
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return self.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device)
+        return self.randn(x.shape, dtype=x.dtype, device=x.device)
 
-    def randint(self, high: int, size: Sequence[int], **kwargs) -> torch.Tensor:
+    def randint(self, high: int, size: Sequence[int], device=None) -> torch.Tensor:
         assert size[0] == len(self.generators)
-        kwargs.setdefault("device", self.device)
-        return torch.stack([torch.randint(high, list(size[1:]), generator=g, **kwargs) for g in self.generators])
+        draws = torch.stack([torch.randint(high, list(size[1:]), generator=g) for g in self.generators])
+        return draws.to(device if device is not None else self.device)
 
 
 def image_seeds(indices: Sequence[int], global_seed: int = 0) -> list[int]:
@@ -417,7 +419,7 @@ def generate(cfg: dict) -> dict:
 
     dist.init()
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = dist.device()
+    device = torch.device(cfg["device"]) if cfg["device"] else dist.device()
     torch.backends.cuda.matmul.allow_tf32 = bool(cfg["tf32"])
     torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
     torch.set_grad_enabled(False)
@@ -544,6 +546,7 @@ def _switch(*names, help):  # noqa: A002 - click's argument name
               help="Reference statistics (path/URL) for the metrics, e.g. dataset_refs/img256.pkl")
 @click.option("--max-window-batch", "--max_window_batch", "max_window_batch", type=int, default=None,
               help="Cap on the batch of one window network call (memory)")
+@click.option("--device", default=None, help="Torch device  [default: cuda:<LOCAL_RANK> when available, else cpu]")
 @click.option("--prefetch", is_flag=True, default=False, help="Only download the weights into the cache")
 @exit_on_usage_error
 def cli(**opts):

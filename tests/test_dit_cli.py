@@ -48,7 +48,7 @@ def assets(tmp_path_factory):
 def _base(assets, out, *extra, vae_path=True):
     argv = ["--model", "DiT-S/2", "--model-kwargs", json.dumps(TINY), "--ckpt", str(assets["ckpt"]),
             "--image-size", "64", "--num-classes", "10", "--sample-dir", str(out), "--num-sampling-steps", "3",
-            "--metrics", "none", "--per-proc-batch-size", "2"]
+            "--metrics", "none", "--per-proc-batch-size", "2", "--device", "cpu"]
     if vae_path:
         argv += ["--vae-path", str(assets["vae"])]
     return argv + list(extra)
@@ -132,7 +132,7 @@ def test_one_vs_two_ranks_identical(assets, tmp_path):
     assert sample_dit.main(_base(assets, one, *flags, "--per-proc-batch-size", "5")) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "sample_dit.py"), *_base(assets, two, *flags)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = _images(_run_dir(one)), _images(_run_dir(two))
