@@ -1,0 +1,321 @@
+"""Side-by-side samples of the guidance methods: same seeds and classes, one column per method and weight.
+
+    from results.grid import parse_columns, edm2_grid, dit_grid, draw_grid
+    cols = parse_columns(["none", "cfg:0.9", "m-swg:0.2", "m-swg:1.1", "cfg-m-swg:0.3,0.3"])
+    grid = edm2_grid("raw-img512-s", cols, seeds=[0, 1], classes=[88, 207],
+                     net_uncond="raw-img512-xs-uncond", swg_sizes=40)
+    draw_grid(grid, "edm2_grid.png")
+
+A column is written ``method[:w[,w2]]``: ``none``, ``cfg:w``, ``wmg:w``, ``swg:w`` /
+``m-swg:w`` (plain / masked SWG), and the combinations ``wmg-swg:w1,w2``,
+``wmg-m-swg:w1,w2``, ``cfg-swg:w1,w2``, ``cfg-m-swg:w1,w2``.  Weights use the paper's
+convention ``D = D_pos + w (D_pos - D_neg)`` for both models (DiT's CFG scale is
+``s = 1 + w``).  ``cfg`` uses the unconditional network, ``wmg`` the weaker one.
+
+Every image is drawn exactly as the samplers draw it: the seed's generator gives the
+initial noise, then the random class (replaced by the row's class when one is given),
+then the per-step noise.  With ``classes=None`` a cell therefore equals the image
+``sample_edm2.py`` / ``sample_dit.py`` write for that seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import tempfile
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from utils.errors import UsageError
+
+__all__ = ["Column", "Grid", "parse_columns", "edm2_grid", "dit_grid", "draw_grid", "save_mosaic", "default_device"]
+
+_SPEC = re.compile(r"^(none|cfg|wmg|swg|m-swg|wmg-swg|wmg-m-swg|cfg-swg|cfg-m-swg)(?::([^:]+))?$")
+_NUM_WEIGHTS = {"none": 0, "cfg": 1, "wmg": 1, "swg": 1, "wmg-swg": 2, "cfg-swg": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One column of a grid: a guidance method, its weight(s) and whether M-SWG's mask is used."""
+
+    method: str
+    weights: tuple = ()
+    masked: bool = True
+
+    @property
+    def label(self) -> str:
+        swg = "M-SWG" if self.masked else "SWG"
+        name = {"none": "no guidance", "cfg": "CFG", "wmg": "WMG", "swg": swg, "wmg-swg": f"WMG+{swg}",
+                "cfg-swg": f"CFG+{swg}"}[self.method]
+        return name if not self.weights else f"{name}\nw={','.join(f'{w:g}' for w in self.weights)}"
+
+
+@dataclasses.dataclass
+class Grid:
+    """``images[r, c]`` is uint8 HWC (rows = samples, columns = methods) with their labels."""
+
+    images: np.ndarray
+    row_labels: list
+    col_labels: list
+    title: str = ""
+
+
+def parse_columns(specs: Sequence) -> list[Column]:
+    """``["none", "m-swg:0.2", "cfg-m-swg:0.3,0.3"]`` -> :class:`Column` list (Columns pass through)."""
+    out = []
+    for spec in specs:
+        if isinstance(spec, Column):
+            out.append(spec)
+            continue
+        m = _SPEC.match(str(spec).strip().lower())
+        if not m:
+            raise UsageError(f"column {spec!r} is not 'method[:w[,w2]]' with method none, cfg, wmg, swg, m-swg, "
+                             f"wmg-swg, wmg-m-swg, cfg-swg or cfg-m-swg; e.g. 'm-swg:0.2'")
+        name, text = m.group(1), m.group(2)
+        masked = "m-swg" in name
+        method = name.replace("m-swg", "swg")
+        try:
+            weights = tuple(float(w) for w in text.split(",")) if text else ()
+        except ValueError:
+            raise UsageError(f"column {spec!r}: weights must be numbers, e.g. 'cfg-m-swg:0.3,0.3'") from None
+        if len(weights) != _NUM_WEIGHTS[method]:
+            raise UsageError(f"column {spec!r}: {method} takes {_NUM_WEIGHTS[method]} weight(s), "
+                             f"got {len(weights)}")
+        out.append(Column(method, weights, masked))
+    if not out:
+        raise UsageError("no columns given; e.g. ['none', 'm-swg:0.2']")
+    return out
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _rows(seeds: Sequence[int], classes: Optional[Sequence[int]]) -> list:
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise UsageError("no seeds given; pass e.g. seeds=[0, 1, 2, 3]")
+    if classes is not None and len(classes) not in (1, len(seeds)):
+        raise UsageError(f"{len(classes)} classes for {len(seeds)} seeds; give one class per seed, one for all, "
+                         f"or None for the seeds' random classes")
+    if classes is not None and len(classes) == 1:
+        classes = list(classes) * len(seeds)
+    return seeds, (None if classes is None else [int(c) for c in classes])
+
+
+# ----------------------------------------------------------------------------
+# EDM2.
+
+def edm2_grid(net_pos: str, columns: Sequence, seeds: Sequence[int], classes: Optional[Sequence[int]] = None, *,
+              net_neg: Optional[str] = None, net_uncond: Optional[str] = None, swg_sizes=40, swg_steps=2,
+              steps: int = 32, clean_combos: bool = False, device=None,
+              progress: Optional[Callable[[str], None]] = None) -> Grid:
+    """Sample an EDM2 grid.  Networks are paths, URLs or model names of ``networks.presets.MODELS``.
+
+    ``cfg`` / ``cfg-swg`` columns use ``net_uncond``; ``wmg`` / ``wmg-swg`` use ``net_neg``.
+    Each network is loaded once.  Settings are validated by ``sampling.edm2_run.build_config``,
+    the guided denoiser is the one ``sample_edm2.py`` uses.
+    """
+    from networks.edm2_pickle import load_checkpoint
+    from sampling import edm2_run
+    from sampling.edm import edm_sampler
+    from sampling.seeds import StackedRandomGenerator
+    from utils import cache
+
+    cols = parse_columns(columns)
+    seeds, classes = _rows(seeds, classes)
+    device = torch.device(device) if device is not None else default_device()
+    loaded: dict = {}
+
+    def load(source):
+        if source not in loaded:
+            ckpt = load_checkpoint(cache.fetch(source, desc=pathlib.PurePosixPath(source).name), source=source)
+            ckpt.net.eval().requires_grad_(False).to(device)
+            ckpt.encoder.init(device)
+            loaded[source] = ckpt
+        return loaded[source]
+
+    images, drawn = [], None
+    for col in cols:
+        neg = net_uncond if col.method.startswith("cfg") else net_neg if col.method.startswith("wmg") else None
+        if col.method in ("cfg", "cfg-swg", "wmg", "wmg-swg") and not neg:
+            what = "net_uncond (an unconditional network)" if col.method.startswith("cfg") else \
+                "net_neg (a weaker network)"
+            raise UsageError(f"column {col.label.splitlines()[0]} needs {what}")
+        cfg = edm2_run.build_config(
+            net_pos_pkl=net_pos, net_neg_pkl=neg, outdir=None, require_outdir=False, seeds="0",
+            g_method=col.method, g_weight=",".join(map(str, col.weights)) or None,
+            swg_sizes=swg_sizes if "swg" in col.method else None, swg_steps=swg_steps,
+            scale_window_guide=int(col.masked), steps=steps, clean_combos=clean_combos)
+        pos_ckpt = load(cfg.net_pos_pkl)
+        neg_ckpt = load(cfg.net_neg_pkl) if cfg.net_neg_pkl else None
+        edm2_run.check_networks(cfg, pos_ckpt, neg_ckpt)
+        guided = edm2_run.make_guided(cfg, pos_ckpt.net, neg_ckpt.net if neg_ckpt else None)
+        net = pos_ckpt.net
+        c, res = int(net.img_channels), int(net.img_resolution)
+        label_dim = int(net.label_dim)
+        if progress:
+            progress(f"EDM2 {col.label.replace(chr(10), ' ')}")
+        rnd = StackedRandomGenerator(device, seeds)
+        noise = rnd.randn([len(seeds), c, res, res], device=device)
+        labels = None
+        if label_dim:
+            drawn = rnd.randint(label_dim, size=[len(seeds)], device=device)
+            labels = torch.eye(label_dim, device=device)[drawn]
+            drawn = drawn.tolist()
+            if classes is not None:
+                if max(classes) >= label_dim or min(classes) < 0:
+                    raise UsageError(f"classes must lie in 0..{label_dim - 1} for this network, got {classes}")
+                labels = torch.eye(label_dim, device=device)[torch.tensor(classes, device=device)]
+        with torch.no_grad():
+            x = edm_sampler(guided, noise, labels, num_steps=steps, randn_like=rnd.randn_like)
+            pixels = pos_ckpt.encoder.decode(x)
+        images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
+    shown = classes if classes is not None and drawn is not None else drawn or [None] * len(seeds)
+    rows = [f"seed {s}" + (f"\nclass {k}" if k is not None else "") for s, k in zip(seeds, shown)]
+    name = pathlib.PurePosixPath(str(net_pos)).name
+    return Grid(np.stack(images, axis=1), rows, [c.label for c in cols], title=f"EDM2 {name}")
+
+
+# ----------------------------------------------------------------------------
+# DiT.
+
+def _dit_argv(col: Column, base: list) -> list:
+    base = list(base)  # click consumes the argument list it parses
+    if col.method == "none":
+        return base
+    if col.method == "swg":
+        return base + ["--crop", "1", "--mask", str(int(col.masked)), "--g-scale", str(col.weights[0])]
+    if col.method == "cfg":
+        return base + ["--vanila-cfg", "1", "--g-scale", str(1.0 + col.weights[0])]
+    if col.method == "cfg-swg":
+        return base + ["--cfg-crop", "1", "--mask", str(int(col.masked)), "--g-scale", str(col.weights[0]),
+                       "--crop-scale", str(col.weights[1])]
+    raise UsageError(f"DiT has no weaker model: column {col.method} is EDM2-only; use none, cfg, swg or cfg-swg")
+
+
+def dit_grid(columns: Sequence, seeds: Sequence[int], classes: Optional[Sequence[int]] = None, *,
+             model: str = "DiT-XL/2", ckpt: Optional[str] = None, image_size: int = 256,
+             model_kwargs: Optional[dict] = None, num_classes: int = 1000, vae: str = "ema",
+             vae_path: Optional[str] = None, num_sampling_steps="250", window_size: Optional[int] = None,
+             window_steps: int = 2, global_seed: int = 0, device=None,
+             progress: Optional[Callable[[str], None]] = None) -> Grid:
+    """Sample a DiT grid; options as ``sample_dit.py`` (validated by its ``resolve_config``)."""
+    import sample_dit
+    from networks.dit import load_dit
+    from networks.dit_guided import dit_guidance
+    from networks.encoders import load_vae
+    from sampling.gaussian_diffusion import create_diffusion
+    from utils import cache
+
+    cols = parse_columns(columns)
+    seeds, classes = _rows(seeds, classes)
+    device = torch.device(device) if device is not None else default_device()
+    base = ["--model", model, "--image-size", str(image_size), "--num-classes", str(num_classes), "--vae", vae,
+            "--num-sampling-steps", str(num_sampling_steps), "--window-steps", str(window_steps),
+            "--global-seed", str(global_seed), "--metrics", "none"]
+    if ckpt:
+        base += ["--ckpt", str(ckpt)]
+    if model_kwargs:
+        base += ["--model-kwargs", json.dumps(model_kwargs)]
+    if vae_path:
+        base += ["--vae-path", str(vae_path)]
+    if window_size:
+        base += ["--window-size", str(window_size)]
+    cfgs = []
+    for col in cols:
+        ctx = sample_dit.cli.make_context("sample_dit.py", _dit_argv(col, base))
+        cfgs.append(sample_dit.resolve_config(dict(ctx.params)))
+    first = cfgs[0]
+    if classes is not None and (max(classes) >= num_classes or min(classes) < 0):
+        raise UsageError(f"classes must lie in 0..{num_classes - 1}, got {classes}")
+    path = cache.fetch(first["ckpt_source"], desc=os.path.basename(first["ckpt_source"]))
+    net = load_dit(first["model"], path, input_size=first["latent_size"], num_classes=first["num_classes"],
+                   pos_embed=first["pos_embed"], **first["model_kwargs"]).eval().requires_grad_(False).to(device)
+    vae_model = load_vae(first["vae_path"] or sample_dit.VAE_REPOS[first["vae"]], device)
+    diffusion = create_diffusion(first["num_sampling_steps"])
+
+    images, drawn = [], None
+    for col, cfg in zip(cols, cfgs):
+        if progress:
+            progress(f"DiT {col.label.replace(chr(10), ' ')}")
+        den = dit_guidance(net, cfg["method"], g_scale=cfg["g_scale"], crop_scale=cfg["crop_scale"],
+                           mask=cfg["mask"], window_size=cfg["window_size"], window_steps=cfg["window_steps"],
+                           cfg_channels=cfg["cfg_channels"])
+        gen = sample_dit.ImageGenerators(device, seeds, cfg["global_seed"])
+        with torch.no_grad():
+            z = gen.randn([len(seeds), net.in_channels, cfg["latent_size"], cfg["latent_size"]])
+            y = gen.randint(net.num_classes, size=[len(seeds)])
+            drawn = y.tolist()
+            if classes is not None:
+                y = torch.tensor(classes, dtype=torch.long, device=z.device)
+            latents = diffusion.p_sample_loop(den, z, y, randn_like=gen.randn_like)
+            pixels = sample_dit.decode_latents(vae_model, latents)
+        images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
+    shown = classes if classes is not None else drawn
+    rows = [f"seed {s}\nclass {k}" for s, k in zip(seeds, shown)]
+    return Grid(np.stack(images, axis=1), rows, [c.label for c in cols], title=f"{model} {image_size}px")
+
+
+# ----------------------------------------------------------------------------
+# Figures.
+
+def _atomic_save(path: pathlib.Path, save: Callable[[str], None]) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_mosaic(grid: Grid, path: os.PathLike | str, pad: int = 2) -> pathlib.Path:
+    """The images alone, pixel-exact, ``pad`` white pixels between cells (PNG)."""
+    import PIL.Image
+
+    r, c, h, w, ch = grid.images.shape
+    canvas = np.full((r * h + (r - 1) * pad, c * w + (c - 1) * pad, ch), 255, dtype=np.uint8)
+    for i in range(r):
+        for j in range(c):
+            canvas[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = grid.images[i, j]
+    image = PIL.Image.fromarray(canvas[..., 0] if ch == 1 else canvas)
+    return _atomic_save(pathlib.Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
+def draw_grid(grid: Grid, path: Optional[os.PathLike | str] = None, cell_inches: float = 1.6, dpi: int = 100):
+    """A labelled figure (rows: samples, columns: method and weight); saved as PNG when ``path`` is given.
+
+    Returns the matplotlib figure (shown inline in a notebook).
+    """
+    import matplotlib.pyplot as plt
+
+    r, c = grid.images.shape[:2]
+    fig, axes = plt.subplots(r, c, figsize=(cell_inches * c + 0.9, cell_inches * r + 0.7), squeeze=False)
+    for i in range(r):
+        for j in range(c):
+            ax = axes[i][j]
+            img = grid.images[i, j]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(grid.col_labels[j], fontsize=9)
+            if j == 0:
+                ax.set_ylabel(grid.row_labels[i], fontsize=8)
+    if grid.title:
+        fig.suptitle(grid.title, fontsize=11)
+    fig.tight_layout()
+    if path is not None:
+        _atomic_save(pathlib.Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    return fig
