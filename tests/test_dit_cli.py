@@ -1,4 +1,4 @@
-"""sample_dit.py end to end on CPU with a tiny DiT checkpoint and a tiny AutoencoderKL."""
+"""sample_dit.py and its API (sampling.dit_run) end to end on CPU with a tiny DiT and a tiny AutoencoderKL."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ import torch
 from diffusers import AutoencoderKL
 
 import sample_dit
-from sample_dit import ImageIndex
+from sampling import common, dit_run
+from sampling.dit_run import ImageIndex
 from networks.dit import create_dit
 from networks.dit_guided import dit_guidance
 from sampling.gaussian_diffusion import create_diffusion
 from utils import cache
+from utils.errors import UsageError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2}
@@ -298,3 +300,75 @@ def test_missing_checkpoint_and_prefetch(assets, tmp_path, capsys):
     rc, err = _run(_base(assets, tmp_path / "p", "--seeds", "0", "--prefetch"), capsys)
     assert rc == 0, err
     assert not (tmp_path / "p").exists()
+
+
+# ----------------------------------------------------------------------------
+# The Python API (sampling.dit_run) behind the command line.
+
+def test_api_defaults_are_the_command_line_defaults():
+    """build_config() with no options resolves exactly as the command line with no flags."""
+    ctx = sample_dit.cli.make_context("sample_dit.py", [])
+    assert set(ctx.params) == set(dit_run.DEFAULTS)
+    assert {k: ctx.params[k] for k in dit_run.DEFAULTS} == dit_run.DEFAULTS
+    cfg = dit_run.build_config()
+    assert cfg == {**sample_dit.resolve_config(dict(ctx.params)), "outdir": cfg["outdir"]}
+    assert cfg["outdir"] == os.path.join("samples", "DiT-XL-2-pretrained-size-256-vae-ema-g-0.0-seed-0", "samples")
+
+
+def test_api_python_values_match_the_flags():
+    """Python values (dict, list, int for float) give the configuration and folder of the equivalent flags."""
+    flags = _resolve(["--model", "DiT-S/2", "--model-kwargs", json.dumps(TINY), "--ckpt", "c.pt",
+                      "--image-size", "64", "--num-classes", "10", "--seeds", "0-2,5", "--crop", "1",
+                      "--mask", "1", "--g-scale", "1", "--num-sampling-steps", "3", "--metrics", "none",
+                      "--sample-dir", "out"])
+    cfg = dit_run.build_config(model="DiT-S/2", model_kwargs=dict(TINY), ckpt="c.pt", image_size=64,
+                               num_classes=10, seeds=[0, 1, 2, 5], crop=True, mask=1, g_scale=1,
+                               num_sampling_steps=3, metrics=[], sample_dir="out")
+    assert cfg["outdir"] == os.path.join("out", "DiT-S-2-c-size-64-vae-ema-g-1.0-seed-0_swg_mask_1", "samples")
+    assert cfg["outdir"] == dit_run.run_dir(flags)
+    for key in dit_run.IDENTITY_KEYS + ("seed_list", "latent_size", "timesteps", "metrics"):
+        assert cfg[key] == flags[key], key
+    with pytest.raises(TypeError, match="g_weight"):
+        dit_run.build_config(g_weight=0.5)
+    with pytest.raises(UsageError, match="needs --crop 1 or --cfg-crop 1"):
+        dit_run.build_config(mask=1)
+
+
+def test_api_generate_matches_the_library(assets, tmp_path):
+    """generate() of a build_config() writes the images computed directly from the library, and resumes."""
+    cfg = dit_run.build_config(model="DiT-S/2", model_kwargs=TINY, ckpt=str(assets["ckpt"]), image_size=64,
+                               num_classes=10, seeds="1,3", num_sampling_steps="3", metrics="none",
+                               vae_path=str(assets["vae"]), sample_dir=str(tmp_path), device="cpu",
+                               crop=1, g_scale=0.5, window_size=6, per_proc_batch_size=1, save_npz=True)
+    summary = dit_run.generate(cfg, progress=False)
+    assert torch.is_grad_enabled()  # the caller's autograd state is left alone
+    run = pathlib.Path(cfg["outdir"])
+    assert summary == {"outdir": str(run), "written": 2, "npz": str(run.with_suffix(".npz")), "metrics": None}
+    images = _images(run)
+    expected = _expected(assets, "swg", [1, 3], g_scale=0.5, window_size=6)
+    assert sorted(images) == [1, 3]
+    for got, want in zip((images[1], images[3]), expected):
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert dit_run.generate(cfg, progress=False)["written"] == 0  # everything exists already
+
+
+def test_common_run_folder_helpers(tmp_path):
+    """check_outdir / changed_setting / write_json_atomic: the resume and output-folder rules."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match="exists and is not a folder; choose another --outdir"):
+        common.check_outdir(blocker, "--outdir")
+    with pytest.raises(UsageError, match=r"because .*file is a file; choose another --sample-dir"):
+        common.check_outdir(blocker / "a" / "b", "--sample-dir")
+    assert common.check_outdir(tmp_path / "new" / "run", "--outdir") == tmp_path / "new" / "run"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+    path = tmp_path / "args.json"
+    assert common.changed_setting(path, {"a": 1}, ["a"]) is None  # nothing saved yet
+    common.write_json_atomic(path, {"a": 1, "b": [2, 3]}, indent=2)
+    assert json.loads(path.read_text()) == {"a": 1, "b": [2, 3]} and list(tmp_path.glob(".*tmp*")) == []
+    assert common.changed_setting(path, {"a": 1, "b": [2, 3], "c": 9}, ["a", "b", "c"]) is None  # c not saved
+    assert common.changed_setting(path, {"a": 1, "b": [2]}, ["a", "b"]) == ("b", [2, 3])
+    path.write_text("{torn")
+    assert common.read_json(path) is None and common.changed_setting(path, {"a": 2}, ["a"]) is None
+    assert list(common.progress([1, 2], enabled=False)) == [1, 2]
