@@ -64,6 +64,9 @@ def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2) -> float:
 
     mu1, sigma1 = _as_stats(mu1, sigma1, "first")
     mu2, sigma2 = _as_stats(mu2, sigma2, "second")
-    s, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    try:
+        s, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    except TypeError:  # SciPy >= 1.16 dropped ``disp`` and returns the matrix alone
+        s = scipy.linalg.sqrtm(sigma1 @ sigma2)
     diff = mu1 - mu2
     return float(np.real(diff @ diff + np.trace(sigma1 + sigma2 - 2 * s)))

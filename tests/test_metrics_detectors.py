@@ -220,3 +220,16 @@ def test_dinov2_loads_weights_and_outputs_cls_token(tmp_path, monkeypatch):
 
     with pytest.raises(UsageError, match="does not hold DINOv2"):
         dinov2.load_dinov2(tmp_path / "official.pth", embed_dim=48, depth=2, num_heads=2)
+
+
+def test_full_precision_restores_tf32_flags():
+    from metrics.detectors import full_precision
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with full_precision():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
