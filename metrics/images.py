@@ -101,12 +101,15 @@ class FolderSource(ImageSource):
         entries = []  # (name, kind, payload)
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for fn in filenames:
+                if fn.startswith("."):  # hidden / in-progress temp files
+                    continue
                 full = pathlib.Path(dirpath) / fn
                 rel = full.relative_to(root).as_posix()
                 if _is_image_name(fn):
                     entries.append((rel, "file", full))
-                elif fn.lower().endswith(TAR_EXTS) and not fn.startswith("."):
+                elif fn.lower().endswith(TAR_EXTS):
                     shard = _TarMembers(full)
                     for m in shard.members:
                         entries.append((f"{rel}/{m.name}", "tar", (shard, m)))
