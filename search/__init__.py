@@ -1,0 +1,1 @@
+"""Guidance-weight search with Optuna (:mod:`search.optuna_search`)."""

@@ -1,0 +1,171 @@
+"""search.optuna_search: a 2-trial study with a tiny EDM2 network and a tiny detector, duplicates pruned."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from metrics import api as metrics_api
+from metrics import detectors
+from metrics.detectors import Detector
+from metrics.refs import save_ref
+from search import optuna_search as S
+from tests import edm2_pickle_writer as WR
+from utils.errors import UsageError
+
+optuna = pytest.importorskip("optuna")
+
+TINY = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, model_channels=8,
+            channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
+
+
+class TinyInception(Detector):
+    """A random projection with the Inception detector's interface (8-d features, 1008 probabilities)."""
+
+    name = "inception"
+    feature_dim = 8
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.randn(48, 8, generator=g)
+        self.cls = torch.randn(48, 1008, generator=g)
+
+    def __call__(self, x):
+        p = F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
+        return {"features": p @ self.proj, "probs": torch.softmax((p @ self.cls).double(), dim=1)}
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setitem(detectors.LOADERS, "inception", lambda device, **kw: TinyInception())
+    detectors.clear_cache()
+    torch.manual_seed(0)
+    net = WR.make_precond(**TINY)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith(("out_gain", "emb_gain")):
+                p.fill_(0.4)  # non-zero so that the weight changes the images
+    WR.write_edm2_pickle(tmp_path / "pos.pkl", net, half=False)
+    rng = np.random.default_rng(0)
+    ref = metrics_api.compute_stats([rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)], ["inception"],
+                                    progress=False)
+    save_ref(ref, tmp_path / "ref.pkl")
+    base = ["--net_pos_pkl", str(tmp_path / "pos.pkl"), "--g_method", "swg", "--swg_sizes", "12", "--seeds", "0-7",
+            "--batch", "8", "--steps", "2", "--metrics", "fid", "--ref_path", str(tmp_path / "ref.pkl")]
+    yield tmp_path, base
+    detectors.clear_cache()
+
+
+def _fid_of(folder: pathlib.Path) -> float:
+    (path,) = folder.rglob("metrics.json")
+    return json.loads(path.read_text())["results"]["fid"]
+
+
+def test_two_trial_study(setup, capsys):
+    tmp, base = setup
+    out = tmp / "search"
+    best = S.run_search("edm2", base, [(0.0, 2.0)], out, n_trials=2, objective="fid", step=0)
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'optuna.db'}")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    folders = sorted(p for p in out.iterdir() if p.name.startswith("trial_"))
+    assert len(folders) == 2
+    for t in trials:  # each trial sampled into its own folder with its own weight, value = its metrics.json
+        folder = pathlib.Path(t.user_attrs["folder"])
+        assert folder.name == f"trial_{t.number:04d}_{t.params['w0']:g}"
+        args = json.loads((folder / "samples" / "generate_args.json").read_text())
+        assert args["g_weight"] == [pytest.approx(t.params["w0"])] and args["g_method"] == "swg"
+        assert len(list((folder / "samples").glob("*.png"))) == 8
+        assert t.value == pytest.approx(_fid_of(folder))
+    assert trials[0].value != trials[1].value
+    winner = min(trials, key=lambda t: t.value)
+    assert best["number"] == winner.number and best["weights"] == [winner.params["w0"]]
+    assert json.loads((out / "best.json").read_text())["value"] == pytest.approx(winner.value)
+    assert "best: trial" in capsys.readouterr().out
+
+
+def test_repeated_weights_are_pruned_and_study_resumes(setup):
+    tmp, base = setup
+    out = tmp / "dup"
+    db = f"sqlite:///{tmp / 'study.db'}"
+    S.run_search("edm2", base, [(0.5, 0.5)], out, n_trials=2, objective="fid", storage=db, study_name="s")
+    # resuming the same study: the weight is still the only one, so the new trial is pruned too
+    best = S.run_search("edm2", base, [(0.5, 0.5)], out, n_trials=1, objective="fid", storage=db, study_name="s")
+    study = optuna.load_study(study_name="s", storage=db)
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.COMPLETE] + [optuna.trial.TrialState.PRUNED] * 2
+    assert [t.user_attrs.get("duplicate_of") for t in study.get_trials()] == [None, 0, 0]
+    assert len([p for p in out.iterdir() if p.name.startswith("trial_")]) == 1  # sampled once
+    assert best["number"] == 0 and best["weights"] == [0.5] and best["trials"] == 3
+
+
+def test_argument_errors(setup, tmp_path):
+    _, base = setup
+    with pytest.raises(UsageError, match="--g_weight is set by the search"):
+        S.run_search("edm2", base + ["--g_weight", "0.3"], [(0, 1)], tmp_path / "x", n_trials=1, objective="fid")
+    with pytest.raises(UsageError, match="low:high"):
+        S.parse_range("0.5")
+    with pytest.raises(UsageError, match="low <= high"):
+        S.parse_range("2:1")
+    # a metric the sampler did not compute
+    with pytest.raises(UsageError, match="no 'fd_dinov2'"):
+        S.run_search("edm2", base, [(0.1, 0.1)], tmp_path / "y", n_trials=1, objective="fd_dinov2")
+    # the CLI: one line, exit 2, for a bad sampler argument
+    res = CliRunner().invoke(S.main, ["--sampler", "edm2", "--outdir", str(tmp_path / "z"), "--weight", "0:1",
+                                      "--n_trials", "1", "--objective", "fid", "--", *base, "--bogus", "1"])
+    assert res.exit_code == 2 and "error:" in res.output
+
+
+def test_dit_trial_arguments():
+    folder = pathlib.Path("/o/trial_0003_0.6_0.5")
+    argv = S.sampler_argv("dit", ["--cfg-crop", "1", "--mask", "1"], [0.6, 0.5], folder)
+    assert argv == ["--cfg-crop", "1", "--mask", "1", "--g-scale", "0.6", "--sample-dir", str(folder),
+                    "--crop-scale", "0.5"]
+    assert S.trial_folder("/o", 3, [0.6, 0.5]) == folder
+    with pytest.raises(UsageError):
+        S.run_search("dit", ["--sample-dir", "x"], [(0, 1)], "/tmp/unused", n_trials=1)
+
+
+RANK_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+from metrics import detectors
+from test_search_optuna import TinyInception
+detectors.LOADERS["inception"] = lambda device, **kw: TinyInception()
+from search.optuna_search import main
+main(sys.argv[1:])
+"""
+
+
+def test_two_ranks_share_one_study(setup):
+    """Under torchrun rank 0 asks and tells; both ranks sample each trial's images."""
+    import os
+    import subprocess
+    import sys
+
+    tmp, base = setup
+    root = pathlib.Path(__file__).resolve().parents[1]
+    script = tmp / "search_ranks.py"
+    script.write_text(RANK_SCRIPT.format(root=str(root), tests=str(root / "tests")))
+    out = tmp / "ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "--sampler", "edm2", "--outdir", str(out), "--weight", "0:1", "--step", "0.5",
+                           "--n_trials", "2", "--objective", "fid", "--seed", "3", "--", *base],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=str(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="ranks", storage=f"sqlite:///{out / 'optuna.db'}")
+    trials = study.get_trials()
+    assert len(trials) == 2  # one trial per ask, not one per rank
+    sampled = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for t in sampled:
+        assert len(list((pathlib.Path(t.user_attrs["folder"]) / "samples").glob("*.png"))) == 8
+    assert proc.stdout.count("best: trial") == 1  # printed by rank 0 only
+    assert json.loads((out / "best.json").read_text())["number"] in [t.number for t in sampled]
