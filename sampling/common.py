@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from utils.errors import UsageError
 
-__all__ = ["check_outdir", "read_json", "changed_setting", "write_json_atomic", "progress"]
+__all__ = ["check_outdir", "read_json", "changed_setting", "write_json_atomic", "progress", "run_metrics"]
 
 
 def check_outdir(path: os.PathLike | str, option: str) -> pathlib.Path:
@@ -79,3 +79,30 @@ def progress(iterable: Iterable, enabled: bool, **kwargs) -> Iterable:
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=None, **kwargs)
+
+
+def run_metrics(outdir, seeds: Sequence[int], metrics: Sequence[str], *, ref_path: Optional[str] = None,
+                ref: Optional[dict] = None, device=None, record: Optional[Mapping[str, Any]] = None,
+                wandb_log: bool = False) -> dict:
+    """Metrics of exactly ``seeds`` of the run folder ``outdir`` (PNGs or tar shards), against a reference.
+
+    Under torchrun each rank reads its share of the seeds and the statistics are
+    summed across ranks (:func:`metrics.api.calc_metrics`); rank 0 writes
+    ``metrics.json`` and a one-row CSV beside the images with ``record``
+    (the run's settings).  Returns the results on every rank.
+    """
+    from metrics.api import calc_metrics, write_metrics
+    from sampling.writer import ImageIndex
+    from utils import dist
+
+    seeds = sorted(int(s) for s in seeds)
+    index = ImageIndex(outdir)
+    try:
+        share = seeds[dist.get_rank()::dist.get_world_size()]
+        results = calc_metrics(index.batches(share, 64), list(metrics), ref_path=ref_path, ref=ref, device=device,
+                               progress=dist.get_rank() == 0)
+    finally:
+        index.close()
+    if dist.get_rank() == 0:
+        write_metrics(outdir, results, dict(record or {}), wandb_log=wandb_log)
+    return dict(results)

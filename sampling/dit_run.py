@@ -28,7 +28,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from sampling.common import changed_setting, check_outdir, progress as progress_bar, write_json_atomic
+from sampling.common import changed_setting, check_outdir, progress as progress_bar, run_metrics, write_json_atomic
+from sampling.writer import ImageIndex
 from utils.errors import UsageError
 
 LATENT_SCALE = 0.18215  # Stable Diffusion VAE latent scaling used by DiT.
@@ -357,60 +358,6 @@ def load_vae(cfg: dict, device):
     return vae
 
 
-class ImageIndex:
-    """Where each finished image of a run folder lives: a PNG (flat or per-1000 folder) or a tar shard member."""
-
-    def __init__(self, outdir: os.PathLike | str):
-        import tarfile
-
-        self.outdir = pathlib.Path(outdir)
-        self.where: dict[int, tuple] = {}
-        for shard in sorted(self.outdir.glob("[0-9]*.tar")):
-            with tarfile.open(shard, "r:") as tar:
-                for member in tar.getmembers():
-                    stem = os.path.basename(member.name).removesuffix(".png")
-                    if member.isfile() and member.name.endswith(".png") and stem.isdigit():
-                        self.where[int(stem)] = ("tar", shard, member.name)
-        for png in [*self.outdir.glob("[0-9]*.png"), *self.outdir.glob("[0-9]" * 6 + "/[0-9]*.png")]:
-            if png.stem.isdigit():
-                self.where[int(png.stem)] = ("png", png, None)
-        self._tars: dict = {}
-
-    def read(self, seeds: Sequence[int]) -> np.ndarray:
-        """uint8 NHWC images of ``seeds`` in order; a missing one is a :class:`UsageError`."""
-        import io
-        import tarfile
-
-        import PIL.Image
-
-        missing = [s for s in seeds if int(s) not in self.where]
-        if missing:
-            raise UsageError(f"{len(missing)} images (e.g. {missing[0]:07d}.png) are missing in {self.outdir}; "
-                             f"rerun the sampling command to finish them")
-        out = []
-        for s in seeds:
-            kind, path, member = self.where[int(s)]
-            if kind == "png":
-                data = path.read_bytes()
-            else:
-                if path not in self._tars:
-                    self._tars[path] = tarfile.open(path, "r:")
-                data = self._tars[path].extractfile(member).read()
-            with PIL.Image.open(io.BytesIO(data)) as img:
-                out.append(np.asarray(img.convert("RGB")))
-        return np.stack(out)
-
-    def batches(self, seeds: Sequence[int], batch: int = 64):
-        """Yield uint8 NHWC batches of ``seeds``."""
-        for i in range(0, len(seeds), batch):
-            yield self.read(seeds[i:i + batch])
-
-    def close(self) -> None:
-        for tar in self._tars.values():
-            tar.close()
-        self._tars.clear()
-
-
 def write_npz(outdir: pathlib.Path, seeds: Sequence[int], path: Optional[pathlib.Path] = None) -> pathlib.Path:
     """ADM evaluator input: ``arr_0`` = uint8 NHWC images in seed order, written atomically.
 
@@ -439,20 +386,7 @@ def _default_ref_path(cfg: dict) -> Optional[str]:
 
 def compute_metrics(cfg: dict, outdir: pathlib.Path, ref: Optional[dict], device) -> dict:
     """Metrics of exactly this run's images (each rank reads its share), written beside them by rank 0."""
-    from metrics.api import calc_metrics, write_metrics
-    from utils import dist
-
-    seeds = sorted(cfg["seed_list"])
-    index = ImageIndex(outdir)
-    try:
-        share = seeds[dist.get_rank()::dist.get_world_size()]
-        results = calc_metrics(index.batches(share, 64), cfg["metrics"], ref=ref, device=device,
-                               progress=dist.get_rank() == 0)
-    finally:
-        index.close()
-    if dist.get_rank() == 0:
-        write_metrics(outdir, results, _record(cfg))
-    return results
+    return run_metrics(outdir, cfg["seed_list"], cfg["metrics"], ref=ref, device=device, record=_record(cfg))
 
 
 def _sources(cfg: dict) -> list:

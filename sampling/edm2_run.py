@@ -488,14 +488,11 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
 
 
 def _run_metrics(cfg: GenerateConfig, outdir: pathlib.Path) -> dict:
-    """FID / FD-DINOv2 of the images in ``outdir`` against ``ref_path`` (``metrics.api``), saved beside them."""
-    from metrics import api as metrics_api
+    """FID / FD-DINOv2 of exactly this run's seeds against ``ref_path``, saved beside the images."""
+    from sampling.common import run_metrics
 
-    results = metrics_api.calc_metrics(str(outdir), list(cfg.metrics), ref_path=cfg.ref_path,
-                                       num=len(cfg.seeds), progress=dist.get_rank() == 0)
-    if dist.get_rank() == 0:
-        metrics_api.write_metrics(outdir, results, cfg.to_json(), wandb_log=bool(cfg.use_wandb))
-    return dict(results)
+    return run_metrics(outdir, cfg.seeds, cfg.metrics, ref_path=cfg.ref_path, record=cfg.to_json(),
+                       wandb_log=bool(cfg.use_wandb))
 
 
 def _wandb_start(cfg: GenerateConfig) -> Any:

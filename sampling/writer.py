@@ -34,7 +34,9 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import PIL.Image
 
-__all__ = ["png_relpath", "done_seeds", "remove_stale_temps", "ImageWriter"]
+from utils.errors import UsageError
+
+__all__ = ["png_relpath", "done_seeds", "remove_stale_temps", "ImageWriter", "ImageIndex"]
 
 _PNG_RE = re.compile(r"^(\d+)\.png$")
 _TAR_RE = re.compile(r"^\d+-\d+(-\d+)?\.tar$")
@@ -275,3 +277,50 @@ class ImageWriter:
 def iter_pending(seeds: Iterable[int], done: set[int]) -> list[int]:
     """``seeds`` without the finished ones, order kept."""
     return [s for s in seeds if s not in done]
+
+
+class ImageIndex:
+    """Where each finished image of a run folder lives: a PNG (flat or per-1000 folder) or a tar shard member."""
+
+    def __init__(self, outdir: os.PathLike | str):
+        self.outdir = pathlib.Path(outdir)
+        self.where: dict[int, tuple] = {}
+        for shard in sorted(self.outdir.glob("[0-9]*.tar")):
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar.getmembers():
+                    stem = os.path.basename(member.name).removesuffix(".png")
+                    if member.isfile() and member.name.endswith(".png") and stem.isdigit():
+                        self.where[int(stem)] = ("tar", shard, member.name)
+        for png in [*self.outdir.glob("[0-9]*.png"), *self.outdir.glob("[0-9]" * 6 + "/[0-9]*.png")]:
+            if png.stem.isdigit():
+                self.where[int(png.stem)] = ("png", png, None)
+        self._tars: dict = {}
+
+    def read(self, seeds: Sequence[int]) -> np.ndarray:
+        """uint8 NHWC images of ``seeds`` in order; a missing one is a :class:`UsageError`."""
+        missing = [s for s in seeds if int(s) not in self.where]
+        if missing:
+            raise UsageError(f"{len(missing)} images (e.g. {missing[0]:07d}.png) are missing in {self.outdir}; "
+                             f"rerun the sampling command to finish them")
+        out = []
+        for s in seeds:
+            kind, path, member = self.where[int(s)]
+            if kind == "png":
+                data = path.read_bytes()
+            else:
+                if path not in self._tars:
+                    self._tars[path] = tarfile.open(path, "r:")
+                data = self._tars[path].extractfile(member).read()
+            with PIL.Image.open(io.BytesIO(data)) as img:
+                out.append(np.asarray(img.convert("RGB")))
+        return np.stack(out)
+
+    def batches(self, seeds: Sequence[int], batch: int = 64):
+        """Yield uint8 NHWC batches of ``seeds``."""
+        for i in range(0, len(seeds), batch):
+            yield self.read(seeds[i:i + batch])
+
+    def close(self) -> None:
+        for tar in self._tars.values():
+            tar.close()
+        self._tars.clear()

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 
 import sample_dit
 from sampling import common, dit_run
-from sampling.dit_run import ImageIndex
+from sampling.writer import ImageIndex
 from networks.dit import create_dit
 from networks.dit_guided import dit_guidance
 from sampling.gaussian_diffusion import create_diffusion
