@@ -205,13 +205,11 @@ def dit_grid(columns: Sequence, seeds: Sequence[int], classes: Optional[Sequence
              vae_path: Optional[str] = None, num_sampling_steps="250", window_size: Optional[int] = None,
              window_steps: int = 2, global_seed: int = 0, device=None,
              progress: Optional[Callable[[str], None]] = None) -> Grid:
-    """Sample a DiT grid; options as ``sample_dit.py`` (validated by its ``resolve_config``)."""
+    """Sample a DiT grid; options as ``sample_dit.py`` (validated by ``sampling.dit_run.build_config``)."""
     import sample_dit
-    from networks.dit import load_dit
     from networks.dit_guided import dit_guidance
-    from networks.encoders import load_vae
+    from sampling import dit_run
     from sampling.gaussian_diffusion import create_diffusion
-    from utils import cache
 
     cols = parse_columns(columns)
     seeds, classes = _rows(seeds, classes)
@@ -228,16 +226,14 @@ def dit_grid(columns: Sequence, seeds: Sequence[int], classes: Optional[Sequence
     if window_size:
         base += ["--window-size", str(window_size)]
     cfgs = []
-    for col in cols:
+    for col in cols:  # each column's settings go through the command line's own parser and checks
         ctx = sample_dit.cli.make_context("sample_dit.py", _dit_argv(col, base))
-        cfgs.append(sample_dit.resolve_config(dict(ctx.params)))
+        cfgs.append(dit_run.build_config(**ctx.params))
     first = cfgs[0]
     if classes is not None and (max(classes) >= num_classes or min(classes) < 0):
         raise UsageError(f"classes must lie in 0..{num_classes - 1}, got {classes}")
-    path = cache.fetch(first["ckpt_source"], desc=os.path.basename(first["ckpt_source"]))
-    net = load_dit(first["model"], path, input_size=first["latent_size"], num_classes=first["num_classes"],
-                   pos_embed=first["pos_embed"], **first["model_kwargs"]).eval().requires_grad_(False).to(device)
-    vae_model = load_vae(first["vae_path"] or sample_dit.VAE_REPOS[first["vae"]], device)
+    net = dit_run.load_model(first, device).eval().requires_grad_(False)
+    vae_model = dit_run.load_vae(first, device)
     diffusion = create_diffusion(first["num_sampling_steps"])
 
     images, drawn = [], None
@@ -247,7 +243,7 @@ def dit_grid(columns: Sequence, seeds: Sequence[int], classes: Optional[Sequence
         den = dit_guidance(net, cfg["method"], g_scale=cfg["g_scale"], crop_scale=cfg["crop_scale"],
                            mask=cfg["mask"], window_size=cfg["window_size"], window_steps=cfg["window_steps"],
                            cfg_channels=cfg["cfg_channels"])
-        gen = sample_dit.ImageGenerators(device, seeds, cfg["global_seed"])
+        gen = dit_run.ImageGenerators(device, seeds, cfg["global_seed"])
         with torch.no_grad():
             z = gen.randn([len(seeds), net.in_channels, cfg["latent_size"], cfg["latent_size"]])
             y = gen.randint(net.num_classes, size=[len(seeds)])
@@ -255,7 +251,7 @@ def dit_grid(columns: Sequence, seeds: Sequence[int], classes: Optional[Sequence
             if classes is not None:
                 y = torch.tensor(classes, dtype=torch.long, device=z.device)
             latents = diffusion.p_sample_loop(den, z, y, randn_like=gen.randn_like)
-            pixels = sample_dit.decode_latents(vae_model, latents)
+            pixels = dit_run.decode_latents(vae_model, latents)
         images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
     shown = classes if classes is not None else drawn
     rows = [f"seed {s}\nclass {k}" for s, k in zip(seeds, shown)]

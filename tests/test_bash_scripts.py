@@ -57,8 +57,10 @@ def validate(script: str, args: list[str]):
     if script == "sample_dit.py":
         import sample_dit
 
+        from sampling import dit_run
+
         ctx = sample_dit.cli.make_context("sample_dit.py", sample_dit._join_metric_words(list(args)))
-        return sample_dit.resolve_config(dict(ctx.params))
+        return dit_run.build_config(**ctx.params)
     raise AssertionError(f"unexpected script {script}")
 
 

@@ -33,9 +33,10 @@ def dit_run(root: pathlib.Path, results: dict, **opts) -> pathlib.Path:
     """A sample_dit.py run folder: args.json as the CLI records it, metrics via metrics.api."""
     import sample_dit
 
-    ctx = sample_dit.cli.make_context("sample_dit.py", [a for k, v in opts.items() for a in (k, str(v))])
-    cfg = sample_dit.resolve_config(dict(ctx.params))
-    outdir = root / sample_dit.folder_name(cfg) / "samples"
+    ctx = sample_dit.cli.make_context("sample_dit.py", [a for k, v in opts.items() for a in (k, str(v))]
+                                      + ["--sample-dir", str(root)])
+    cfg = sample_dit.build_config(**ctx.params)
+    outdir = pathlib.Path(cfg["outdir"])
     outdir.mkdir(parents=True)
     record = {k: v for k, v in cfg.items() if k != "seed_list"}
     record["num_images"] = len(cfg["seed_list"])
