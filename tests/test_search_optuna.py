@@ -169,3 +169,31 @@ def test_two_ranks_share_one_study(setup):
         assert len(list((pathlib.Path(t.user_attrs["folder"]) / "samples").glob("*.png"))) == 8
     assert proc.stdout.count("best: trial") == 1  # printed by rank 0 only
     assert json.loads((out / "best.json").read_text())["number"] in [t.number for t in sampled]
+
+
+def test_dit_trial_runs_the_dit_sampler(tmp_path):
+    """One DiT trial (CFG+M-SWG, two weights) with the detector-free saturation metric as objective."""
+    from diffusers import AutoencoderKL
+
+    from networks.dit import create_dit
+
+    tiny = {"hidden_size": 32, "depth": 2, "num_heads": 2}
+    torch.manual_seed(0)
+    net = create_dit("DiT-S/2", input_size=8, num_classes=10, **tiny)
+    torch.save(net.state_dict(), tmp_path / "dit.pt")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=64).save_pretrained(tmp_path / "vae")
+    base = ["--model", "DiT-S/2", "--model-kwargs", json.dumps(tiny), "--ckpt", str(tmp_path / "dit.pt"),
+            "--image-size", "64", "--num-classes", "10", "--vae-path", str(tmp_path / "vae"), "--seeds", "0-3",
+            "--num-sampling-steps", "2", "--per-proc-batch-size", "4", "--device", "cpu", "--cfg-crop", "1",
+            "--mask", "1", "--window-size", "6", "--metrics", "saturation"]
+    best = S.run_search("dit", base, [(0.6, 0.6), (0.5, 0.5)], tmp_path / "dit_search", n_trials=1,
+                        objective="saturation")
+    folder = pathlib.Path(best["folder"])
+    (args_path,) = folder.rglob("args.json")
+    args = json.loads(args_path.read_text())
+    assert (args["method"], args["g_scale"], args["crop_scale"], args["mask"]) == ("cfg-swg", 0.6, 0.5, 1)
+    (metrics_path,) = folder.rglob("metrics.json")
+    assert best["value"] == json.loads(metrics_path.read_text())["results"]["saturation"]
+    assert best["weights"] == [0.6, 0.5]
