@@ -115,7 +115,8 @@ def test_argument_errors(setup, tmp_path):
         S.parse_range("2:1")
     # a metric the sampler did not compute
     with pytest.raises(UsageError, match="no 'fd_dinov2'"):
-        S.run_search("edm2", base, [(0.1, 0.1)], tmp_path / "y", n_trials=1, objective="fd_dinov2")
+        S.run_search("edm2", base + ["--seeds", "0-1"], [(0.1, 0.1)], tmp_path / "y", n_trials=1,
+                     objective="fd_dinov2")
     # the CLI: one line, exit 2, for a bad sampler argument
     res = CliRunner().invoke(S.main, ["--sampler", "edm2", "--outdir", str(tmp_path / "z"), "--weight", "0:1",
                                       "--n_trials", "1", "--objective", "fid", "--", *base, "--bogus", "1"])
