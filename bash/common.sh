@@ -13,6 +13,9 @@
 #   poll_interval=10m   time between two GPU checks; min_free_mb=30000 free memory a GPU needs
 #   EXTRA_ARGS="..."    appended to every sampler command (e.g. "--clean_combos --max_window_batch 64")
 #   PYTHON_LAUNCHER     the launcher executable (default: torchrun)
+#
+# The sweeps run from the repository root: relative paths (base_out_dir, ref_path) are the repo's.
+# A failed run does not stop the sweep; the script exits 1 at the end (rerun it to resume).
 
 SWG_BASH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SWG_ROOT="$(dirname "$SWG_BASH_DIR")"
