@@ -98,6 +98,10 @@ def _switch(*names, help):  # noqa: A002 - click's argument name
 @click.option("--device", default=D["device"],
               help="Torch device  [default: cuda:<LOCAL_RANK> when available, else cpu]")
 @click.option("--prefetch", is_flag=True, default=D["prefetch"], help="Only download the weights into the cache")
+@click.option("--use-wandb", "--use_wandb", "use_wandb", type=click.IntRange(0, 1), default=D["use_wandb"],
+              show_default=True, help="Log arguments, metrics and a sample grid to wandb (rank 0)")
+@click.option("--wandb-group", "--wandb_group", "wandb_group", default=D["wandb_group"], help="wandb group")
+@click.option("--wandb-runname", "--wandb_runname", "wandb_runname", default=D["wandb_runname"], help="wandb run name")
 @exit_on_usage_error
 def cli(**opts):
     """Sample images from DiT with sliding window guidance (SWG / M-SWG), CFG or CFG+SWG."""

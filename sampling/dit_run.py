@@ -31,6 +31,7 @@ import torch
 from sampling.common import changed_setting, check_outdir, progress as progress_bar, run_metrics, write_json_atomic
 from sampling.writer import ImageIndex
 from utils.errors import UsageError
+from utils.wandb_log import WandbLogger
 
 LATENT_SCALE = 0.18215  # Stable Diffusion VAE latent scaling used by DiT.
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -49,7 +50,7 @@ DEFAULTS = {
     "window_size": None, "window_steps": 2, "cfg_channels": "reference", "pos_embed": "resize",
     "num_sampling_steps": "250", "global_seed": 0, "tf32": True, "save_tar": False, "save_npz": False,
     "subdirs": False, "metrics": "fid,fd_dinov2", "ref_path": None, "max_window_batch": None,
-    "device": None, "prefetch": False,
+    "device": None, "prefetch": False, "use_wandb": 0, "wandb_group": None, "wandb_runname": None,
 }
 # Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder).
 _FLOATS = ("g_scale", "crop_scale")
@@ -474,4 +475,7 @@ def generate(cfg: dict, *, progress: bool = True) -> dict:
                              f"rerun to finish them before computing metrics")
         with torch.no_grad():
             summary["metrics"] = compute_metrics(cfg, outdir, ref, device)
+    logger = WandbLogger(bool(cfg["use_wandb"]), project="swg-dit", config=_record(cfg), group=cfg["wandb_group"],
+                         name=cfg["wandb_runname"], rank=rank)
+    logger.log_run(outdir, summary["metrics"])
     return summary

@@ -42,6 +42,7 @@ from sampling.seeds import StackedRandomGenerator, parse_int_list
 from sampling.writer import ImageWriter, done_seeds, remove_stale_temps
 from utils import cache, dist
 from utils.errors import UsageError
+from utils.wandb_log import WandbLogger
 
 __all__ = ["METHODS", "METRICS", "GenerateConfig", "build_config", "load_networks", "check_networks",
            "prefetch", "generate", "split_batches"]
@@ -450,7 +451,8 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     c, h, w = _latent_shape(pos)
     label_dim = int(pos_net.label_dim)
 
-    wandb_run = _wandb_start(cfg) if rank == 0 and cfg.use_wandb else None
+    logger = WandbLogger(bool(cfg.use_wandb), project="swg-edm2", config=cfg.to_json(), group=cfg.wandb_group,
+                         name=cfg.wandb_runname, rank=rank)
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -481,9 +483,8 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
                "seconds": elapsed, "outdir": str(outdir)}
     if cfg.metrics and cfg.ref_path:
         summary["metrics"] = _run_metrics(cfg, outdir)
-    if wandb_run is not None:
-        wandb_run.log({**summary.get("metrics", {}), "images": len(cfg.seeds), "seconds": elapsed})
-        wandb_run.finish()
+    logger.log_metrics({"images": len(cfg.seeds), "seconds": elapsed}, prefix="run/")
+    logger.log_run(outdir, summary.get("metrics"))
     return summary
 
 
@@ -491,11 +492,4 @@ def _run_metrics(cfg: GenerateConfig, outdir: pathlib.Path) -> dict:
     """FID / FD-DINOv2 of exactly this run's seeds against ``ref_path``, saved beside the images."""
     from sampling.common import run_metrics
 
-    return run_metrics(outdir, cfg.seeds, cfg.metrics, ref_path=cfg.ref_path, record=cfg.to_json(),
-                       wandb_log=bool(cfg.use_wandb))
-
-
-def _wandb_start(cfg: GenerateConfig) -> Any:
-    import wandb
-
-    return wandb.init(project="swg-edm2", group=cfg.wandb_group, name=cfg.wandb_runname, config=cfg.to_json())
+    return run_metrics(outdir, cfg.seeds, cfg.metrics, ref_path=cfg.ref_path, record=cfg.to_json())

@@ -67,3 +67,4 @@ def test_metrics_after_sampling_use_exactly_the_runs_seeds(tmp_path):
                  "--metrics", "fid", "--ref_path", tmp_path / "ref2.pkl"]) == 0
     res2 = json.loads((out2 / "metrics.json").read_text())
     assert (res2["fid"] if "fid" in res2 else res2["results"]["fid"]) > 1e-3
+
