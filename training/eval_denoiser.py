@@ -9,7 +9,6 @@ guidance method is ``demo/run_demo.py``.
 from __future__ import annotations
 
 import json
-import pathlib
 import pickle
 
 import click
