@@ -40,7 +40,7 @@ import tqdm
 
 from utils.errors import UsageError
 
-from . import dist
+from utils import dist
 from .detectors import get_detector
 from .frechet import frechet_distance
 from .images import ImageSource, is_image_source, iterate_batches, open_images, select_indices
@@ -114,7 +114,7 @@ def _local_batches(images: Images, num: Optional[int], batch: int, seed: int):
     if isinstance(images, (str, os.PathLike, ImageSource)):
         source = images if isinstance(images, ImageSource) else open_images(images)
         indices = select_indices(len(source), num, seed)
-        local = indices[dist.rank()::dist.world_size()]
+        local = indices[dist.get_rank()::dist.get_world_size()]
         return iterate_batches(source, local, batch), -(-len(local) // batch), len(indices)
 
     def gen():
@@ -153,7 +153,7 @@ def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dino
     sat = 0.0
     count = 0
     bar = tqdm.tqdm(batches, total=num_batches, desc=desc, unit="batch",
-                    disable=not progress or dist.rank() != 0, leave=False)
+                    disable=not progress or dist.get_rank() != 0, leave=False)
     for x in bar:
         count += x.shape[0]
         if saturation:

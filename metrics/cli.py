@@ -15,33 +15,11 @@ import numpy as np
 
 from utils.errors import UsageError, exit_on_usage_error
 
-from . import dist
+from utils import dist
 from .api import METRICS, STAT_KEYS, calc_metrics, compute_stats, parse_metrics, write_metrics
 from .refs import save_ref
 
 __all__ = ["main"]
-
-
-def _init_distributed() -> None:
-    """Join the torchrun process group when launched by torchrun (no-op otherwise)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    try:
-        from utils.dist import init  # shared helper, when present
-    except ImportError:
-        init = None
-    if init is not None:
-        init()
-        return
-    import torch
-    import torch.distributed as tdist
-
-    if not tdist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            tdist.init_process_group("nccl")
-        else:
-            tdist.init_process_group("gloo")
 
 
 def _detector_kwargs(inception_weights, dinov2_weights, dinov2_resize) -> dict:
@@ -85,10 +63,10 @@ def main():
 def calc(images, ref, metrics, num, seed, out, batch, device, inception_weights, dinov2_weights, dinov2_resize):
     """Compute metrics of --images against --ref."""
     names = parse_metrics(metrics)
-    _init_distributed()
+    dist.init()
     results = calc_metrics(images, names, ref_path=ref, num=num, batch=batch, device=device, seed=seed,
                            detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize))
-    if dist.rank() == 0:
+    if dist.get_rank() == 0:
         if out:
             args = dict(images=images, ref=ref, metrics=",".join(names), num=num, seed=seed)
             write_metrics(out, results, args)
@@ -116,7 +94,7 @@ def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, in
         kinds.append(kind)
     if os.path.exists(dest) and not overwrite:
         raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
-    _init_distributed()
+    dist.init()
     stats = compute_stats(images, kinds, keep_features=features > 0, num=num, batch=batch, seed=seed, device=device,
                           detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize),
                           desc="reference images")
@@ -128,7 +106,7 @@ def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, in
             if rows.shape[0] > features:
                 rows = rows[np.sort(rng.choice(rows.shape[0], features, replace=False))]
             block["features"] = rows
-    if dist.rank() == 0:
+    if dist.get_rank() == 0:
         path = save_ref(stats, dest, overwrite=overwrite)
         click.echo(f"wrote {path} ({stats['num_images']} images: {', '.join(STAT_KEYS[k] for k in kinds)})")
     dist.barrier()

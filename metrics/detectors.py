@@ -1,9 +1,12 @@
 """Feature detectors: uint8 NCHW RGB batches in, named float outputs out.
 
-Two detectors exist.  ``inception`` yields ``features`` (pool3, 2048-d) and
+Three detectors exist.  ``inception`` yields ``features`` (pool3, 2048-d) and
 ``probs`` (softmax of the 1008 bias-free logits, for the Inception score);
-``dinov2`` yields ``features`` (CLS token, 1024-d).  Each metric names the
-detector and output it needs (see ``metrics.api.METRICS``).
+``dinov2`` yields ``features`` (CLS token, 1024-d); ``digits``, the offline
+demo's small digit classifier (:mod:`training.digits_detector`, weights shipped
+in ``demo/models/``), yields ``features`` (128-d penultimate layer) and
+``probs`` (10 classes).  Each metric names the detector and output it needs
+(see ``metrics.api.METRICS``).
 
 Loaders live in :data:`LOADERS` so that tests (or users with local weight
 files) can swap them; ``get_detector`` caches one instance per (kind, device).
@@ -95,16 +98,24 @@ def _load_dinov2(device, **kwargs) -> Detector:
     return DINOv2Detector(model, resize_mode=kwargs.get("resize_mode", "torch"))
 
 
+def _load_digits(device, **kwargs) -> Detector:
+    """The demo's digit classifier; ``weights`` defaults to the shipped ``digits-classifier.safetensors``."""
+    from training.digits_detector import DEFAULT_CLASSIFIER, DigitsDetector
+
+    return DigitsDetector(kwargs.get("weights") or DEFAULT_CLASSIFIER, device=device)
+
+
 LOADERS: Dict[str, Callable[..., Detector]] = {
     "inception": _load_inception,
     "dinov2": _load_dinov2,
+    "digits": _load_digits,
 }
 
 _cache: Dict[tuple, Detector] = {}
 
 
 def get_detector(kind: str, device=None, **kwargs) -> Detector:
-    """The detector ``kind`` ('inception' | 'dinov2') on ``device``, loaded once per process."""
+    """The detector ``kind`` ('inception' | 'dinov2' | 'digits') on ``device``, loaded once per process."""
     if kind not in LOADERS:
         raise UsageError(f"unknown detector {kind!r}; use one of {sorted(LOADERS)}")
     device = torch.device(device or "cpu")

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import dist
+from utils import dist
 
 __all__ = ["FeatureStats"]
 

@@ -408,7 +408,7 @@ def _pending_mask(cfg: GenerateConfig, outdir: pathlib.Path, device) -> list:
     if dist.get_rank() == 0:
         done = done_seeds(outdir)
         mask = torch.tensor([s not in done for s in cfg.seeds], dtype=torch.int32, device=device)
-    dist.all_reduce_sum(mask)
+    mask = dist.all_reduce_sum(mask)
     return [s for s, m in zip(cfg.seeds, mask.tolist()) if m]
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as torch_dist
 
 __all__ = ["init", "is_initialized", "get_rank", "get_world_size", "get_local_rank", "barrier",
-           "device", "all_reduce_sum", "print0"]
+           "device", "all_reduce_sum", "gather_rows", "print0"]
 
 
 def _launched_by_torchrun() -> bool:
@@ -62,11 +62,42 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def _comm_device() -> torch.device:
+    """NCCL communicates CUDA tensors, Gloo CPU ones."""
+    if is_initialized() and torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place and return it (identity for one process)."""
-    if is_initialized() and get_world_size() > 1:
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-    return tensor
+    """Sum of ``tensor`` over all ranks, as a new tensor on ``tensor``'s device (the input for one process)."""
+    if not (is_initialized() and get_world_size() > 1):
+        return tensor
+    buf = tensor.detach().to(_comm_device()).clone()
+    torch_dist.all_reduce(buf, op=torch_dist.ReduceOp.SUM)
+    return buf.to(tensor.device)
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Undo a ``[rank::world]`` split: every rank's rows, interleaved back into global order.
+
+    Rank ``r`` holds rows ``r, r + W, r + 2W, ...``; ranks may hold different counts.
+    """
+    if not (is_initialized() and get_world_size() > 1):
+        return t
+    w, dev = get_world_size(), _comm_device()
+    n = torch.tensor([t.shape[0]], device=dev)
+    counts = [torch.zeros_like(n) for _ in range(w)]
+    torch_dist.all_gather(counts, n)
+    counts = [int(c.item()) for c in counts]
+    padded = torch.zeros((max(counts),) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
+    padded[: t.shape[0]] = t.to(dev)
+    parts = [torch.zeros_like(padded) for _ in range(w)]
+    torch_dist.all_gather(parts, padded)
+    out = torch.zeros((sum(counts),) + tuple(t.shape[1:]), dtype=t.dtype, device=dev)
+    for r, (part, c) in enumerate(zip(parts, counts)):
+        out[r::w][:c] = part[:c]
+    return out.to(t.device)
 
 
 def print0(*args, **kwargs) -> None:
