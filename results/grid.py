@@ -207,7 +207,7 @@ def dit_grid(columns: Sequence, seeds: Sequence[int], classes: Optional[Sequence
              progress: Optional[Callable[[str], None]] = None) -> Grid:
     """Sample a DiT grid; options as ``sample_dit.py`` (validated by ``sampling.dit_run.build_config``)."""
     import sample_dit
-    from networks.dit_guided import dit_guidance
+    from guidance.dit import dit_guidance
     from sampling import dit_run
     from sampling.gaussian_diffusion import create_diffusion
 

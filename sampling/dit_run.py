@@ -7,7 +7,7 @@
 
 Pipeline: options -> resolved configuration (a JSON-able dict, saved as
 ``args.json``) -> DiT and VAE through the weights cache -> guided denoiser
-(:mod:`networks.dit_guided`) -> DiT's ancestral sampler
+(:mod:`guidance.dit`) -> DiT's ancestral sampler
 (:mod:`sampling.gaussian_diffusion`) -> VAE decode ->
 :class:`sampling.writer.ImageWriter` -> optional ``.npz`` and metrics.
 
@@ -100,7 +100,7 @@ def resolve_config(opts: dict) -> dict:
     """
     from guidance import WindowError, WindowGrid
     from networks.dit import DiT_models, PRETRAINED_DIT
-    from networks.dit_guided import default_window_size
+    from guidance.dit import default_window_size
     from sampling.gaussian_diffusion import space_timesteps
     from sampling.seeds import parse_int_list
 
@@ -414,7 +414,7 @@ def generate(cfg: dict, *, progress: bool = True) -> dict:
     returns ``{"prefetched": paths}``.  Runs under ``torchrun`` (each rank takes
     every world-size-th pending image); sets TF32 as ``cfg["tf32"]`` says.
     """
-    from networks.dit_guided import dit_guidance
+    from guidance.dit import dit_guidance
     from sampling.gaussian_diffusion import create_diffusion
     from sampling.writer import ImageWriter, done_seeds, remove_stale_temps
     from utils import dist

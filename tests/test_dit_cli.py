@@ -19,7 +19,7 @@ import sample_dit
 from sampling import common, dit_run
 from sampling.writer import ImageIndex
 from networks.dit import create_dit
-from networks.dit_guided import dit_guidance
+from guidance.dit import dit_guidance
 from sampling.gaussian_diffusion import create_diffusion
 from utils import cache
 from utils.errors import UsageError

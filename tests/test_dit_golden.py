@@ -7,7 +7,7 @@ import torch
 
 from conftest import rel_err
 from networks.dit import DiT
-from networks.dit_guided import dit_guidance
+from guidance.dit import dit_guidance
 from sampling.gaussian_diffusion import create_diffusion
 
 TOL = 1e-4

@@ -11,7 +11,7 @@ import torch
 
 from conftest import rel_err
 from networks.dit import DiT, DiT_models, DiTSizeError, create_dit, load_dit, load_dit_state_dict, sincos_pos_embed_2d
-from networks.dit_guided import DiTDenoiser, default_window_size, dit_guidance
+from guidance.dit import DiTDenoiser, default_window_size, dit_guidance
 from sampling.gaussian_diffusion import create_diffusion, linear_betas, space_timesteps
 from utils.errors import UsageError
 

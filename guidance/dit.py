@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from guidance import guide
+from .guided import guide
 from utils.errors import UsageError
 
 __all__ = ["DiTDenoiser", "dit_guidance", "DIT_MODES", "default_window_size"]
