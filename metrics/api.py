@@ -11,12 +11,18 @@ name                      detector         result keys
 ``saturation``            none             ``saturation`` (mean HSV S in [0, 1])
 ``pr_inception``          Inception pool3  ``precision_inception``, ``recall_inception``
 ``pr_dinov2``             DINOv2 CLS       ``precision_dinov2``, ``recall_dinov2``
+``fd_digits``             digits features  ``fd_digits`` (offline demo, 128-d)
+``conf_digits``           digits probs     ``conf_digits`` = exp(E_x KL(p(y|x) || p(y))), 1 split
 ========================  ===============  ==================================================
 
 FID and FD-DINOv2 compare ``N(mu, sigma)`` of the generated images with the
 reference's block ``'fid'`` / ``'fd_dinov2'`` (EDM2's pickles).  Precision and
 recall need reference *features*: a reference built with
 ``python -m metrics ref --features N`` or a reference given as an image folder.
+``fd_digits`` and ``conf_digits`` use the offline demo's digit classifier
+(detector ``digits``) and its reference ``demo/refs/digits-ref.pkl`` (block
+``'fd_digits'``); ``conf_digits`` is the Inception score formula on the
+classifier's 10 class probabilities over all images at once (in ``[1, 10]``).
 
 Under torchrun every rank calls the same function; images are split as
 ``indices[rank::world]``, sums are all-reduced, and every rank gets the same
@@ -51,6 +57,7 @@ from .stats import FeatureStats
 __all__ = [
     "METRICS",
     "STAT_KEYS",
+    "PROB_KEYS",
     "parse_metrics",
     "compute_stats",
     "calc_metrics_from_stats",
@@ -66,9 +73,14 @@ METRICS: Dict[str, tuple] = {
     "saturation": (None, None, "saturation"),
     "pr_inception": ("inception", "features", "pr"),
     "pr_dinov2": ("dinov2", "features", "pr"),
+    "fd_digits": ("digits", "features", "fd"),
+    "conf_digits": ("digits", "probs", "conf"),
 }
-# detector -> name of its statistics block in a reference (EDM2's names)
-STAT_KEYS = {"inception": "fid", "dinov2": "fd_dinov2"}
+# detector -> name of its statistics block in a reference (EDM2's names; 'fd_digits' for the demo)
+STAT_KEYS = {"inception": "fid", "dinov2": "fd_dinov2", "digits": "fd_digits"}
+# detector -> key of its class probabilities in compute_stats' result
+PROB_KEYS = {"inception": "probs", "digits": "probs_digits"}
+_DETECTOR_ORDER = list(STAT_KEYS)
 IS_SPLITS = 10
 
 Images = Union[str, os.PathLike, ImageSource, Iterable]
@@ -132,14 +144,16 @@ def _local_batches(images: Images, num: Optional[int], batch: int, seed: int):
 
 
 def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dinov2"), *,
-                  probs: bool = False, saturation: bool = False, keep_features: bool = False,
+                  probs: Union[bool, Sequence[str]] = False, saturation: bool = False, keep_features: bool = False,
                   num: Optional[int] = None, batch: int = 64, seed: int = 0, device=None,
                   detector_kwargs: Optional[Mapping[str, dict]] = None,
                   progress: bool = True, desc: str = "images") -> Dict[str, Any]:
     """Statistics of ``images`` for the given detectors, in EDM2's reference layout.
 
     Returns ``{'num_images': N, 'fid': {'mu', 'sigma'[, 'features']}, 'fd_dinov2': {...}}``
-    plus ``'probs'`` [N, 1008] when ``probs`` and ``'saturation'`` when asked.
+    plus class probabilities and ``'saturation'`` when asked: ``probs=True`` keeps the
+    Inception ``'probs'`` [N, 1008]; a list of detectors keeps each one's rows under
+    :data:`PROB_KEYS` (``'probs'`` for inception, ``'probs_digits'`` [N, 10] for digits).
     ``images``: a folder/zip/tar/npz path, an :class:`ImageSource`, or an
     iterable of uint8 NHWC batches (under torchrun: this rank's share).
     """
@@ -147,9 +161,13 @@ def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dino
     batches, num_batches, total = _local_batches(images, num, batch, seed)
     kwargs = dict(detector_kwargs or {})
     dets = {kind: get_detector(kind, device, **kwargs.get(kind, {})) for kind in detectors}
+    prob_kinds = (["inception"] if probs else []) if isinstance(probs, bool) else list(probs)
+    for kind in prob_kinds:
+        if kind not in dets or kind not in PROB_KEYS:
+            raise ValueError(f"probs of {kind!r} need the {kind} detector in detectors (and one with probs)")
     stats = {kind: FeatureStats(det.feature_dim, keep_rows=keep_features, device=device)
              for kind, det in dets.items()}
-    prob_rows = []
+    prob_rows: Dict[str, list] = {kind: [] for kind in prob_kinds}
     sat = 0.0
     count = 0
     bar = tqdm.tqdm(batches, total=num_batches, desc=desc, unit="batch",
@@ -162,8 +180,8 @@ def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dino
         for kind, det in dets.items():
             out = det(x)
             stats[kind].append(out["features"])
-            if probs and kind == "inception":
-                prob_rows.append(out["probs"].double().cpu())
+            if kind in prob_rows:
+                prob_rows[kind].append(out["probs"].double().cpu())
     if total is None and num is not None and count < num:
         raise UsageError(f"asked for {num} images but the batches held only {count}; lower --num or generate more")
     result: Dict[str, Any] = {}
@@ -179,11 +197,10 @@ def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dino
         if keep_features:
             block["features"] = st.features()
         result[STAT_KEYS[kind]] = block
-    if probs:
-        if "inception" not in dets:
-            raise ValueError("probs need the inception detector")
-        local = torch.cat(prob_rows) if prob_rows else torch.zeros([0, 1008], dtype=torch.float64)
-        result["probs"] = dist.gather_rows(local).numpy()
+    for kind, rows in prob_rows.items():
+        width = 1008 if kind == "inception" else 10
+        local = torch.cat(rows) if rows else torch.zeros([0, width], dtype=torch.float64)
+        result[PROB_KEYS[kind]] = dist.gather_rows(local).numpy()
     if saturation:
         result["saturation"] = float(dist.all_reduce_sum(torch.tensor([sat], dtype=torch.float64)).item()) / n
     return result
@@ -201,6 +218,8 @@ def calc_metrics_from_stats(stats: Mapping[str, Any], ref: Optional[Mapping[str,
             results[metric] = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
         elif what == "is":
             results["is"], results["is_std"] = inception_score(stats["probs"], IS_SPLITS)
+        elif what == "conf":
+            results[metric] = inception_score(stats[PROB_KEYS[kind]], 1)[0]
         elif what == "saturation":
             results["saturation"] = stats["saturation"]
         elif what == "pr":
@@ -240,7 +259,7 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
     names = parse_metrics(metrics)
     device = torch.device(device) if device is not None else _default_device()
     need_ref = [m for m in names if _needs_ref(m)]
-    detectors = sorted({METRICS[m][0] for m in names if METRICS[m][0]}, key=["inception", "dinov2"].index)
+    detectors = sorted({METRICS[m][0] for m in names if METRICS[m][0]}, key=_DETECTOR_ORDER.index)
     need_feats = any(METRICS[m][2] == "pr" for m in names)
 
     # Validate cheap things (reference, image count) before loading any network.
@@ -256,7 +275,7 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
         if ref_path is None:
             raise UsageError(f"metrics {','.join(need_ref)} need reference statistics; pass --ref / ref_path")
         if is_image_source(ref_path):
-            ref_kinds = sorted({METRICS[m][0] for m in need_ref}, key=["inception", "dinov2"].index)
+            ref_kinds = sorted({METRICS[m][0] for m in need_ref}, key=_DETECTOR_ORDER.index)
             ref = compute_stats(ref_path, ref_kinds, keep_features=need_feats, batch=batch, device=device,
                                 detector_kwargs=detector_kwargs, progress=progress, desc="reference images")
         else:
@@ -275,7 +294,8 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
                                  f"gives {det.feature_dim}; use a reference made with this detector "
                                  f"('python -m metrics ref')")
 
-    stats = compute_stats(images, detectors, probs="is" in names, saturation="saturation" in names,
+    prob_kinds = [METRICS[m][0] for m in names if METRICS[m][2] in ("is", "conf")]
+    stats = compute_stats(images, detectors, probs=prob_kinds, saturation="saturation" in names,
                           keep_features=need_feats, num=num, batch=batch, seed=seed, device=device,
                           detector_kwargs=detector_kwargs, progress=progress)
     return calc_metrics_from_stats(stats, ref, names, device=device)

@@ -14,16 +14,23 @@ Guidance weights use the paper's convention ``D = D_pos + w (D_pos - D_neg)``.
 EDM2's own presets are written as ``gnet + g (net - gnet)``, so ``w = g - 1``.
 Scores are FID / FD-DINOv2 on 50k ImageNet images as published (EDM2 paper and
 README; the SWG README for the ``swg-*`` presets).
+
+The ``demo-digits*`` presets use the small digits models shipped in
+``demo/models/`` (see ``demo/README.md``); their paths are absolute, resolved
+from this file's location, so they work from any working directory, and they
+score with the demo's digit classifier (``--metrics fd_digits`` against
+``demo/refs/digits-ref.pkl``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Optional
 
 from utils.errors import UsageError
 
-__all__ = ["EDM2_ROOT", "REFS", "VAE", "posthoc_url", "raw_url", "MODELS", "Preset", "PRESETS",
+__all__ = ["EDM2_ROOT", "REFS", "VAE", "REPO", "DEMO_MODELS", "DEMO_REF", "posthoc_url", "raw_url", "MODELS", "Preset", "PRESETS",
            "get_preset", "resolve_model", "preset_names"]
 
 EDM2_ROOT = "https://nvlabs-fi-cdn.nvidia.com/edm2"
@@ -32,6 +39,10 @@ REFS = {
     "img512": f"{EDM2_ROOT}/dataset-refs/img512.pkl",
     "img64": f"{EDM2_ROOT}/dataset-refs/img64.pkl",
 }
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEMO_MODELS = REPO / "demo" / "models"
+DEMO_REF = str(REPO / "demo" / "refs" / "digits-ref.pkl")
 
 FULL = 2147483          # 2^31 training images
 T_16 = 134217           # 1/16 of the training
@@ -65,6 +76,9 @@ def _models() -> dict[str, str]:
         m[f"raw-img512-{size}"] = raw_url(size, FULL)
     m["raw-img512-l"] = raw_url("l", L_FULL)
     m["raw-img512-xl"] = raw_url("xl", XL_FULL)
+    # The offline demo's digits models (16x16, one channel), shipped in the repository.
+    for name in ("cond", "uncond", "rt", "rct"):
+        m[f"demo-digits-{name}"] = str(DEMO_MODELS / f"digits-{name}.safetensors")
     return m
 
 
@@ -83,6 +97,7 @@ class Preset:
     swg_steps: Optional[tuple] = None
     scale_window_guide: Optional[int] = None
     ref_path: Optional[str] = None
+    metrics: Optional[str] = None         # --metrics filled in by the preset (demo presets only)
     fid: Optional[float] = None           # published FID
     fd_dinov2: Optional[float] = None     # published FD-DINOv2
     source: str = ""                      # where the numbers come from
@@ -90,7 +105,7 @@ class Preset:
     def settings(self) -> dict:
         """CLI option values this preset provides (only non-None ones)."""
         keys = ("net_pos_pkl", "net_neg_pkl", "g_method", "g_weight", "swg_sizes", "swg_steps",
-                "scale_window_guide", "ref_path")
+                "scale_window_guide", "ref_path", "metrics")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -174,7 +189,32 @@ def _negative_presets() -> dict[str, Preset]:
     }
 
 
-PRESETS: dict[str, Preset] = {**_edm2_presets(), **_swg_presets(), **_negative_presets()}
+def _demo_presets() -> dict[str, Preset]:
+    """The offline digits demo (``demo/run_demo.py``): the paper's EDM2-S weights, windows 12x12 of 16x16.
+
+    ``demo-digits`` is M-SWG on the class-conditional model; ``-uncond`` / ``-rt`` /
+    ``-rct`` pair it with the CFG / RT / RCT negative (cfg 0.4, wmg 1.2);
+    ``-*-mswg`` are the combinations.  No weight was tuned on digits; measured
+    demo FD / confidence are in ``demo/README.md`` (no guidance lowered FD there).
+    """
+    src = "offline digits demo (demo/README.md)"
+    pos = MODELS["demo-digits-cond"]
+    base = dict(ref_path=DEMO_REF, metrics="fd_digits", source=src)
+    win = dict(swg_sizes=(12,), swg_steps=(2,), scale_window_guide=1, **base)
+    neg = {k: MODELS[f"demo-digits-{k}"] for k in ("uncond", "rt", "rct")}
+    return {
+        "demo-digits": Preset(pos, None, "swg", (0.2,), **win),
+        "demo-digits-none": Preset(pos, None, "none", **base),
+        "demo-digits-uncond": Preset(pos, neg["uncond"], "cfg", (0.4,), **base),
+        "demo-digits-rt": Preset(pos, neg["rt"], "wmg", (1.2,), **base),
+        "demo-digits-rct": Preset(pos, neg["rct"], "wmg", (1.2,), **base),
+        "demo-digits-rt-mswg": Preset(pos, neg["rt"], "wmg-swg", (1.2, 0.25), **win),
+        "demo-digits-rct-mswg": Preset(pos, neg["rct"], "wmg-swg", (1.2, 0.14), **win),
+        "demo-digits-cfg-mswg": Preset(pos, neg["uncond"], "cfg-swg", (0.3, 0.3), **win),
+    }
+
+
+PRESETS: dict[str, Preset] = {**_edm2_presets(), **_swg_presets(), **_negative_presets(), **_demo_presets()}
 
 
 def preset_names() -> list[str]:

@@ -14,9 +14,10 @@ URL_RE = re.compile(r"^https://nvlabs-fi-cdn\.nvidia\.com/edm2/(posthoc-reconstr
 
 
 def test_every_address_is_well_formed_and_raw_folders_match_runs():
-    urls = list(PR.MODELS.values())
+    urls = [u for u in PR.MODELS.values() if u.startswith("https://")]
     for p in PR.PRESETS.values():
-        urls += [p.net_pos_pkl] + ([p.net_neg_pkl] if p.net_neg_pkl else [])
+        urls += [u for u in (p.net_pos_pkl, p.net_neg_pkl) if u and u.startswith("https://")]
+    assert len(urls) > 40
     for url in urls:
         m = URL_RE.match(url)
         assert m, url
@@ -75,3 +76,42 @@ def test_unknown_preset_and_model_names():
         PR.get_preset("edm2-s-fid")
     assert PR.resolve_model("raw-img512-s") == PR.MODELS["raw-img512-s"]
     assert PR.resolve_model("/tmp/x.pkl") == "/tmp/x.pkl" and PR.resolve_model(None) is None
+
+
+def test_demo_presets_point_at_the_shipped_files_from_any_directory(tmp_path, monkeypatch):
+    import json
+    import pathlib
+
+    from sampling.edm2_run import build_config
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    local = {n: v for n, v in PR.MODELS.items() if not v.startswith("https://")}
+    assert set(local) == {"demo-digits-cond", "demo-digits-uncond", "demo-digits-rt", "demo-digits-rct"}
+    rows = {  # name: (method, weights, negative model file, windows)
+        "demo-digits": ("swg", (0.2,), None, True),
+        "demo-digits-none": ("none", None, None, False),
+        "demo-digits-uncond": ("cfg", (0.4,), "digits-uncond", False),
+        "demo-digits-rt": ("wmg", (1.2,), "digits-rt", False),
+        "demo-digits-rct": ("wmg", (1.2,), "digits-rct", False),
+        "demo-digits-rt-mswg": ("wmg-swg", (1.2, 0.25), "digits-rt", True),
+        "demo-digits-rct-mswg": ("wmg-swg", (1.2, 0.14), "digits-rct", True),
+        "demo-digits-cfg-mswg": ("cfg-swg", (0.3, 0.3), "digits-uncond", True),
+    }
+    assert {n for n in PR.PRESETS if n.startswith("demo-")} == set(rows)
+    monkeypatch.chdir(tmp_path)  # nothing may depend on the working directory
+    for name, (method, w, neg, windows) in rows.items():
+        p = PR.get_preset(name)
+        assert (p.g_method, p.g_weight) == (method, w), name
+        assert p.net_pos_pkl == str(repo / "demo" / "models" / "digits-cond.safetensors")
+        assert p.net_neg_pkl == (str(repo / "demo" / "models" / f"{neg}.safetensors") if neg else None)
+        assert (p.swg_sizes, p.swg_steps) == (((12,), (2,)) if windows else (None, None))
+        assert p.settings()["ref_path"] == str(repo / "demo" / "refs" / "digits-ref.pkl")
+        assert p.settings()["metrics"] == "fd_digits"
+        for path in (p.net_pos_pkl, p.net_neg_pkl, p.ref_path):
+            if path:
+                assert pathlib.Path(path).is_absolute() and pathlib.Path(path).is_file(), path
+        cfg = build_config(preset=name, outdir=str(tmp_path / "out"), seeds="0-15")
+        assert (cfg.g_method, cfg.net_pos_pkl, cfg.ref_path) == (method, p.net_pos_pkl, p.ref_path)
+    meta = json.loads((repo / "demo" / "models" / "digits-cond.json").read_text())
+    assert meta["init_kwargs"]["img_resolution"] == 16  # 12x12 windows, 2 per axis, fit 16x16
+    assert not (repo / "demo" / "presets.json").exists()  # one source of truth: this module

@@ -98,7 +98,10 @@ def load_classifier(path: str | pathlib.Path = DEFAULT_CLASSIFIER) -> DigitsClas
 
 
 class DigitsDetector:
-    """Detector interface: ``features(uint8 NCHW) -> [N, 128]``, ``probs(uint8 NCHW) -> [N, 10]`` (float64 numpy)."""
+    """Detector interface: ``features(uint8 NCHW) -> [N, 128]``, ``probs(uint8 NCHW) -> [N, 10]`` (float64 numpy).
+
+    Registered as ``metrics.detectors.LOADERS['digits']`` (metrics ``fd_digits``, ``conf_digits``).
+    """
 
     name = "digits"
     feature_dim = FEATURE_DIM
@@ -114,9 +117,9 @@ class DigitsDetector:
         x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise UsageError(f"digit detector expects uint8 images [N, 1 or 3, H, W], got shape {tuple(x.shape)}")
-        x = x.to(self.device, torch.float32) / 255.0
-        if x.shape[1] == 3:
-            x = x.mean(dim=1, keepdim=True)
+        # The channel sum of integers is exact in float32, so for equal channels sum / (255 C) is pixel / 255
+        # (exactly, on the CPU): a grey image read as RGB (as metrics.api reads it) scores like the grey original.
+        x = x.to(self.device, torch.float32).sum(dim=1, keepdim=True) / (255.0 * x.shape[1])
         r = self.net.resolution
         if x.shape[-2:] != (r, r):
             x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
