@@ -1,14 +1,18 @@
-"""The offline demo end to end at a reduced count: every kind of guidance, results table, plot, no overwrite."""
+"""The offline demo end to end at a reduced count: every kind of guidance, results table, plot, safe reruns."""
 
 from __future__ import annotations
 
 import csv
+import json
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
+
+from utils.errors import UsageError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "demo"))
@@ -19,40 +23,102 @@ import run_demo  # noqa: E402
 ROWS = "none,swg,m-swg,wmg-swg-RCT,cfg-swg"
 
 
-def test_demo_end_to_end(tmp_path):
+def _csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _snapshot(folder: pathlib.Path) -> dict:
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_demo_end_to_end_rerun_and_resume(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, str(REPO / "demo" / "run_demo.py"), "--outdir", str(out), "--num", "4", "--steps", "2",
            "--methods", ROWS]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(out / "results.csv")
     assert [row["method"] for row in rows] == ROWS.split(",")
     for row in rows:
         assert len(list((out / row["method"]).glob("*.png"))) == 4
         assert np.isfinite(float(row["fd"])) and 1.0 <= float(row["confidence"]) <= 10.0 + 1e-9
     assert (out / "results.png").stat().st_size > 1000
-    assert "| m-swg | swg | 0.2 |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| m-swg | swg | 0.2 |" in md and "| cfg-swg | cfg-swg | 0.3,0.3 | uncond |" in md
+    settings = json.loads((out / "demo_settings.json").read_text())
+    assert (settings["num"], settings["steps"]) == (4, 2)
+    assert [m["name"] for m in settings["methods"]] == ROWS.split(",")
     # Guidance changes the images; plain SWG and M-SWG differ only in the mask.
     none, swg = run_demo.read_images(out / "none", range(4)), run_demo.read_images(out / "swg", range(4))
     assert none.shape[0] == 4 and none.shape[2:] == (16, 16) and (none != swg).any()
-    # A finished table is never overwritten.
-    before = (out / "results.csv").read_bytes()
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == 2 and "already exists" in r.stderr
-    assert (out / "results.csv").read_bytes() == before
+
+    # Same settings again (another batch size does not change images): the table is printed, nothing is touched.
+    before = _snapshot(out)
+    r = subprocess.run(cmd + ["--batch", "3"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert md in r.stdout and "nothing to do" in r.stdout
+    assert _snapshot(out) == before
+    # Different settings: one line, exit 2, nothing touched.
+    r = subprocess.run(cmd[:6] + ["--steps", "3", "--methods", ROWS], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "different settings (steps: 2 there, 3 now)" in r.stderr
+    with pytest.raises(UsageError, match="methods: none,swg,m-swg,wmg-swg-RCT,cfg-swg there, none now"):
+        run_demo.run_demo(out, 4, 2, methods=["none"], log=lambda *a: None)
+    assert _snapshot(out) == before
     r = subprocess.run(cmd[:4] + ["--methods", "nope"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and "unknown --methods" in r.stderr
 
+    # Interrupted run (results not written, one image missing): the rerun resumes and reuses finished images.
+    for name in ("results.md", "results.csv", "results.png"):
+        (out / name).unlink()
+    old_image = run_demo.read_images(out / "m-swg", [2]).astype(int)
+    (out / "m-swg" / "0000002.png").unlink()
+    kept = {k: v for k, v in _snapshot(out).items() if k.suffix == ".png"}
+    log = []
+    run_demo.run_demo(out, 4, 2, methods=ROWS.split(","), log=log.append)
+    after = _snapshot(out)
+    assert all(after[k] == v for k, v in kept.items())  # not rewritten
+    # The redrawn image is the same up to round-off (it was sampled in a batch of 1 instead of 4).
+    diff = np.abs(run_demo.read_images(out / "m-swg", [2]).astype(int) - old_image)
+    assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())
+    again = _csv_rows(out / "results.csv")
+    for a, b in zip(rows, again):
+        for key in ("fd", "confidence", "class_match"):
+            tol = 1e-2 if a["method"] == "m-swg" else 1e-9
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=tol), (a["method"], key)
+    assert (out / "results.md").read_text().splitlines()[:4] == md.splitlines()[:4]
 
-def test_requested_classes_match_sampler_labels():
-    """The demo's class bookkeeping reproduces the labels the EDM2 pipeline draws per seed."""
+
+def test_results_without_settings_are_refused(tmp_path):
+    (tmp_path / "results.md").write_text("old table\n")
+    with pytest.raises(UsageError, match="demo_settings.json does not"):
+        run_demo.run_demo(tmp_path, 4, 2, methods=["none"], log=lambda *a: None)
+    assert (tmp_path / "results.md").read_text() == "old table\n"
+
+
+def test_class_match_uses_the_labels_the_pipeline_drew(tmp_path):
+    """Real digits (12 steps): the classifier agrees with the recovered labels (wrong labels give about 0.1)."""
+    rows = run_demo.run_demo(tmp_path / "d", num=20, steps=12, methods=["none"], log=lambda *a: None)
+    assert rows[0]["class_match"] >= 0.8 and rows[0]["confidence"] > 5
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_requested_classes_match_sampler_labels(device):
+    """The demo's class bookkeeping reproduces the labels the EDM2 pipeline draws per seed on ``device``."""
     from sampling.edm2_run import _make_labels
     from sampling.seeds import StackedRandomGenerator
+    from utils import dist
 
-    seeds = [5, 0, 17, 3]
-    rnd = StackedRandomGenerator("cpu", seeds)
-    rnd.randn([4, 1, 16, 16])
-    labels = _make_labels(rnd, 10, None, 4, "cpu")
-    assert (labels.argmax(1).numpy() == run_demo.requested_classes(seeds)).all()
-    assert torch.allclose(labels.sum(1), torch.ones(4))
+    seeds = [5, 0, 17, 3, 1234567]
+    rnd = StackedRandomGenerator(device, seeds)
+    rnd.randn([5, 1, 16, 16], device=device)
+    labels = _make_labels(rnd, 10, None, 5, device)
+    assert (labels.argmax(1).cpu().numpy() == run_demo.requested_classes(seeds, device=device)).all()
+    assert torch.allclose(labels.sum(1).cpu(), torch.ones(5))
+    # Without a device the sampler's own device is used.
+    expect = run_demo.requested_classes(seeds, device=dist.device())
+    assert (run_demo.requested_classes(seeds) == expect).all()
