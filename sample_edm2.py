@@ -51,7 +51,7 @@ from utils.errors import UsageError, exit_on_usage_error
 @click.option("--clean_combos", is_flag=True,
               help="wmg-swg/cfg-swg: apply the mask and the labels as documented instead of the reference's behaviour.")
 @click.option("--max_window_batch", type=int, default=None, help="Cap on the batch of one window network call.")
-@click.option("--metrics", default=None, help="Metrics after sampling: fid,fd_dinov2 (needs --ref_path).")
+@click.option("--metrics", default=None, help="Metrics after sampling: fid,fd_dinov2 (need --ref_path); fd_digits,conf_digits for the demo presets.")
 @click.option("--ref_path", default=None, help="Reference statistics (path or URL).")
 @click.option("--use_wandb", type=int, default=0, show_default=True, help="Log to Weights & Biases (0/1).")
 @click.option("--wandb_group", default=None, help="W&B group.")

@@ -59,6 +59,7 @@ __all__ = [
     "STAT_KEYS",
     "PROB_KEYS",
     "parse_metrics",
+    "needs_reference",
     "compute_stats",
     "calc_metrics_from_stats",
     "calc_metrics",
@@ -103,6 +104,11 @@ def parse_metrics(metrics: Union[str, Sequence[str]]) -> list[str]:
 
 def _needs_ref(metric: str) -> bool:
     return METRICS[metric][2] in ("fd", "pr")
+
+
+def needs_reference(metrics: Sequence[str]) -> bool:
+    """Whether any of ``metrics`` compares against reference statistics (FD, precision/recall)."""
+    return any(_needs_ref(m) for m in metrics)
 
 
 def _default_device() -> torch.device:

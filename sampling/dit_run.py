@@ -88,9 +88,9 @@ def _parse_metrics(text) -> list[str]:
 
 
 def _needs_ref(metrics: Sequence[str]) -> bool:
-    from metrics.api import METRICS
+    from metrics.api import needs_reference
 
-    return any(METRICS[m][2] in ("fd", "pr") for m in metrics)
+    return needs_reference(metrics)
 
 
 def resolve_config(opts: dict) -> dict:

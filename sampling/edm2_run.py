@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from guidance import guide
+from metrics import api as metrics_api
 from guidance.windows import WindowError, WindowGrid
 from networks import presets as PR
 from networks.edm2_pickle import EDM2Checkpoint, load_checkpoint
@@ -44,7 +45,7 @@ from utils import cache, dist
 from utils.errors import UsageError
 from utils.wandb_log import WandbLogger
 
-__all__ = ["METHODS", "METRICS", "GenerateConfig", "build_config", "load_networks", "check_networks",
+__all__ = ["METHODS", "GenerateConfig", "build_config", "load_networks", "check_networks",
            "prefetch", "generate", "split_batches"]
 
 METHODS = ("none", "cfg", "wmg", "swg", "wmg-swg", "cfg-swg")
@@ -52,7 +53,6 @@ _ALIASES = {"cfg_swg": "cfg-swg", "wmg_swg": "wmg-swg"}
 _NUM_WEIGHTS = {"none": 0, "cfg": 1, "wmg": 1, "swg": 1, "wmg-swg": 2, "cfg-swg": 2}
 _NEEDS_NEG = {"cfg", "wmg", "wmg-swg", "cfg-swg"}
 _USES_WINDOWS = {"swg", "wmg-swg", "cfg-swg"}
-METRICS = ("fid", "fd_dinov2")
 # Settings that determine the pixels of an image; a resumed run must agree on them.
 _IMAGE_KEYS = ("net_pos_pkl", "net_neg_pkl", "class_idx", "steps", "sigma_min", "sigma_max", "rho", "S_churn",
                "S_min", "S_max", "S_noise", "g_method", "g_weight", "swg_sizes", "swg_steps",
@@ -188,7 +188,7 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     """Apply the preset to options left unset (``None``), parse and validate everything checkable without I/O."""
     given = dict(net_pos_pkl=net_pos_pkl, net_neg_pkl=net_neg_pkl, g_method=g_method, g_weight=g_weight,
                  swg_sizes=swg_sizes, swg_steps=swg_steps, scale_window_guide=scale_window_guide,
-                 ref_path=ref_path)
+                 ref_path=ref_path, metrics=metrics)
     if preset is not None:
         for key, value in PR.get_preset(preset).settings().items():
             if given.get(key) is None:
@@ -243,9 +243,9 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
                          g_method=method, g_weight=weights, swg_sizes=sizes, swg_steps=steps_win,
                          scale_window_guide=int(sw), g_interval=_interval(g_interval),
                          ref_path=given["ref_path"], **kwargs)
-    cfg.metrics = _parse_metrics(metrics)
+    cfg.metrics = _parse_metrics(given["metrics"])
     _check_numbers(cfg)
-    if cfg.metrics and not cfg.ref_path:
+    if metrics_api.needs_reference(cfg.metrics) and not cfg.ref_path:
         raise UsageError("--metrics needs reference statistics; pass --ref_path (e.g. "
                          f"{PR.REFS['img512']})")
     if cfg.save_tar and cfg.subdirs:
@@ -256,14 +256,10 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
 
 
 def _parse_metrics(metrics) -> tuple:
+    """``'fid,fd_dinov2'`` (or a list) -> metric names of :data:`metrics.api.METRICS`; ``none`` -> ()."""
     if metrics is None or (isinstance(metrics, str) and metrics.strip().lower() in ("", "none")):
         return ()
-    items = metrics if isinstance(metrics, (list, tuple)) else str(metrics).split(",")
-    items = tuple(m.strip() for m in items if m.strip())
-    bad = [m for m in items if m not in METRICS]
-    if bad:
-        raise UsageError(f"unknown metric(s) {', '.join(bad)} in --metrics; choose from {', '.join(METRICS)}")
-    return items
+    return tuple(metrics_api.parse_metrics(metrics))
 
 
 def _check_numbers(cfg: GenerateConfig) -> None:
@@ -481,7 +477,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     elapsed = time.perf_counter() - t0
     summary = {"requested": len(cfg.seeds), "pending": len(pending), "written_by_rank": written,
                "seconds": elapsed, "outdir": str(outdir)}
-    if cfg.metrics and cfg.ref_path:
+    if cfg.metrics:
         summary["metrics"] = _run_metrics(cfg, outdir)
     logger.log_metrics({"images": len(cfg.seeds), "seconds": elapsed}, prefix="run/")
     logger.log_run(outdir, summary.get("metrics"))
