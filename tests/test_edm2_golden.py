@@ -75,3 +75,14 @@ def test_sampler_cases(edm2_golden, nets, case):
                       sigma_min=s["sigma_min"], sigma_max=s["sigma_max"], rho=s["rho"])
     assert rel_err(out, g[f"edm_sample_{case}"]) < TOL
     assert len(calls) == 2 * s["num_steps"] - 1  # every Heun evaluation goes through the denoiser
+
+
+def test_every_key_is_covered(edm2_golden):
+    """Each key of the golden file is checked by a test above (new keys must get a test)."""
+    cases = {f"edm_sample_{c}" for c in edm2_golden["cases"]}
+    windows = {f"edm_swg_{kind}_k{k}_n{n}" for kind in ("neg", "count") for k, n in ((12, 2), (8, 3), (12, 1))}
+    inputs = {f"edm_{w}_{p}" for w in ("pos", "neg") for p in ("kwargs", "state")} | {
+        "edm_x", "edm_sigma", "edm_labels", "edm_noise"}
+    outputs = {"edm_D_pos", "edm_D_pos_uncond_zero_labels", "edm_D_pos_crop_t4_b16_l0_r12"}
+    assert {k for k in edm2_golden if k.startswith("edm_")} == cases | windows | inputs | outputs
+    assert set(edm2_golden["cases"]) == {"none", "swg", "mswg", "wmg", "cfg", "wmg_swg", "cfg_swg"}
