@@ -1,4 +1,4 @@
-"""Run-folder helpers shared by the samplers (:mod:`sampling.dit_run`; :mod:`sampling.edm2_run` can use them too).
+"""Run-folder helpers shared by the samplers (:mod:`sampling.edm2_run`, :mod:`sampling.dit_run`).
 
 A sampling run owns one output folder.  It records its resolved settings in a
 JSON file there; a later run into the same folder may resume only when the
@@ -27,7 +27,7 @@ def check_outdir(path: os.PathLike | str, option: str) -> pathlib.Path:
     """
     path = pathlib.Path(path).expanduser()
     if path.exists() and not path.is_dir():
-        raise UsageError(f"{path} exists and is not a folder; choose another {option}")
+        raise UsageError(f"{path} is a file, not a folder; choose another {option}")
     probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

@@ -21,7 +21,6 @@ batches dealt round-robin to the ranks (EDM2's rule).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -38,6 +37,7 @@ from guidance.windows import WindowError, WindowGrid
 from networks import presets as PR
 from networks.edm2_pickle import EDM2Checkpoint, load_checkpoint
 from networks.encoders import StabilityVAEEncoder
+from sampling.common import changed_setting, check_outdir, write_json_atomic
 from sampling.edm import edm_sampler
 from sampling.seeds import StackedRandomGenerator, parse_int_list
 from sampling.writer import ImageWriter, done_seeds, remove_stale_temps
@@ -168,16 +168,7 @@ def _interval(text) -> Optional[tuple]:
 
 
 def _check_outdir(outdir: str) -> None:
-    path = pathlib.Path(outdir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--outdir {outdir} is a file; choose a folder")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"--outdir {outdir}: {probe} is a file, so the folder cannot be created; choose another")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--outdir {outdir} is not writable ({probe}); choose a folder you can write to")
+    check_outdir(outdir, "--outdir")
 
 
 def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = None,
@@ -381,21 +372,14 @@ def split_batches(pending: Sequence[int], batch: int, world: int, rank: int) -> 
 
 
 def _write_args(cfg: GenerateConfig, outdir: pathlib.Path) -> None:
-    path = outdir / "generate_args.json"
-    new = cfg.to_json()
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = {}
-        diff = [k for k in _IMAGE_KEYS if k in old and old[k] != new[k]]
-        if diff:
-            k = diff[0]
-            raise UsageError(f"{outdir} holds images made with different settings ({k}: {old[k]!r} there, "
-                             f"{new[k]!r} now); use another --outdir so they do not mix")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(new, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Record the settings; refuse a folder whose images were made with other pixel-defining settings."""
+    path, new = outdir / "generate_args.json", cfg.to_json()
+    changed = changed_setting(path, new, _IMAGE_KEYS)
+    if changed:
+        key, old = changed
+        raise UsageError(f"{outdir} holds images made with different settings ({key}: {old!r} there, "
+                         f"{new[key]!r} now); use another --outdir so they do not mix")
+    write_json_atomic(path, new, indent=2)
 
 
 def _pending_mask(cfg: GenerateConfig, outdir: pathlib.Path, device) -> list:

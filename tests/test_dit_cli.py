@@ -356,7 +356,7 @@ def test_common_run_folder_helpers(tmp_path):
     """check_outdir / changed_setting / write_json_atomic: the resume and output-folder rules."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(UsageError, match="exists and is not a folder; choose another --outdir"):
+    with pytest.raises(UsageError, match="is a file, not a folder; choose another --outdir"):
         common.check_outdir(blocker, "--outdir")
     with pytest.raises(UsageError, match=r"because .*file is a file; choose another --sample-dir"):
         common.check_outdir(blocker / "a" / "b", "--sample-dir")
