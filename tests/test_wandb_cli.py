@@ -9,6 +9,7 @@ import sample_dit
 import sample_edm2
 from tests import edm2_pickle_writer as WR
 from tests.test_dit_cli import _base, assets  # noqa: F401  (module fixture: tiny DiT + VAE)
+from tests.test_wandb_log import wait_for_records
 
 TINY = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, model_channels=8,
             channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
@@ -37,7 +38,7 @@ def _edm2(argv) -> int:
 
 def _check_run(root, name: bytes):
     (run,) = root.glob("offline-run-*")
-    log = next(run.glob("*.wandb")).read_bytes()
+    log = wait_for_records(next(run.glob("*.wandb")), (name,))
     assert name in log
     assert any(p.suffix == ".png" for p in (run / "files").rglob("*")), "a sample grid is logged"
 

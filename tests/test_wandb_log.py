@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import time
 
 import numpy as np
 import PIL.Image
@@ -10,6 +11,16 @@ import pytest
 
 from utils.errors import UsageError
 from utils.wandb_log import WandbLogger, first_images, image_grid
+
+
+def wait_for_records(log: pathlib.Path, needles, timeout: float = 30.0) -> bytes:
+    """The offline run log; wandb's service process may still be flushing it on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = log.read_bytes()
+        if all(n in data for n in needles) or time.monotonic() > deadline:
+            return data
+        time.sleep(0.2)
 
 
 def test_image_grid_layout():
@@ -59,8 +70,9 @@ def test_offline_run_records_args_metrics_and_grid(tmp_path, monkeypatch):
     files = offline / "files"
     # The run log that a later `wandb sync` uploads holds the metrics (key, JSON value) and the arguments.
     (log,) = offline.glob("*.wandb")
-    data = log.read_bytes()
-    for needle in (b"metrics/fid", b"2.55", b"metrics/fd_dinov2", b"81.35", b"g_method", b"swg_sizes", b"mswg-0.2"):
+    needles = (b"metrics/fid", b"2.55", b"metrics/fd_dinov2", b"81.35", b"g_method", b"swg_sizes", b"mswg-0.2")
+    data = wait_for_records(log, needles)
+    for needle in needles:
         assert needle in data, needle
     (png,) = (files / "media" / "images").glob("samples_*.png")
     grid = np.asarray(PIL.Image.open(png).convert("RGB"))
