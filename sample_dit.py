@@ -67,7 +67,7 @@ def _switch(*names, help):  # noqa: A002 - click's argument name
 @_switch("--cfg-crop", "--cfg_crop", "cfg_crop", help="CFG + SWG")
 @_switch("--uncond", help="Sample the null class (unconditional)")
 @_switch("--vanila-cfg", "--vanila_cfg", "vanila_cfg", help="Plain classifier-free guidance")
-@click.option("--window-size", "--crop-size", "--crop_size", "window_size", type=int, default=D["window_size"],
+@click.option("--window-size", "--window_size", "--crop-size", "--crop_size", "window_size", type=int, default=D["window_size"],
               help="SWG window in latent pixels  [default: 5/8 of the latent (20 at 256px, 40 at 512px), "
                    "rounded down to the patch size]")
 @click.option("--window-steps", "--window_steps", "window_steps", type=int, default=D["window_steps"],
