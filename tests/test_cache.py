@@ -155,3 +155,52 @@ def test_prefetch(server, tmp_path):
     f.write_bytes(b"1")
     paths = cache.prefetch([f"{server}/p/weights.pkl", str(f), None])
     assert paths[0].read_bytes() == PAYLOAD and paths[1] == f
+
+
+def _fake_ranks(monkeypatch, rank, local_rank, world, barriers):
+    from utils import dist
+
+    monkeypatch.setattr(dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(dist, "get_local_rank", lambda: local_rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(dist, "barrier", lambda: barriers.append(1))
+
+
+@pytest.mark.parametrize("rank,local_rank,shared,expect_work", [
+    (4, 0, False, True),    # first process of a second node, node-local cache: it downloads its copy
+    (4, 0, True, False),    # shared cache: rank 0's file is there, no second download
+    (5, 1, False, False),   # other processes of that node wait for their local rank 0
+    (0, 0, False, True),    # rank 0 downloads first
+])
+def test_multi_node_cache_not_shared(monkeypatch, tmp_path, rank, local_rank, shared, expect_work):
+    target = tmp_path / "weights.pkl"
+    if shared and rank != 0:
+        target.write_bytes(b"from rank 0")
+    calls, barriers = [], []
+    _fake_ranks(monkeypatch, rank, local_rank, 8, barriers)
+
+    def work():
+        calls.append(rank)
+        target.write_bytes(b"x")
+
+    fail = lambda: cache.OfflineError("missing")  # noqa: E731
+    if expect_work or shared:
+        cache._rank0_first(work, target.is_file, fail)
+        assert target.is_file()
+    else:  # a waiting rank whose local rank 0 did not fetch (simulated) reports the missing file
+        with pytest.raises(cache.OfflineError):
+            cache._rank0_first(work, target.is_file, fail)
+    assert calls == ([rank] if expect_work else [])
+    assert len(barriers) == 2  # every rank passes the same barriers, whatever happened
+
+
+def test_rank0_failure_keeps_barriers_aligned(monkeypatch, tmp_path):
+    barriers = []
+    _fake_ranks(monkeypatch, 0, 0, 8, barriers)
+
+    def work():
+        raise cache.OfflineError("no internet")
+
+    with pytest.raises(cache.OfflineError, match="no internet"):
+        cache._rank0_first(work, lambda: False, lambda: cache.OfflineError("missing"))
+    assert len(barriers) == 2

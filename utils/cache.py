@@ -161,7 +161,13 @@ def _download_hf(source: str, target: pathlib.Path, desc: str) -> None:
 
 
 def _rank0_first(work: Callable[[], None], done: Callable[[], bool], fail: Callable[[], Exception]) -> None:
-    """Run ``work`` on rank 0 while the other ranks wait, then check ``done`` everywhere."""
+    """Run ``work`` on rank 0 while the other ranks wait, then check ``done`` everywhere.
+
+    On a multi-node run whose cache is not shared between nodes (``$SWG_CACHE`` on a
+    node-local disk), the other nodes still miss the file after rank 0's download; the
+    first process of each such node (``LOCAL_RANK`` 0) then fetches its own copy while
+    that node's other ranks wait.  Every rank passes the same two barriers.
+    """
     error = None
     if dist.get_rank() == 0 and not done():
         try:
@@ -169,6 +175,13 @@ def _rank0_first(work: Callable[[], None], done: Callable[[], bool], fail: Calla
         except Exception as exc:  # re-raised after the barrier so no rank hangs
             error = exc
     dist.barrier()
+    if dist.get_world_size() > 1:
+        if dist.get_rank() != 0 and dist.get_local_rank() == 0 and not done():
+            try:
+                work()
+            except Exception as exc:
+                error = exc
+        dist.barrier()
     if error is not None:
         raise error
     if not done():
