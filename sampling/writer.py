@@ -28,6 +28,7 @@ import pathlib
 import queue
 import re
 import tarfile
+import tempfile
 import threading
 from typing import Iterable, Optional, Sequence
 
@@ -238,7 +239,10 @@ class ImageWriter:
 
     def _add_to_shard(self, seed: int, data: bytes) -> None:
         if self._shard is None:
-            self._shard_tmp = self.outdir / f".shard-{threading.get_ident()}.tar.tmp{os.getpid()}"
+            # O_EXCL creation: unique even for ranks on other nodes that share this folder and a PID.
+            fd, name = tempfile.mkstemp(dir=self.outdir, prefix=".shard-", suffix=f".tar.tmp{os.getpid()}")
+            os.close(fd)
+            self._shard_tmp = pathlib.Path(name)
             self._shard = tarfile.open(self._shard_tmp, "w", format=tarfile.PAX_FORMAT)
             self._shard_seeds = []
         info = tarfile.TarInfo(f"{seed:07d}.png")

@@ -164,3 +164,24 @@ def test_background_error_surfaces(tmp_path, monkeypatch):
         w.close()
     with pytest.raises(ValueError):
         W.ImageWriter(tmp_path).write([0, 1], _images([0]))
+
+
+def test_concurrent_shards_with_same_pid_and_thread_id(tmp_path, monkeypatch):
+    """Ranks on different nodes can share a PID (containers) and a thread id; their shards must not mix."""
+    import types
+
+    monkeypatch.setattr(W, "threading", types.SimpleNamespace(Thread=threading.Thread, get_ident=lambda: 1))
+    writers = [W.ImageWriter(tmp_path, tar=True, shard_size=100) for _ in range(2)]
+    writers[0].write([1, 2], _images([1, 2]))
+    writers[1].write([3, 4], _images([3, 4]))
+    deadline = time.time() + 10
+    while any(w._shard is None for w in writers) and time.time() < deadline:
+        time.sleep(0.01)  # both shards open at once, as two ranks writing side by side
+    for w in writers:
+        w.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0000001-0000002.tar", "0000003-0000004.tar"]
+    for name, seeds in (("0000001-0000002.tar", [1, 2]), ("0000003-0000004.tar", [3, 4])):
+        with tarfile.open(tmp_path / name) as tar:
+            assert tar.getnames() == [f"{s:07d}.png" for s in seeds]
+            for s, img in zip(seeds, _images(seeds)):
+                np.testing.assert_array_equal(_read_png(tar.extractfile(f"{s:07d}.png").read()), img)
