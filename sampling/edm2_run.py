@@ -339,7 +339,11 @@ def make_guided(cfg: GenerateConfig, pos_net, neg_net):
 # Prefetch.
 
 def prefetch(cfg: GenerateConfig) -> list:
-    """Download everything ``cfg`` needs (networks, VAE, reference statistics, detectors); return paths."""
+    """Download everything ``cfg`` needs (networks, VAE, reference statistics, detectors); return paths.
+
+    Joins the torchrun group first, so that rank 0 downloads while the other ranks wait.
+    """
+    dist.init()
     paths = [cache.fetch(cfg.net_pos_pkl, desc="positive network")]
     if cfg.net_neg_pkl:
         paths.append(cache.fetch(cfg.net_neg_pkl, desc="negative network"))

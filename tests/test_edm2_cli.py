@@ -298,3 +298,16 @@ def test_one_vs_two_ranks_identical(nets, tmp_path, capsys):
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(_pngs(two)) == 8 and _pngs(one) == _pngs(two)
+
+
+def test_prefetch_joins_torchrun_group_before_downloading(nets, monkeypatch):
+    """Under torchrun, --prefetch must know its rank before fetching, else every rank downloads at once."""
+    from utils import cache, dist
+
+    calls = []
+    monkeypatch.setattr(dist, "init", lambda: calls.append("init"))
+    real_fetch = cache.fetch
+    monkeypatch.setattr(cache, "fetch", lambda *a, **k: calls.append("fetch") or real_fetch(*a, **k))
+    cfg = edm2_run.build_config(net_pos_pkl=str(nets / "pos.pkl"), require_outdir=False)
+    edm2_run.prefetch(cfg)
+    assert calls and calls[0] == "init" and "fetch" in calls
