@@ -375,15 +375,19 @@ def split_batches(pending: Sequence[int], batch: int, world: int, rank: int) -> 
     return [c.tolist() for c in chunks[rank::world] if len(c)]
 
 
-def _write_args(cfg: GenerateConfig, outdir: pathlib.Path) -> None:
-    """Record the settings; refuse a folder whose images were made with other pixel-defining settings."""
-    path, new = outdir / "generate_args.json", cfg.to_json()
-    changed = changed_setting(path, new, _IMAGE_KEYS)
+def _check_args(cfg: GenerateConfig, outdir: pathlib.Path) -> None:
+    """Refuse a folder whose images were made with other pixel-defining settings (read-only; every rank)."""
+    new = cfg.to_json()
+    changed = changed_setting(outdir / "generate_args.json", new, _IMAGE_KEYS)
     if changed:
         key, old = changed
         raise UsageError(f"{outdir} holds images made with different settings ({key}: {old!r} there, "
                          f"{new[key]!r} now); use another --outdir so they do not mix")
-    write_json_atomic(path, new, indent=2)
+
+
+def _write_args(cfg: GenerateConfig, outdir: pathlib.Path) -> None:
+    """Record the settings beside the images (rank 0, after :func:`_check_args`)."""
+    write_json_atomic(outdir / "generate_args.json", cfg.to_json(), indent=2)
 
 
 def _pending_mask(cfg: GenerateConfig, outdir: pathlib.Path, device) -> list:
@@ -419,6 +423,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
     pos, neg = load_networks(cfg)
     check_networks(cfg, pos, neg)
     outdir = pathlib.Path(cfg.outdir).expanduser()
+    _check_args(cfg, outdir)  # every rank reads the same file, so every rank stops with the same line
     if rank == 0:
         outdir.mkdir(parents=True, exist_ok=True)
         _write_args(cfg, outdir)
