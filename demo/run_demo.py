@@ -36,7 +36,6 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import pathlib
 import sys
 import time
@@ -50,6 +49,7 @@ import click  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from utils.atomic import atomic_path, write_text_atomic  # noqa: E402
 from utils.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 WINDOW, WINDOW_STEPS = 12, 2     # what the demo-digits presets use (checked in run_demo)
@@ -182,9 +182,7 @@ def write_table(rows: list[dict], outdir: pathlib.Path, num: int, steps: int) ->
 
 
 def _atomic_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)
 
 
 def _csv(rows: list[dict]) -> str:
@@ -217,10 +215,9 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         if key == "confidence":
             ax.set_ylim(min(vals) - 0.1 * (max(vals) - min(vals) + 1e-3), max(vals) + 0.05)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def demo_settings(num: int, steps: int, chosen: Sequence[Method]) -> dict:

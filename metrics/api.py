@@ -37,13 +37,13 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import tqdm
 
+from utils.atomic import write_text_atomic
 from utils.errors import UsageError
 
 from utils import dist
@@ -321,18 +321,6 @@ def _free_name(run_dir: pathlib.Path, stem: str) -> str:
         k += 1
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _plain(value):
     if isinstance(value, (np.generic,)):
         return value.item()
@@ -359,13 +347,13 @@ def write_metrics(run_dir: Union[str, os.PathLike], results: Mapping[str, Any], 
     doc = {"results": results, "args": args,
            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     json_path, csv_path = run_dir / f"{name}.json", run_dir / f"{name}.csv"
-    _atomic_write(json_path, json.dumps(doc, indent=2) + "\n")
+    write_text_atomic(json_path, json.dumps(doc, indent=2) + "\n")
     row = {**{k: json.dumps(v) if isinstance(v, list) else v for k, v in args.items()}, **results}
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(row))
     writer.writeheader()
     writer.writerow(row)
-    _atomic_write(csv_path, buf.getvalue())
+    write_text_atomic(csv_path, buf.getvalue())
     if wandb_log:
         try:
             import wandb

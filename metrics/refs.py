@@ -20,11 +20,11 @@ import io
 import os
 import pathlib
 import pickle
-import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 
+from utils.atomic import write_bytes_atomic
 from utils.errors import UsageError
 
 __all__ = ["load_ref", "save_ref", "resolve_ref_path", "check_ref", "SafeUnpickler"]
@@ -120,14 +120,5 @@ def save_ref(ref: Dict[str, Any], dest: str | os.PathLike, overwrite: bool = Fal
     dest = pathlib.Path(dest).expanduser()
     if dest.exists() and not overwrite:
         raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(ref, f)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(dest, pickle.dumps(ref))
     return dest

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from networks.encoders import PixelEncoder, StabilityVAEEncoder, encoder_from_config
+from utils.atomic import atomic_path
 from utils.errors import UsageError
 
 __all__ = ["CheckpointError", "PersistentRecord", "ModuleRecord", "EasyDict", "RestrictedUnpickler",
@@ -477,8 +478,6 @@ def _jsonable(value):
 
 def save_plain(ckpt: EDM2Checkpoint, out_path: pathlib.Path | str) -> tuple[pathlib.Path, pathlib.Path]:
     """Write ``<out>.safetensors`` + ``<out>.json`` (constructor args, encoder) atomically."""
-    import safetensors.torch
-
     out_path = pathlib.Path(out_path)
     if out_path.suffix != ".safetensors":
         out_path = out_path.with_name(out_path.name + ".safetensors")
@@ -490,10 +489,14 @@ def save_plain(ckpt: EDM2Checkpoint, out_path: pathlib.Path | str) -> tuple[path
     state = {k: v.detach().contiguous() for k, v in ckpt.net.state_dict().items()}
     meta = {"format": PLAIN_FORMAT, "class_name": "Precond", "init_kwargs": _jsonable(ckpt.init_kwargs),
             "encoder": ckpt.encoder.config(), "source": ckpt.source}
-    tmp_w = out_path.with_name(f".{out_path.name}.tmp")
-    tmp_m = meta_path.with_name(f".{meta_path.name}.tmp")
-    safetensors.torch.save_file(state, str(tmp_w), metadata={"format": PLAIN_FORMAT})
-    tmp_m.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp_w.replace(out_path)
-    tmp_m.replace(meta_path)
+    write_plain(state, meta, out_path, meta_path)
     return out_path, meta_path
+
+
+def write_plain(state: dict, meta: dict, weights_path: pathlib.Path, meta_path: pathlib.Path) -> None:
+    """Write a plain checkpoint: ``state`` as ``.safetensors`` and ``meta`` as JSON, each atomically."""
+    import safetensors.torch
+
+    with atomic_path(weights_path) as tmp_w, atomic_path(meta_path) as tmp_m:
+        safetensors.torch.save_file(state, tmp_w, metadata={"format": PLAIN_FORMAT})
+        pathlib.Path(tmp_m).write_text(json.dumps(meta, indent=2) + "\n")

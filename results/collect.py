@@ -39,11 +39,11 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import click
 
+from utils.atomic import atomic_path
 from utils.errors import UsageError, exit_on_usage_error
 
 __all__ = ["ARGS_FILES", "MAIN_COLUMNS", "PLOT_METRICS", "find_runs", "read_run", "collect", "to_csv",
@@ -331,14 +331,8 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], path: os.PathLike | str,
 # Output.
 
 def _atomic(path: pathlib.Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_report(root: os.PathLike | str, out: os.PathLike | str, *, all_evals: bool = False,

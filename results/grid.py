@@ -25,12 +25,12 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from utils.atomic import atomic_path
 from utils.errors import UsageError
 
 __all__ = ["Column", "Grid", "parse_columns", "edm2_grid", "dit_grid", "draw_grid", "save_mosaic", "default_device"]
@@ -262,17 +262,9 @@ def dit_grid(columns: Sequence, seeds: Sequence[int], classes: Optional[Sequence
 # Figures.
 
 def _atomic_save(path: pathlib.Path, save: Callable[[str], None]) -> pathlib.Path:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return pathlib.Path(path)
 
 
 def save_mosaic(grid: Grid, path: os.PathLike | str, pad: int = 2) -> pathlib.Path:

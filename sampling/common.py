@@ -14,6 +14,7 @@ import os
 import pathlib
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from utils.atomic import write_json_atomic
 from utils.errors import UsageError
 
 __all__ = ["check_outdir", "read_json", "changed_setting", "write_json_atomic", "progress", "run_metrics"]
@@ -61,15 +62,6 @@ def changed_setting(path: os.PathLike | str, new: Mapping[str, Any],
         if key in old and old[key] != new.get(key):
             return key, old[key]
     return None
-
-
-def write_json_atomic(path: os.PathLike | str, obj: Any, indent: int = 4) -> pathlib.Path:
-    """Write ``obj`` as JSON through a temporary file and a rename, so readers never see half a file."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def progress(iterable: Iterable, enabled: bool, **kwargs) -> Iterable:

@@ -30,6 +30,7 @@ import torch
 
 from sampling.common import changed_setting, check_outdir, progress as progress_bar, run_metrics, write_json_atomic
 from sampling.writer import ImageIndex
+from utils.atomic import atomic_path
 from utils.errors import UsageError
 from utils.wandb_log import WandbLogger
 
@@ -371,9 +372,8 @@ def write_npz(outdir: pathlib.Path, seeds: Sequence[int], path: Optional[pathlib
         images = index.read(seeds)
     finally:
         index.close()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, arr_0=images)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, arr_0=images)
     return path
 
 

@@ -26,7 +26,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch

@@ -29,16 +29,15 @@ trial already finished or is running is not sampled again: the trial is marked *
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
-import sys
 from typing import Callable, Optional, Sequence
 
 import click
 
 from utils import dist
+from utils.atomic import write_json_atomic
 from utils.errors import UsageError, exit_on_usage_error
 
 __all__ = ["parse_range", "trial_folder", "sampler_argv", "run_sampler", "read_objective", "run_search", "main"]
@@ -225,9 +224,7 @@ def run_search(sampler: str, base_args: Sequence[str], ranges: Sequence[tuple[fl
     result = {"number": best.number, "weights": [best.params[f"w{i}"] for i in range(len(ranges))],
               "value": best.value, "objective": objective, "folder": best.user_attrs.get("folder"),
               "study": study.study_name, "trials": len(study.trials)}
-    tmp = outdir / f".best.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, outdir / "best.json")
+    write_json_atomic(outdir / "best.json", result, indent=2)
     log(f"best: trial {result['number']}, weights {','.join(f'{w:g}' for w in result['weights'])}, "
         f"{objective} = {result['value']:.4f} ({result['folder']})")
     return result

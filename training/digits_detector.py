@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.atomic import atomic_path
 from utils.errors import UsageError
 
 __all__ = ["DigitsClassifier", "DigitsDetector", "DEFAULT_CLASSIFIER", "DEFAULT_REF", "FEATURE_DIM",
@@ -75,11 +76,9 @@ def save_classifier(net: DigitsClassifier, path: str | pathlib.Path, extra: Opti
             "init_kwargs": dict(resolution=net.resolution, channels=net.body[0].out_channels,
                                 feature_dim=net.head.in_features, num_classes=net.head.out_features),
             **(extra or {})}
-    tmp_w, tmp_m = path.with_name(f".{path.name}.tmp"), meta_path.with_name(f".{meta_path.name}.tmp")
-    safetensors.torch.save_file(state, str(tmp_w))
-    tmp_m.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp_w.replace(path)
-    tmp_m.replace(meta_path)
+    with atomic_path(path) as tmp_w, atomic_path(meta_path) as tmp_m:
+        safetensors.torch.save_file(state, tmp_w)
+        pathlib.Path(tmp_m).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_classifier(path: str | pathlib.Path = DEFAULT_CLASSIFIER) -> DigitsClassifier:

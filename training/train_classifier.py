@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from training.data import load_digits_images, to_uint8
 from training.digits_detector import METRIC, DigitsClassifier, DigitsDetector, save_classifier
+from utils.atomic import write_bytes_atomic
 from utils.errors import UsageError, exit_on_usage_error
 
 __all__ = ["train_classifier", "accuracy", "reference_stats", "write_ref", "main"]
@@ -89,10 +90,7 @@ def write_ref(ref: dict, path: str | pathlib.Path) -> None:
     if path.exists():
         raise UsageError(f"{path} already exists; remove it or choose another --refs-out")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(ref, f, protocol=4)
-    tmp.replace(path)
+    write_bytes_atomic(path, pickle.dumps(ref, protocol=4))
 
 
 @click.command()

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import pathlib
 import time
@@ -44,13 +43,13 @@ import click
 import numpy as np
 import torch
 
+from networks.edm2_pickle import PLAIN_FORMAT, write_plain
 from training.data import NUM_CLASSES, load_digits_images, one_hot
 from utils.errors import UsageError, exit_on_usage_error
 
 __all__ = ["TrainConfig", "edm2_loss", "learning_rate", "ema_exponent", "PowerEMA", "build_net", "train",
            "save_checkpoint", "main"]
 
-PLAIN_FORMAT = "swg-edm2-plain/1"
 
 
 @dataclasses.dataclass
@@ -216,8 +215,6 @@ def check_free(out: str | pathlib.Path) -> None:
 def save_checkpoint(net: torch.nn.Module, cfg: TrainConfig, out: str | pathlib.Path, dtype: str = "float16",
                     extra: Optional[dict] = None) -> tuple[pathlib.Path, pathlib.Path]:
     """Write ``out.safetensors`` (state dict) and ``out.json`` (constructor args, training settings) atomically."""
-    import safetensors.torch
-
     weights, meta_path = _paths(out)
     check_free(out)
     weights.parent.mkdir(parents=True, exist_ok=True)
@@ -229,12 +226,7 @@ def save_checkpoint(net: torch.nn.Module, cfg: TrainConfig, out: str | pathlib.P
             "other": {"training": {**dataclasses.asdict(cfg), **(extra or {})}}}
     meta["other"]["training"]["channel_mult"] = list(cfg.channel_mult)
     meta["other"]["training"]["attn_resolutions"] = list(cfg.attn_resolutions)
-    tmp_w = weights.with_name(f".{weights.name}.tmp")
-    tmp_m = meta_path.with_name(f".{meta_path.name}.tmp")
-    safetensors.torch.save_file(state, str(tmp_w), metadata={"format": PLAIN_FORMAT})
-    tmp_m.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp_w.replace(weights)
-    tmp_m.replace(meta_path)
+    write_plain(state, meta, weights, meta_path)
     return weights, meta_path
 
 
