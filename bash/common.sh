@@ -101,6 +101,23 @@ swg_launch() {
     fi
 }
 
+# EDM2 sweep with a negative network: one run per entry of $g_weight into
+# $base_out_dir/IN$resolution/$model_size/<tag>/<weight>/samples. The window flags are passed
+# only for the combined method ($1: wmg-swg or cfg-swg); the rest comes from the caller's variables.
+swg_edm2_neg_sweep() {
+    local combined="$1" tag="$2" w outdir args
+    for w in $g_weight; do
+        outdir="$base_out_dir/IN${resolution}/${model_size}/${tag}/$(swg_weight_name "$w")/samples"
+        args=(--net_pos_pkl "$net_pos_pkl" --net_neg_pkl "$net_neg_pkl" --outdir "$outdir"
+              --seeds "$seeds" --subdirs --batch "$batch" --metrics "$metrics" --ref_path "$ref_path"
+              --g_method "$g_method" --g_weight "$w" --g_interval "$g_interval" --use_wandb "$use_wandb")
+        if [ "$g_method" = "$combined" ]; then
+            args+=(--swg_sizes "$swg_sizes" --swg_steps "$swg_steps" --scale_window_guide "$scale_window_guide")
+        fi
+        swg_launch sample_edm2.py "${args[@]}"
+    done
+}
+
 # Exit status of a sweep: non-zero when a run failed (the other runs still ran).
 swg_finish() {
     if [ "$swg_failures" -gt 0 ]; then

@@ -38,14 +38,5 @@ else
     tag=CFG_SWG
 fi
 
-for w in $g_weight; do
-    outdir="$base_out_dir/IN${resolution}/${model_size}/${tag}/$(swg_weight_name "$w")/samples"
-    args=(--net_pos_pkl "$net_pos_pkl" --net_neg_pkl "$net_neg_pkl" --outdir "$outdir"
-          --seeds "$seeds" --subdirs --batch "$batch" --metrics "$metrics" --ref_path "$ref_path"
-          --g_method "$g_method" --g_weight "$w" --g_interval "$g_interval" --use_wandb "$use_wandb")
-    if [ "$g_method" = "cfg-swg" ]; then
-        args+=(--swg_sizes "$swg_sizes" --swg_steps "$swg_steps" --scale_window_guide "$scale_window_guide")
-    fi
-    swg_launch sample_edm2.py "${args[@]}"
-done
+swg_edm2_neg_sweep cfg-swg "$tag"
 swg_finish
