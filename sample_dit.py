@@ -42,7 +42,8 @@ def _switch(*names, help):  # noqa: A002 - click's argument name
 @click.option("--model", default=D["model"], show_default=True, help="DiT model zoo name (DiT-{S,B,L,XL}/{2,4,8})")
 @click.option("--model-kwargs", "--model_kwargs", "model_kwargs", default=D["model_kwargs"],
               help="JSON constructor overrides for custom checkpoints, e.g. '{\"hidden_size\": 384}'")
-@click.option("--ckpt", default=D["ckpt"], help="DiT checkpoint path/URL (default: the released DiT-XL/2 for the size)")
+@click.option("--ckpt", default=D["ckpt"], help="DiT checkpoint path/URL, or diffusers DiT weights (DiTPipeline folder, its transformer/ "
+                   "folder, or hub id like facebook/DiT-XL-2-256)  [default: the released DiT-XL/2 for the size]")
 @click.option("--vae", type=click.Choice(["ema", "mse"]), default=D["vae"], show_default=True,
               help="stabilityai/sd-vae-ft-{ema,mse}")
 @click.option("--vae-path", "--vae_path", "vae_path", default=D["vae_path"],

@@ -45,7 +45,7 @@ from .dit import DiT, DiT_models, load_dit, sincos_pos_embed_2d
 
 __all__ = ["dit_to_diffusers_config", "diffusers_config_to_dit", "dit_to_diffusers_state",
            "diffusers_to_dit_state", "to_diffusers", "from_diffusers", "match_official_dit",
-           "is_diffusers_source", "diffusers_folder", "read_diffusers_dit", "load_dit_weights", "save_diffusers_dit",
+           "is_diffusers_source", "snapshot_source", "diffusers_folder", "read_diffusers_dit", "load_dit_weights", "save_diffusers_dit",
            "zoo_name"]
 
 _DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -231,6 +231,14 @@ def is_diffusers_source(source) -> bool:
     if path.exists() or "://" in text or text.endswith((".pt", ".pth", ".ckpt")):
         return False
     return bool(_HUB_ID.match(text))
+
+
+def snapshot_source(source) -> str:
+    """What :func:`utils.cache.prefetch` fetches for ``source``: ``hf-snapshot://<repo>/transformer`` for a hub id."""
+    text = os.fspath(source)
+    if is_diffusers_source(text) and not pathlib.Path(os.path.expanduser(text)).is_dir():
+        return f"hf-snapshot://{text.removesuffix('/transformer')}/transformer"
+    return text
 
 
 def diffusers_folder(source) -> pathlib.Path:

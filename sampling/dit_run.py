@@ -333,13 +333,12 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def load_model(cfg: dict, device):
-    """The DiT of ``cfg`` (checkpoint through the weights cache) on ``device``."""
-    from networks.dit import load_dit
-    from utils.cache import fetch
+    """The DiT of ``cfg`` (a ``.pt`` through the weights cache, or a diffusers folder / hub id) on ``device``."""
+    from networks.dit_diffusers import load_dit_weights
 
-    path = fetch(cfg["ckpt_source"], desc=os.path.basename(cfg["ckpt_source"]))
-    return load_dit(cfg["model"], path, input_size=cfg["latent_size"], num_classes=cfg["num_classes"],
-                    pos_embed=cfg["pos_embed"], **cfg["model_kwargs"]).to(device)
+    net, _ = load_dit_weights(cfg["ckpt_source"], cfg["model"], pos_embed=cfg["pos_embed"],
+                              input_size=cfg["latent_size"], num_classes=cfg["num_classes"], **cfg["model_kwargs"])
+    return net.to(device)
 
 
 def _vae_source(cfg: dict) -> str:
@@ -392,7 +391,10 @@ def compute_metrics(cfg: dict, outdir: pathlib.Path, ref: Optional[dict], device
 
 def _sources(cfg: dict) -> list:
     """What ``cfg`` downloads: the DiT checkpoint, the VAE repo (unless a local folder), the reference statistics."""
-    sources = [cfg["ckpt_source"], None if cfg["vae_path"] else f"hf-snapshot://{VAE_REPOS[cfg['vae']]}"]
+    from networks.dit_diffusers import snapshot_source
+
+    sources = [snapshot_source(cfg["ckpt_source"]),
+               None if cfg["vae_path"] else f"hf-snapshot://{VAE_REPOS[cfg['vae']]}"]
     sources.append(cfg["ref_path"] if cfg["metrics"] and cfg["ref_path"] else None)
     return sources
 
