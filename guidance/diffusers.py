@@ -430,17 +430,22 @@ class SlidingWindowGuided(torch.nn.Module):
 # Guider for diffusers' modular pipelines.
 
 def _base_guidance():
+    """``diffusers.guiders.BaseGuidance``, or a stand-in that refuses to build on diffusers without guiders."""
     try:
         from diffusers.guiders import BaseGuidance
-    except ImportError:  # pragma: no cover - diffusers without guiders
-        return object
+    except ImportError:  # pragma: no cover - diffusers < 0.35
+        class BaseGuidance:  # noqa: D401 - placeholder
+            def __init__(self, *args, **kwargs):
+                raise UsageError("SlidingWindowGuidance needs diffusers with guiders (>= 0.35); upgrade diffusers "
+                                 "or use SlidingWindowGuided")
     return BaseGuidance
 
 
 def _register_to_config(fn):
     try:
         from diffusers.configuration_utils import register_to_config
-    except ImportError:  # pragma: no cover
+        from diffusers.guiders import BaseGuidance  # noqa: F401
+    except ImportError:  # pragma: no cover - diffusers < 0.35
         return fn
     return register_to_config(fn)
 

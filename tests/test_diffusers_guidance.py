@@ -421,3 +421,77 @@ def test_guider_matches_the_wrapper(sdxl_unet):
     assert late.num_conditions == 1 and len(late.prepare_inputs(inputs)) == 1
     assert "pred_cond_window" in SlidingWindowGuidance.__doc__ and "w m (pred_cond - pred_cond_window)" in \
         SlidingWindowGuidance.__doc__
+
+
+# ----------------------------------------------------------------------------
+# SD3 and PixArt transformers: windows through their own patch embedding.
+
+def _sd3():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(3)
+    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=8, caption_projection_dim=16,
+                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16)
+    inputs = dict(encoder_hidden_states=torch.randn(2, 5, 8), pooled_projections=torch.randn(2, 8))
+    return model, inputs, torch.tensor([700.0, 700.0])
+
+
+def _pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(4)
+    model = PixArtTransformer2DModel(sample_size=16, num_layers=1, patch_size=2, attention_head_dim=12,
+                                     num_attention_heads=2, caption_channels=8, in_channels=4, cross_attention_dim=24,
+                                     out_channels=8, use_additional_conditions=True, norm_num_groups=4)
+    inputs = dict(encoder_hidden_states=torch.randn(2, 5, 8), encoder_attention_mask=torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2]),
+                  added_cond_kwargs=dict(resolution=torch.tensor([[128.0, 128.0], [96.0, 128.0]]),
+                                         aspect_ratio=torch.tensor([[1.0], [0.75]])))
+    return model, inputs, torch.tensor([300, 300])
+
+
+def _rows(value, i):
+    if torch.is_tensor(value):
+        return value[i:i + 1]
+    return {k: _rows(v, i) for k, v in value.items()}
+
+
+@pytest.mark.parametrize("build", [_sd3, _pixart], ids=["sd3", "pixart"])
+def test_transformer_windows_equal_single_sample_calls(build):
+    model, inputs, t = build()
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(19))
+    grid = WindowGrid.create(16, 16, 10, 2)
+    den = DiffusersDenoiser(model, inputs, 2)
+    with torch.no_grad():
+        win, _ = sliding_window_predict(den, x, t, torch.arange(2), grid)
+        expected = torch.zeros_like(win)
+        for y, l in grid.boxes():
+            for i in range(2):
+                crop = x[i:i + 1, :, y:y + 10, l:l + 10]
+                expected[i, :, y:y + 10, l:l + 10] += model(crop, timestep=t[i:i + 1], **_rows(inputs, i)).sample[0]
+        wrapped = SlidingWindowGuided(model, weight=0.5, window_size=10, cfg_batch=False)(x, timestep=t, **inputs)
+        plain = model(x, timestep=t, **inputs).sample
+    torch.testing.assert_close(win, expected / grid.count(), atol=2e-5, rtol=1e-5)
+    m = (grid.count() > 1).float()
+    torch.testing.assert_close(wrapped.sample, plain + 0.5 * m * (plain - win), atol=2e-5, rtol=1e-5)
+
+
+def test_readme_dit_pipeline_example_runs(monkeypatch):
+    """The README's DiTPipeline example, as written, with a tiny random pipeline for the hub model."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("\n## diffusers\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "DiTPipeline.from_pretrained" in b]
+    tiny = _dit_pipe(to_diffusers(_our_dit(num_classes=1000)))
+    monkeypatch.setattr(DiTPipeline, "from_pretrained", classmethod(lambda cls, *args, **kwargs: tiny))
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert isinstance(namespace["pipe"].transformer, SlidingWindowGuided)
+    assert namespace["pipe"].transformer.grid(16, 16).kh == 10  # 5/8 of the 16x16 latent
+    for key in ("swg", "cfg_swg"):
+        assert namespace[key].shape == (2, 3, 16, 16) and torch.isfinite(namespace[key]).all()
