@@ -140,7 +140,10 @@ def _resolve_policy(model, policy: str) -> str:
 
 
 def _bicubic(table: torch.Tensor, old: Tuple[int, int], new: Tuple[int, int]) -> torch.Tensor:
-    """``[1, G_h*G_w, D]`` -> ``[1, g_h*g_w, D]``: bicubic, ``align_corners=False``, float32 (the reference's resize)."""
+    """``[1, G_h*G_w, D]`` -> ``[1, g_h*g_w, D]``: bicubic, ``align_corners=False``, float32.
+
+    The reference's resize (and :func:`networks.dit.resize_pos_embed`'s): no anti-aliasing.
+    """
     dim = table.shape[-1]
     image = table.float().reshape(1, old[0], old[1], dim).permute(0, 3, 1, 2)
     image = F.interpolate(image, size=new, mode="bicubic", align_corners=False)

@@ -45,7 +45,8 @@ from .dit import DiT, DiT_models, load_dit, sincos_pos_embed_2d
 
 __all__ = ["dit_to_diffusers_config", "diffusers_config_to_dit", "dit_to_diffusers_state",
            "diffusers_to_dit_state", "to_diffusers", "from_diffusers", "match_official_dit",
-           "is_diffusers_source", "snapshot_source", "diffusers_folder", "read_diffusers_dit", "load_dit_weights", "save_diffusers_dit",
+           "is_diffusers_source", "snapshot_source", "diffusers_folder", "read_diffusers_dit", "load_dit_weights",
+           "save_diffusers_dit",
            "zoo_name"]
 
 _DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -123,7 +124,8 @@ def _pairs(depth: int):
 
 def _embedders(i: int):
     e = _EMB.format(i=i)
-    return (("t_embedder.mlp.0", e + "timestep_embedder.linear_1"), ("t_embedder.mlp.2", e + "timestep_embedder.linear_2"),
+    return (("t_embedder.mlp.0", e + "timestep_embedder.linear_1"),
+            ("t_embedder.mlp.2", e + "timestep_embedder.linear_2"),
             ("y_embedder.embedding_table", e + "class_embedder.embedding_table"))
 
 
