@@ -167,6 +167,15 @@ def test_dit_class_labels_reach_every_window():
     assert [c["_args"][0].shape[0] if c["_args"] else c["hidden_states"].shape[0] for c in calls] == [3, 12]
     assert torch.equal(calls[1]["class_labels"], labels.repeat(4))
     assert torch.equal(calls[1]["timestep"], t.repeat(4))
+    # Per-sample timesteps: the interval switches guidance per sample, as guide(sigma_range=...) does.
+    with torch.no_grad():
+        plain = model(x, timestep=t, class_labels=labels).sample
+        full = SlidingWindowGuided(model, weight=0.5, window_size=10, cfg_batch=False)(
+            x, timestep=t, class_labels=labels).sample
+        part = SlidingWindowGuided(model, weight=0.5, window_size=10, cfg_batch=False, interval=(400, 999))(
+            x, timestep=t, class_labels=labels).sample
+    assert torch.equal(part[0], plain[0]) and torch.equal(part[1:], full[1:])
+    assert (full[0] - plain[0]).abs().max() > 1e-4
 
 
 # ----------------------------------------------------------------------------
