@@ -376,7 +376,7 @@ class SlidingWindowGuided(torch.nn.Module):
         """Window grid for an ``height x width`` latent (the paper's default when no size was given)."""
         size, steps = self.window_size, self.window_steps
         if size is None:
-            size, steps = default_windows(height, width, window_multiple(self.model))[0], self.window_steps
+            size = default_windows(height, width, window_multiple(self.model))[0]
         grid = WindowGrid.create(height, width, size, steps)
         check_windows(self.model, grid)
         return grid
@@ -404,10 +404,10 @@ class SlidingWindowGuided(torch.nn.Module):
         if self.weight == 0 or not on.any():
             return self.model(*args, **kwargs)
 
+        grid = self.grid(x.shape[-2], x.shape[-1])  # bad windows fail before any model call
+        cond, uncond = self.halves(x)
         den = DiffusersDenoiser(self.model, call, n, self.pos_embed, latent_name=latent)
         pos = den(x, t)  # the unwrapped call: whole batch, inputs untouched
-        cond, uncond = self.halves(x)
-        grid = self.grid(x.shape[-2], x.shape[-1])
         whole = uncond is None
         x_c = x if whole else x.index_select(0, cond)
         t_c = t if whole else _subset_t(t, cond, n)
