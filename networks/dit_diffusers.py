@@ -325,7 +325,7 @@ def load_dit_weights(source, model: Optional[str] = "DiT-XL/2", pos_embed: str =
         if key in kwargs and kwargs[key] != value:
             found = zoo_name(kwargs) or "a custom DiT"
             raise UsageError(f"{os.fspath(source)} holds {found} with {key}={kwargs[key]}, not {value}; "
-                             f"match --model / --image-size / --num-classes / --model-kwargs to it")
+                             f"match `model`, `image_size`, `num_classes` and `model_kwargs` to it")
     net = DiT(pos_embed=pos_embed, **kwargs)
     net.load_state_dict(state)
     return net.eval(), kwargs

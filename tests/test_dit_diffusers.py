@@ -103,7 +103,7 @@ def test_hub_ids_and_pt_files_are_told_apart(tmp_path):
         to_diffusers(no_null)
 
 
-def test_sample_dit_with_diffusers_weights(tmp_path):
+def test_sample_dit_with_diffusers_weights(tmp_path, capsys):
     """sample_dit.py --ckpt <DiTPipeline folder> draws the same images as --ckpt <.pt>."""
     net = _net()
     torch.save(net.state_dict(), tmp_path / "tiny.pt")
@@ -126,4 +126,7 @@ def test_sample_dit_with_diffusers_weights(tmp_path):
     bad = ["--model", "DiT-S/2", "--ckpt", str(tmp_path / "pipe"), "--image-size", "64", "--num-classes", "10",
            "--sample-dir", str(tmp_path / "bad"), "--seeds", "0", "--device", "cpu", "--metrics", "none",
            "--vae-path", str(tmp_path / "vae")]
-    assert sample_dit.main(bad) == 2  # DiT-S/2 is hidden 384, the folder holds hidden 32
+    capsys.readouterr()
+    assert sample_dit.main(bad) == 2  # DiT-S/2 has depth 12, the folder holds depth 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "depth=2, not 12" in err and "--image-size" in err and "\n" not in err
