@@ -48,7 +48,7 @@ def _fix(code: Optional[int], where: str) -> str:
         return f"a file or folder of that name is in the way; move it or choose another {where}"
     if code == errno.ENAMETOOLONG:
         return f"choose a shorter {where}"
-    return ""
+    return f"choose another {where}"
 
 
 def _cause(exc: OSError) -> str:
@@ -74,7 +74,7 @@ def describe_os_error(exc: OSError) -> str:
     """One line for an :class:`OSError` that reached a CLI: the file, the cause, and the usual fix."""
     names = [n for n in (exc.filename, exc.filename2) if n is not None]
     where = " -> ".join(os.fsdecode(n) if isinstance(n, bytes) else str(n) for n in names)
-    fix = _fix(exc.errno, "output folder") if exc.errno in _FULL else ""  # the others may be reads
+    fix = _fix(exc.errno, "output folder") if exc.errno in _FULL else ""  # the others may be reads too
     return (f"{where}: " if where else "") + _cause(exc) + (f"; {fix}" if fix else "")
 
 
