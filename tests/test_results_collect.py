@@ -158,16 +158,16 @@ def _demo_table(folder: pathlib.Path) -> dict:
         return {r["method"]: r for r in csv.DictReader(f)}
 
 
-def test_demo_run_metrics_in_table_and_plot(tmp_path):
+def test_demo_run_metrics_in_table_and_plot(tmp_path, monkeypatch):
     """A folder written by demo/run_demo.py: its FD and confidence show up as fd_digits / conf_digits."""
-    import subprocess
-    import sys
+    import importlib
 
+    monkeypatch.syspath_prepend(str(ROOT / "demo"))
+    run_demo = importlib.import_module("run_demo")
     demo = tmp_path / "demo"
-    cmd = [sys.executable, str(ROOT / "demo" / "run_demo.py"), "--outdir", str(demo), "--num", "2", "--steps", "1",
-           "--methods", "none,m-swg,m-swg-1.1"]
-    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = CliRunner().invoke(run_demo.main, ["--outdir", str(demo), "--num", "2", "--steps", "1",
+                                           "--methods", "none,m-swg,m-swg-1.1"])
+    assert r.exit_code == 0, r.output[-2000:]
     own = {p: p.read_bytes() for p in demo.iterdir() if p.is_file()}
     table = _demo_table(demo)
 
