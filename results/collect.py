@@ -50,8 +50,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import click
 
-from utils.atomic import atomic_path
-from utils.errors import OutputError, UsageError, exit_on_usage_error
+from utils.atomic import atomic_path, ensure_dir
+from utils.errors import UsageError, exit_on_usage_error
 
 __all__ = ["ARGS_FILES", "MAIN_COLUMNS", "PLOT_METRICS", "TABLE_METRICS", "DEMO_SETTINGS", "find_runs", "read_run",
            "is_demo_run", "read_demo_run", "collect", "to_csv", "to_markdown", "plot_metrics", "default_out",
@@ -414,10 +414,7 @@ def write_report(root: os.PathLike | str, out: os.PathLike | str, *, all_evals: 
         raise UsageError(f"--out {out} holds the digits demo's own results.md and results.csv; "
                          f"choose another folder, e.g. --out {out / 'report'}")
     rows = collect(root, all_evals=all_evals)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(out, exc, "--out") from exc
+    ensure_dir(out, "--out")
     paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
     _atomic(paths["csv"], lambda tmp: pathlib.Path(tmp).write_text(to_csv(rows)))
     _atomic(paths["markdown"], lambda tmp: pathlib.Path(tmp).write_text(to_markdown(rows, digits)))

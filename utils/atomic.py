@@ -15,6 +15,7 @@ destination.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pathlib
@@ -23,7 +24,23 @@ from typing import Any, Iterator
 
 from utils.errors import OutputError
 
-__all__ = ["atomic_path", "create_temp", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+__all__ = ["ensure_dir", "atomic_path", "create_temp", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+
+
+def ensure_dir(path: os.PathLike | str, flag: str = "output folder") -> pathlib.Path:
+    """Create the output folder ``path`` (and its parents) and check that it is writable, before any work.
+
+    Raises :class:`OutputError` naming ``path``, the cause and ``flag`` (the option that chose it),
+    so that a run stops at once instead of after computing everything.
+    """
+    path = pathlib.Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(path, exc, flag) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)), flag)
+    return path
 
 
 def create_temp(folder: os.PathLike | str, prefix: str, suffix: str, mode: int = 0o666) -> pathlib.Path:
