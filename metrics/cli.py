@@ -14,6 +14,7 @@ import click
 import numpy as np
 
 from utils.atomic import ensure_dir
+from utils.device import resolve_device
 from utils.errors import UsageError, exit_on_usage_error
 
 from utils import dist
@@ -64,6 +65,7 @@ def main():
 def calc(images, ref, metrics, num, seed, out, batch, device, inception_weights, dinov2_weights, dinov2_resize):
     """Compute metrics of --images against --ref."""
     names = parse_metrics(metrics)
+    device = resolve_device(device)
     if out:
         ensure_dir(out, "--out")  # before the work, not after
     dist.init()
@@ -95,6 +97,7 @@ def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, in
         if what != "fd":
             raise UsageError(f"'ref' stores Fréchet statistics only ({','.join(STAT_KEYS.values())}); drop {name}")
         kinds.append(kind)
+    device = resolve_device(device)
     if os.path.exists(dest) and not overwrite:
         raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
     ensure_dir(os.path.dirname(os.path.abspath(dest)), "--dest")  # before the work, not after

@@ -218,3 +218,12 @@ def test_unwritable_out_or_dest_refused_before_any_work(tmp_path, monkeypatch):
     one_error_line(*run_cli("ref", "--images", gen, "--dest", blocker / "sub" / "ref.pkl", "--metrics", "fid"),
                    "choose another --dest")
     assert blocker.read_text() == "keep"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_device_without_gpu_is_one_line(tmp_path):
+    gen = write_folder(tmp_path / "gen", make_images(6, 3))
+    one_error_line(*run_cli("calc", "--images", gen, "--ref", gen, "--device", "cuda"), "--device cuda: no CUDA GPU")
+    one_error_line(*run_cli("ref", "--images", gen, "--dest", tmp_path / "r.pkl", "--device", "gpu0"),
+                   "--device 'gpu0' is not a device")
+    assert not (tmp_path / "r.pkl").exists()
