@@ -16,8 +16,8 @@ except the weights and the output folder, which each trial sets:
 
 One ``--weight lo:hi`` per guidance weight spans the search space, sampled on a grid of
 ``--step`` (0 = continuous).  The objective is read from the ``metrics.json`` the sampler
-writes into the trial's folder (``--metrics`` must include it); ``is`` is maximised,
-the distances minimised.
+writes into the trial's folder (``--metrics`` must include it, checked before the first
+trial); ``is``, ``conf_digits``, precision and recall are maximised, the distances minimised.
 
 Study: ``--storage`` is an Optuna database URL (PostgreSQL/MySQL for many concurrent
 jobs, as the paper did); by default ``sqlite:///<outdir>/optuna.db``.  Running the command
@@ -40,9 +40,43 @@ from utils import dist
 from utils.atomic import write_json_atomic
 from utils.errors import UsageError, exit_on_usage_error
 
-__all__ = ["parse_range", "trial_folder", "sampler_argv", "run_sampler", "read_objective", "run_search", "main"]
+__all__ = ["parse_range", "trial_folder", "sampler_argv", "run_sampler", "check_objective", "read_objective",
+           "run_search", "main"]
 
-MAXIMIZE = {"is"}
+# Objective (a key of the sampler's metrics.json) -> the --metrics entry that writes it.
+OBJECTIVES = {"fid": "fid", "fd_dinov2": "fd_dinov2", "is": "is", "saturation": "saturation",
+              "precision_inception": "pr_inception", "recall_inception": "pr_inception",
+              "precision_dinov2": "pr_dinov2", "recall_dinov2": "pr_dinov2",
+              "fd_digits": "fd_digits", "conf_digits": "conf_digits"}
+MAXIMIZE = {"is", "conf_digits", "precision_inception", "recall_inception", "precision_dinov2", "recall_dinov2"}
+
+
+def _metrics_arg(args: Sequence[str]) -> Optional[list[str]]:
+    """The metric names the sampler arguments ask for (``--metrics a,b`` or ``--metrics a b``), None if absent."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--metrics="):
+            words = [arg.split("=", 1)[1]]
+        elif arg == "--metrics":
+            words = []
+            for word in args[i + 1:]:
+                if word.startswith("-"):
+                    break
+                words.append(word)
+        else:
+            continue
+        return [m.strip().lower() for w in words for m in w.split(",") if m.strip()]
+    return None
+
+
+def check_objective(objective: str, base_args: Sequence[str]) -> None:
+    """Refuse, before the first trial, an objective no trial can report."""
+    if objective not in OBJECTIVES:
+        raise UsageError(f"--objective {objective!r} is not a metric the samplers write; choose from "
+                         f"{', '.join(OBJECTIVES)}")
+    asked = _metrics_arg(base_args)
+    if asked is not None and OBJECTIVES[objective] not in asked:
+        raise UsageError(f"--objective {objective} needs the sampler's --metrics to include "
+                         f"{OBJECTIVES[objective]} (it has {','.join(asked) or 'none'}); add it after --")
 
 
 def parse_range(text: str) -> tuple[float, float]:
@@ -148,6 +182,7 @@ def run_search(sampler: str, base_args: Sequence[str], ranges: Sequence[tuple[fl
     if step < 0:
         raise UsageError(f"--step must be >= 0 (0 = continuous), got {step}")
     _check_base_args(sampler, base_args)
+    check_objective(objective, base_args)
     dist.init()
     rank = dist.get_rank()
     outdir = pathlib.Path(outdir)
@@ -238,7 +273,8 @@ def run_search(sampler: str, base_args: Sequence[str], ranges: Sequence[tuple[fl
 @click.option("--n_trials", "--n-trials", "n_trials", type=int, default=20, show_default=True,
               help="Trials this command runs (the study keeps earlier ones).")
 @click.option("--objective", default="fd_dinov2", show_default=True,
-              help="Metric to optimise, read from the trial's metrics.json (is: maximised, others: minimised).")
+              help="Metric to optimise, read from the trial's metrics.json (is, conf_digits, precision_*, recall_*: "
+                   "maximised; distances: minimised).")
 @click.option("--step", type=float, default=0.01, show_default=True, help="Grid of the weights (0 = continuous).")
 @click.option("--storage", default=None, help="Optuna database URL  [default: sqlite:///<outdir>/optuna.db]")
 @click.option("--study", "study_name", default=None, help="Study name  [default: the outdir's name]")
