@@ -153,3 +153,19 @@ def test_torchrun_prints_a_usage_error_once(mode, tmp_path):
     # What torchrun adds (documented in the README): its own report naming the exit code 2, and exit status 1.
     assert r.returncode == 1
     assert "ChildFailedError" in r.stderr and "exitcode  : 2" in r.stderr
+
+
+def test_the_line_starts_after_an_open_progress_bar(capsys):
+    from tqdm import tqdm
+
+    @exit_on_usage_error
+    def cli():
+        bar = tqdm(total=4, desc="sampling", file=sys.stderr)
+        bar.update(2)
+        raise UsageError("disk full")
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli()
+    err = capsys.readouterr().err
+    assert err.endswith("\nerror: disk full\n") and err.count("error:") == 1

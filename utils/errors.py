@@ -105,8 +105,19 @@ def _torchrun_store():
         return None
 
 
+def _close_progress_bars() -> None:
+    """End open tqdm bars so that the message starts on a line of its own (not after a half-drawn bar)."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot be closed must not hide the error
+            pass
+
+
 def _report_once(line: str, wait_s: Optional[float] = None) -> None:
     """Print ``error: <line>`` once for the job (see the module docstring)."""
+    _close_progress_bars()
     wait_s = RANK_WAIT_S if wait_s is None else wait_s
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     if world <= 1:
@@ -159,6 +170,7 @@ def exit_on_usage_error(fn):
             sys.exit(UsageError.exit_code)
         except KeyboardInterrupt:
             _ignore_sigint()  # torchrun forwards the terminal's Ctrl-C: a second one must not print a traceback
+            _close_progress_bars()
             if _env_int("RANK", 0) == 0:
                 print(INTERRUPTED, file=sys.stderr, flush=True)
             sys.exit(130)
