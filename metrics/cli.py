@@ -13,7 +13,7 @@ import os
 import click
 import numpy as np
 
-from utils.atomic import ensure_dir
+from utils.atomic import check_output_dir
 from utils.device import resolve_device
 from utils.errors import UsageError, exit_on_usage_error
 
@@ -67,7 +67,7 @@ def calc(images, ref, metrics, num, seed, out, batch, device, inception_weights,
     names = parse_metrics(metrics)
     device = resolve_device(device)
     if out:
-        ensure_dir(out, "--out")  # before the work, not after
+        check_output_dir(out, "--out")  # before the work, not after
     dist.init()
     results = calc_metrics(images, names, ref_path=ref, num=num, batch=batch, device=device, seed=seed,
                            detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize))
@@ -100,7 +100,7 @@ def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, in
     device = resolve_device(device)
     if os.path.exists(dest) and not overwrite:
         raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
-    ensure_dir(os.path.dirname(os.path.abspath(dest)), "--dest")  # before the work, not after
+    check_output_dir(os.path.dirname(os.path.abspath(dest)), "--dest")  # before the work, not after
     dist.init()
     stats = compute_stats(images, kinds, keep_features=features > 0, num=num, batch=batch, seed=seed, device=device,
                           detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize),

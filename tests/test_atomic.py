@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from utils.atomic import atomic_path, write_bytes_atomic, write_json_atomic, write_text_atomic
+from utils.atomic import atomic_path, check_output_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
 from utils.errors import OutputError
 
 
@@ -99,3 +99,18 @@ def test_folder_under_a_file(tmp_path):
 
 def _mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_check_output_dir_proves_and_leaves_no_trace(tmp_path):
+    target = tmp_path / "a" / "b" / "c"
+    assert check_output_dir(target, "--out") == target
+    assert list(tmp_path.iterdir()) == []  # created to prove it, then removed
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(OutputError, match=r"cannot write .*file/x: .*\(errno 20\); .*--out"):
+        check_output_dir(tmp_path / "file" / "x", "--out")
+    with pytest.raises(OutputError, match=r"^cannot write /proc/swg-x/y: .*; choose another --out"):
+        check_output_dir("/proc/swg-x/y", "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    (tmp_path / "kept").mkdir()
+    check_output_dir(tmp_path / "kept", "--out")
+    assert (tmp_path / "kept").is_dir()

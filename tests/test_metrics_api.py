@@ -218,6 +218,11 @@ def test_unwritable_out_or_dest_refused_before_any_work(tmp_path, monkeypatch):
     one_error_line(*run_cli("ref", "--images", gen, "--dest", blocker / "sub" / "ref.pkl", "--metrics", "fid"),
                    "choose another --dest")
     assert blocker.read_text() == "keep"
+    # A bad input found after the output check leaves no empty output folder behind.
+    monkeypatch.undo()
+    one_error_line(*run_cli("calc", "--images", tmp_path / "nowhere", "--ref", gen, "--out", tmp_path / "o" / "run"),
+                   "images not found")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

@@ -24,7 +24,37 @@ from typing import Any, Iterator
 
 from utils.errors import OutputError
 
-__all__ = ["ensure_dir", "atomic_path", "create_temp", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+__all__ = ["check_output_dir", "ensure_dir", "atomic_path", "create_temp", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+
+
+def check_output_dir(path: os.PathLike | str, flag: str = "output folder") -> pathlib.Path:
+    """Check, before any work, that the folder ``path`` can be created and written; leave no trace.
+
+    Missing folders are created to prove it (a read-only or pseudo file system
+    refuses only then) and removed again, so a command that fails later on
+    another input leaves nothing behind.  Raises :class:`OutputError` naming ``flag``.
+    """
+    path = pathlib.Path(path).expanduser()
+    missing, existing = [], path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    created = []
+    try:
+        if not existing.is_dir():
+            raise OutputError(path, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)), flag)
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputError(path, PermissionError(errno.EACCES, os.strerror(errno.EACCES)), flag)
+    except OSError as exc:
+        raise OutputError(path, exc, flag) from exc
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return path
 
 
 def ensure_dir(path: os.PathLike | str, flag: str = "output folder") -> pathlib.Path:
