@@ -125,19 +125,25 @@ def _report_once(line: str, wait_s: Optional[float] = None) -> None:
         return
     store = _torchrun_store()
     key = f"swg_error/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    def ask(op, *args, default=None):  # the store may be going away while torchrun stops the job
+        try:
+            return getattr(store, op)(*args) if store is not None else default
+        except Exception:  # noqa: BLE001
+            return default
+
     if rank == 0:
-        if store is not None:
-            store.set(f"{key}/rank0", "1")
-            if store.add(f"{key}/printed", 1) != 1:
-                return  # a rank that failed long before rank 0 has reported it already
+        ask("set", f"{key}/rank0", "1")
+        if ask("add", f"{key}/printed", 1, default=1) != 1:
+            return  # a rank that failed long before rank 0 has reported it already
         print(f"error: {line}", file=sys.stderr, flush=True)
         return
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        if store is not None and store.check([f"{key}/rank0"]):
+        if ask("check", [f"{key}/rank0"], default=False):
             return  # rank 0 failed too and prints the line
         time.sleep(0.05)
-    if store is not None and store.add(f"{key}/printed", 1) != 1:
+    if ask("add", f"{key}/printed", 1, default=1) != 1:
         return
     print(f"error: rank {rank}: {line}", file=sys.stderr, flush=True)
 
