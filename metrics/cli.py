@@ -66,7 +66,7 @@ def calc(images, ref, metrics, num, seed, out, batch, device, inception_weights,
     """Compute metrics of --images against --ref."""
     names = parse_metrics(metrics)
     device = resolve_device(device)
-    if out:
+    if out and os.environ.get("RANK", "0") == "0":  # rank 0 writes; probing on every rank would race
         check_output_dir(out, "--out")  # before the work, not after
     dist.init()
     results = calc_metrics(images, names, ref_path=ref, num=num, batch=batch, device=device, seed=seed,
@@ -100,7 +100,8 @@ def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, in
     device = resolve_device(device)
     if os.path.exists(dest) and not overwrite:
         raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
-    check_output_dir(os.path.dirname(os.path.abspath(dest)), "--dest")  # before the work, not after
+    if os.environ.get("RANK", "0") == "0":  # rank 0 writes; probing on every rank would race
+        check_output_dir(os.path.dirname(os.path.abspath(dest)), "--dest")  # before the work, not after
     dist.init()
     stats = compute_stats(images, kinds, keep_features=features > 0, num=num, batch=batch, seed=seed, device=device,
                           detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize),
