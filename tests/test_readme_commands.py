@@ -65,6 +65,7 @@ def _help_exit(kind: str, target: str, args: list[str], monkeypatch, capsys) -> 
     return code, out.out, out.err
 
 
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy on an imported module
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command_options_exist(command, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)

@@ -108,3 +108,21 @@ def test_a_complete_reference_asking_for_code_is_still_refused(tmp_path):
     path.write_bytes(pickle.dumps({"num_images": 1, "fid": {"mu": os.getcwd}}))
     with pytest.raises(UsageError, match=r"refused to load \(global '.*getcwd' is not allowed"):
         load_ref(path)
+
+
+def test_every_truncation_of_an_edm2_snapshot_says_corrupt(tmp_path):
+    """The restricted unpickler of official .pkl snapshots: a cut file is corrupt, never 'refusing ... could run code'."""
+    from networks.edm2_pickle import CheckpointError, load_checkpoint
+    from tests import edm2_pickle_writer as WR
+
+    tiny = dict(img_resolution=8, img_channels=3, label_dim=0, use_fp16=False, model_channels=8,
+                channel_mult=[1, 1], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
+    full = tmp_path / "net.pkl"
+    WR.write_edm2_pickle(full, WR.make_precond(**tiny), half=False)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.pkl"
+    for n in sorted({*range(0, 600), *range(600, len(data), 997)}):
+        cut.write_bytes(data[:n])
+        with pytest.raises(CheckpointError, match="truncated or corrupt checkpoint") as info:
+            load_checkpoint(cut)
+        assert "weights_only" not in str(info.value), n
