@@ -111,7 +111,7 @@ def test_a_complete_reference_asking_for_code_is_still_refused(tmp_path):
 
 
 def test_every_truncation_of_an_edm2_snapshot_says_corrupt(tmp_path):
-    """The restricted unpickler of official .pkl snapshots: a cut file is corrupt, never 'refusing ... could run code'."""
+    """The restricted unpickler of .pkl snapshots: a cut file is corrupt, never 'refusing ... could run code'."""
     from networks.edm2_pickle import CheckpointError, load_checkpoint
     from tests import edm2_pickle_writer as WR
 

@@ -24,7 +24,8 @@ from typing import Any, Iterator
 
 from utils.errors import OutputError
 
-__all__ = ["check_output_dir", "ensure_dir", "atomic_path", "create_temp", "write_bytes_atomic", "write_text_atomic", "write_json_atomic"]
+__all__ = ["check_output_dir", "ensure_dir", "atomic_path", "create_temp", "write_bytes_atomic", "write_text_atomic",
+           "write_json_atomic"]
 
 
 def check_output_dir(path: os.PathLike | str, flag: str = "output folder") -> pathlib.Path:
