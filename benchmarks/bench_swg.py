@@ -22,6 +22,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from guidance import guide  # noqa: E402
 from networks.edm2 import Precond  # noqa: E402
+from utils.device import resolve_device  # noqa: E402
+from utils.errors import exit_on_usage_error  # noqa: E402
 
 
 def timed(fns, repeats, device):
@@ -39,13 +41,14 @@ def timed(fns, repeats, device):
     return [statistics.median(t) for t in times]
 
 
+@exit_on_usage_error
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=4)
     args = ap.parse_args()
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     net = Precond(img_resolution=64, img_channels=4, label_dim=1000, use_fp16=device.type == "cuda",
                   model_channels=128, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8]).eval().to(device)

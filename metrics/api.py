@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import tqdm
 
-from utils.atomic import write_text_atomic
+from utils.atomic import ensure_dir, write_text_atomic
 from utils.errors import UsageError
 
 from utils import dist
@@ -339,8 +339,7 @@ def write_metrics(run_dir: Union[str, os.PathLike], results: Mapping[str, Any], 
     ``metrics-1.json``/``.csv`` and so on.  With ``wandb_log`` the results are
     also logged to the active wandb run, if any.  Returns the two paths.
     """
-    run_dir = pathlib.Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = ensure_dir(run_dir)
     name = _free_name(run_dir, "metrics")
     args = {k: _plain(v) for k, v in args.items()}
     results = {k: _plain(v) for k, v in results.items()}

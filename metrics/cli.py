@@ -13,6 +13,8 @@ import os
 import click
 import numpy as np
 
+from utils.atomic import check_output_dir
+from utils.device import resolve_device
 from utils.errors import UsageError, exit_on_usage_error
 
 from utils import dist
@@ -63,6 +65,9 @@ def main():
 def calc(images, ref, metrics, num, seed, out, batch, device, inception_weights, dinov2_weights, dinov2_resize):
     """Compute metrics of --images against --ref."""
     names = parse_metrics(metrics)
+    device = resolve_device(device)
+    if out and os.environ.get("RANK", "0") == "0":  # rank 0 writes; probing on every rank would race
+        check_output_dir(out, "--out")  # before the work, not after
     dist.init()
     results = calc_metrics(images, names, ref_path=ref, num=num, batch=batch, device=device, seed=seed,
                            detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize))
@@ -92,8 +97,11 @@ def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, in
         if what != "fd":
             raise UsageError(f"'ref' stores Fréchet statistics only ({','.join(STAT_KEYS.values())}); drop {name}")
         kinds.append(kind)
+    device = resolve_device(device)
     if os.path.exists(dest) and not overwrite:
         raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
+    if os.environ.get("RANK", "0") == "0":  # rank 0 writes; probing on every rank would race
+        check_output_dir(os.path.dirname(os.path.abspath(dest)), "--dest")  # before the work, not after
     dist.init()
     stats = compute_stats(images, kinds, keep_features=features > 0, num=num, batch=batch, seed=seed, device=device,
                           detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize),

@@ -109,7 +109,9 @@ def _read_weights(path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from utils.safe_load import load_weights
+
+    return load_weights(path, what="DINOv2 weights", fix="pass the ViT-L/14 weights as .safetensors or .pth")
 
 
 def load_dinov2(weights: Optional[str | os.PathLike] = None, device=None, **overrides) -> torch.nn.Module:

@@ -295,10 +295,9 @@ def load_inception(weights: Optional[str | os.PathLike] = None, device=None) -> 
         from utils.cache import fetch
 
         weights = fetch(INCEPTION_URL, desc="Inception-v3 (FID) weights")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable / not a torch file
-        raise UsageError(f"cannot read Inception weights {weights}: {exc}; delete the file and fetch it again") from exc
+    from utils.safe_load import load_weights
+
+    state = load_weights(weights, what="Inception weights", fix=f"use the file from {INCEPTION_URL}")
     model = InceptionV3()
     try:
         model.load_state_dict(state, strict=True)

@@ -26,8 +26,9 @@ import numpy as np
 
 from utils.atomic import write_bytes_atomic
 from utils.errors import UsageError
+from utils.safe_load import global_exists as _global_exists
 
-__all__ = ["load_ref", "save_ref", "resolve_ref_path", "check_ref", "SafeUnpickler"]
+__all__ = ["load_ref", "save_ref", "resolve_ref_path", "check_ref", "SafeUnpickler", "RefusedGlobal"]
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -43,13 +44,19 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A complete reference pickle that asks for something other than numpy arrays and containers."""
+
+
 class SafeUnpickler(pickle.Unpickler):
     """Unpickler restricted to plain containers and numpy arrays."""
 
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a reference file")
+        if not _global_exists(f"{module}.{name}"):  # a name clipped by the end of a truncated file
+            raise pickle.UnpicklingError(f"pickle data was truncated inside the global {module}.{name}")
+        raise RefusedGlobal(f"global '{module}.{name}' is not allowed in a reference file")
 
 
 def resolve_ref_path(ref: str | os.PathLike) -> pathlib.Path:
@@ -108,10 +115,13 @@ def load_ref(ref: str | os.PathLike) -> Dict[str, Any]:
         return check_ref(out, path)
     try:
         out = SafeUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as exc:
-        raise UsageError(f"{path}: refused to load ({exc}); use a reference pickle of plain dicts and numpy arrays") from exc
-    except Exception as exc:
-        raise UsageError(f"{path}: not a readable reference pickle ({type(exc).__name__}: {exc})") from exc
+    except RefusedGlobal as exc:
+        raise UsageError(f"{path}: refused to load ({exc}; it could run code); use a reference pickle of plain "
+                         f"dicts and numpy arrays") from None
+    except Exception as exc:  # noqa: BLE001 - a cut or damaged pickle raises many types
+        raise UsageError(f"{path}: truncated or corrupt reference pickle ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:120]}); delete it and download it again, or rebuild it "
+                         f"with 'python -m metrics ref'") from None
     return check_ref(out, path)
 
 

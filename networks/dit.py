@@ -38,6 +38,7 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 
 from utils.errors import UsageError
+from utils.safe_load import load_weights
 
 __all__ = [
     "DiT", "DiT_models", "create_dit", "sincos_pos_embed_2d", "resize_pos_embed",
@@ -338,13 +339,9 @@ def load_dit_state_dict(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UsageError(f"DiT checkpoint {path!r} not found; pass an existing file with --ckpt")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupted file, pickle with disallowed globals, ...
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"cannot read DiT checkpoint {path!r} ({msg}); "
-                         f"pass a DiT state dict or a train.py checkpoint") from None
+    # A truncated file is told to be downloaded again, never to be loaded with weights_only=False.
+    ckpt = load_weights(path, what="DiT checkpoint", fix="pass a DiT state dict or a train.py checkpoint with --ckpt",
+                        safe_globals=[argparse.Namespace])
     if isinstance(ckpt, dict) and "ema" in ckpt:
         ckpt = ckpt["ema"]
     if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):

@@ -51,6 +51,7 @@ import torch
 from networks.encoders import PixelEncoder, StabilityVAEEncoder, encoder_from_config
 from utils.atomic import atomic_path
 from utils.errors import UsageError
+from utils.safe_load import REASONS, global_exists, load_error_kind, quiet_torch_load
 
 __all__ = ["CheckpointError", "PersistentRecord", "ModuleRecord", "EasyDict", "RestrictedUnpickler",
            "EDM2Checkpoint", "read_pickle", "load_checkpoint", "save_plain", "PLAIN_FORMAT"]
@@ -166,7 +167,11 @@ def _reconstruct_persistent_obj(meta):
 def _load_from_bytes(data):
     if not isinstance(data, (bytes, bytearray)):
         raise pickle.UnpicklingError("tensor storage must be bytes")
-    storage = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    try:
+        with quiet_torch_load():
+            storage = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001 - torch's own text may advise weights_only=False; never pass that on
+        raise pickle.UnpicklingError("tensor data is truncated or corrupt") from None
     if not isinstance(storage, (torch.UntypedStorage, torch.storage.TypedStorage)):
         raise pickle.UnpicklingError("tensor storage bytes hold something else")
     return storage
@@ -235,6 +240,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module.startswith("numpy") and name.endswith("DType"):  # numpy 2 dtype classes
             raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        if not global_exists(f"{module}.{name}"):  # a name clipped by the end of a truncated file
+            raise pickle.UnpicklingError(f"pickle data was truncated inside the global {module}.{name}")
         raise _Refused(f"{module}.{name}")
 
     def persistent_load(self, pid):
@@ -430,12 +437,15 @@ def _from_plain(path: pathlib.Path, source: str) -> EDM2Checkpoint:
 
             state = safetensors.torch.load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with quiet_torch_load():
+                state = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and len(state) == 1 and isinstance(next(iter(state.values())), dict):
                 state = next(iter(state.values()))  # {'ema': {...}} or {'state_dict': {...}}
     except Exception as exc:  # safetensors / torch raise many types for damaged files
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise CheckpointError(f"cannot read {source}: truncated, corrupt or unsafe checkpoint ({reason}); "
+        if path.suffix != ".safetensors" and load_error_kind(exc) == "unsafe":
+            raise CheckpointError(f"refusing to load {source}: {REASONS['unsafe']}; use an official EDM2 .pkl "
+                                  f"or a .safetensors checkpoint") from None
+        raise CheckpointError(f"cannot read {source}: truncated or corrupt checkpoint; "
                               f"delete it and download or convert it again") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{source} does not hold a state dict of tensors")

@@ -24,6 +24,13 @@ column         meaning
 ``fid`` ...    ``fid``, ``fd_dinov2``, ``is``, ``saturation`` and any other result
 =============  ==================================================================
 
+A folder written by ``demo/run_demo.py`` (``demo_settings.json`` + the demo's
+``results.csv``) is read too: one row per method, its settings from the method's
+``generate_args.json`` and its scores from the demo's table (``fd`` ->
+``fd_digits``, ``confidence`` -> ``conf_digits``, ``class_match``).  The report
+is then written to ``ROOT/report`` by default, as ``ROOT`` holds the demo's own
+``results.md``; ``--out ROOT`` is refused.
+
 The plot has one panel per metric; each line is one (model, method, fixed weights)
 series with the *last* guidance weight on the x axis (the SWG weight of the combined
 methods, whose first weight is written in the legend).
@@ -43,15 +50,23 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import click
 
-from utils.atomic import atomic_path
+from utils.atomic import atomic_path, ensure_dir
 from utils.errors import UsageError, exit_on_usage_error
 
-__all__ = ["ARGS_FILES", "MAIN_COLUMNS", "PLOT_METRICS", "find_runs", "read_run", "collect", "to_csv",
-           "to_markdown", "plot_metrics", "write_report", "main"]
+__all__ = ["ARGS_FILES", "MAIN_COLUMNS", "PLOT_METRICS", "TABLE_METRICS", "DEMO_SETTINGS", "find_runs", "read_run",
+           "is_demo_run", "read_demo_run", "collect", "to_csv", "to_markdown", "plot_metrics", "default_out",
+           "write_report", "main"]
 
 ARGS_FILES = ("settings.json", "generate_args.json", "args.json")  # sampling.run.SETTINGS_FILE, then older names
 MAIN_COLUMNS = ("method", "weights", "windows", "model", "N", "fid", "fd_dinov2", "is", "saturation")
-PLOT_METRICS = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "is": "Inception score", "saturation": "Saturation"}
+PLOT_METRICS = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "is": "Inception score", "saturation": "Saturation",
+                "fd_digits": "FD (digits)", "conf_digits": "Confidence (digits)"}
+# Markdown columns, in this order; each appears when at least one row has it.
+TABLE_METRICS = {"fid": "FID", "fd_dinov2": "FDD", "is": "IS", "saturation": "saturation",
+                 "fd_digits": "FD-digits", "conf_digits": "confidence", "class_match": "class match"}
+DEMO_SETTINGS = "demo_settings.json"  # the record demo/run_demo.py keeps beside its results.csv
+_DEMO_SCORES = {"fd_digits": ("fd_digits", "fd"), "conf_digits": ("conf_digits", "confidence"),
+                "class_match": ("class_match",)}  # our name <- the demo table's column(s)
 _METRICS_NAME = re.compile(r"^metrics(?:-(\d+))?\.(json|csv)$")
 _SWG_METHODS = {"swg", "wmg-swg", "cfg-swg"}
 
@@ -82,9 +97,15 @@ def find_runs(root: os.PathLike | str) -> list[pathlib.Path]:
     runs = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if any(_METRICS_NAME.match(f) for f in filenames):
+        if any(_METRICS_NAME.match(f) for f in filenames) or is_demo_run(dirpath):
             runs.append(pathlib.Path(dirpath))
     return sorted(runs)
+
+
+def is_demo_run(folder: os.PathLike | str) -> bool:
+    """True for a folder written by ``demo/run_demo.py`` (its settings record and its table)."""
+    folder = pathlib.Path(folder)
+    return (folder / DEMO_SETTINGS).is_file() and (folder / "results.csv").is_file()
 
 
 def _scalar(text: str) -> Any:
@@ -220,10 +241,47 @@ def read_run(folder: os.PathLike | str, *, all_evals: bool = False, root: Option
     return rows
 
 
+def read_demo_run(folder: os.PathLike | str, *, root: Optional[os.PathLike] = None) -> list[dict]:
+    """Rows of a digits-demo folder: one per method of its ``results.csv`` (see the module docstring).
+
+    A method whose own folder holds a metrics file is left out here: :func:`read_run` reads it.
+    """
+    folder = pathlib.Path(folder)
+    try:
+        settings = json.loads((folder / DEMO_SETTINGS).read_text())
+        with open(folder / "results.csv", newline="") as f:
+            table = list(csv.DictReader(f))
+    except (ValueError, OSError) as exc:
+        print(f"warning: skipping the demo run {folder}: {exc}", file=sys.stderr)
+        return []
+    rows = []
+    for rec in table:
+        name = rec.get("method") or ""
+        sub = folder / name
+        if name and sub.is_dir() and _evaluations(sub):
+            continue
+        args = _read_args(sub) if name and sub.is_dir() else {}
+        if not args:  # the method's folder is gone: what the demo's table says
+            args = {"preset": name, "g_method": rec.get("g_method") or "none", "g_weight": rec.get("weight"),
+                    "scale_window_guide": rec.get("masked") or 1}
+        row = _describe(args)
+        row["N"] = settings.get("num") if isinstance(settings, dict) else None
+        for key, columns in _DEMO_SCORES.items():
+            value = next((_scalar(rec[c]) for c in columns if rec.get(c) not in (None, "")), None)
+            if isinstance(value, (int, float)):
+                row[key] = float(value)
+        row["run"] = str(sub.relative_to(root) if root is not None else sub)
+        row["evaluation"] = 0
+        rows.append(row)
+    return rows
+
+
 def collect(root: os.PathLike | str, *, all_evals: bool = False) -> list[dict]:
     """All rows under ``root``, ordered by sampler, model, method, weights."""
     root = pathlib.Path(root)
-    rows = [row for folder in find_runs(root) for row in read_run(folder, all_evals=all_evals, root=root)]
+    rows = [row for folder in find_runs(root)
+            for row in [*read_run(folder, all_evals=all_evals, root=root),
+                        *(read_demo_run(folder, root=root) if is_demo_run(folder) else [])]]
     if not rows:
         raise UsageError(f"no metrics.json or metrics.csv under {root}; run the samplers with --metrics "
                          f"(and --ref_path) or point at the folder that holds the runs")
@@ -259,12 +317,17 @@ def _cell(v, digits: int) -> str:
 
 
 def to_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
-    """A Markdown table: method (display name), weights, windows, model, N, FID, FDD, IS, saturation."""
-    head = ["method", "weights", "windows", "model", "N", "FID", "FDD", "IS", "saturation"]
-    keys = ["label", "weights", "windows", "model", "N", "fid", "fd_dinov2", "is", "saturation"]
+    """A Markdown table: method (display name), weights, windows, model, N, then the metrics any row has.
+
+    The metrics are those of :data:`TABLE_METRICS` (FID, FDD, IS, saturation, and the digits
+    demo's FD-digits, confidence and class match); a column no row has is left out.
+    """
+    present = [k for k in TABLE_METRICS if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    head = ["method", "weights", "windows", "model", "N", *(TABLE_METRICS[k] for k in present)]
+    keys = ["label", "weights", "windows", "model", "N", *present]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 4 else "---:" for i in range(len(head))) + "|"]
     for r in rows:
-        cells = [_cell(r.get(k), 3 if k == "saturation" else digits) for k in keys]
+        cells = [_cell(r.get(k), 3 if k in ("saturation", "conf_digits", "class_match") else digits) for k in keys]
         lines.append("| " + " | ".join(c if c else " " for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -331,18 +394,27 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], path: os.PathLike | str,
 # Output.
 
 def _atomic(path: pathlib.Path, write) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, flag="--out") as tmp:
         write(tmp)
+
+
+def default_out(root: os.PathLike | str) -> pathlib.Path:
+    """``root``, or ``root/report`` for a demo folder (whose own results.md must not be replaced)."""
+    root = pathlib.Path(root)
+    return root / "report" if is_demo_run(root) else root
 
 
 def write_report(root: os.PathLike | str, out: os.PathLike | str, *, all_evals: bool = False,
                  digits: int = 2) -> dict[str, pathlib.Path]:
     """Write ``results.csv``, ``results.md`` and ``metrics_vs_weight.png`` into ``out``; return their paths."""
-    rows = collect(root, all_evals=all_evals)
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; choose a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / DEMO_SETTINGS).is_file():
+        raise UsageError(f"--out {out} holds the digits demo's own results.md and results.csv; "
+                         f"choose another folder, e.g. --out {out / 'report'}")
+    rows = collect(root, all_evals=all_evals)
+    ensure_dir(out, "--out")
     paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
     _atomic(paths["csv"], lambda tmp: pathlib.Path(tmp).write_text(to_csv(rows)))
     _atomic(paths["markdown"], lambda tmp: pathlib.Path(tmp).write_text(to_markdown(rows, digits)))
@@ -355,13 +427,14 @@ def write_report(root: os.PathLike | str, out: os.PathLike | str, *, all_evals: 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("root", type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--out", "out", type=click.Path(path_type=pathlib.Path), default=None,
-              help="Folder for results.csv, results.md and metrics_vs_weight.png  [default: ROOT]")
+              help="Folder for results.csv, results.md and metrics_vs_weight.png  "
+                   "[default: ROOT; ROOT/report for a digits-demo folder]")
 @click.option("--all-evals", is_flag=True, help="One row per evaluation (metrics-k.json) instead of the newest.")
 @click.option("--digits", type=click.IntRange(0, 8), default=2, show_default=True, help="Decimals in the Markdown table.")
 @exit_on_usage_error
 def main(root: pathlib.Path, out: Optional[pathlib.Path], all_evals: bool, digits: int) -> None:
     """Collect every run's metrics under ROOT into one table and plot each metric against the guidance weight."""
-    paths = write_report(root, out if out is not None else root, all_evals=all_evals, digits=digits)
+    paths = write_report(root, out if out is not None else default_out(root), all_evals=all_evals, digits=digits)
     print(pathlib.Path(paths["markdown"]).read_text(), end="")
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}", file=sys.stderr)

@@ -193,18 +193,13 @@ def check_outdir(path: os.PathLike | str, option: str = "`outdir`") -> pathlib.P
 
 
 def resolve_device(device) -> torch.device:
-    """`device` as given, else the torchrun-local default; an unusable device is a usage error."""
+    """`device` as given (checked by :func:`utils.device.resolve_device`), else the torchrun-local default."""
     from utils import dist
+    from utils.device import resolve_device as checked_device
 
-    if device is None or str(device) == "":
+    if device is None or str(device).strip() == "":
         return dist.device()
-    try:
-        dev = torch.device(str(device))
-    except (RuntimeError, ValueError):
-        raise UsageError(f"`device` {device!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"`device` {device} asked for, but no CUDA GPU is available; use cpu")
-    return dev
+    return checked_device(device, "`device`")
 
 
 def check_run_settings(settings: RunSettings, *, require_outdir: bool = True) -> None:

@@ -11,7 +11,11 @@ Two layouts:
 Every file is written under a hidden temporary name (``.<name>.tmp<pid>``) and
 moved to its final name only when complete, so a killed run never leaves a
 truncated PNG or a half-written shard under a final name.  Final names are
-never overwritten.  :func:`done_seeds` lists the seeds already finished, so a
+never overwritten; files get the permissions ``open()`` would give (umask).
+An :class:`OSError` while writing (disk full, folder not writable) stops the
+writer with an :class:`utils.errors.OutputError` naming the file; the images
+already published stay intact and the temporary files are removed.
+:func:`done_seeds` lists the seeds already finished, so a
 rerun can produce only the missing ones.
 
 PNG encoding and file writing run in background threads so the sampler keeps
@@ -28,14 +32,14 @@ import pathlib
 import queue
 import re
 import tarfile
-import tempfile
 import threading
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import PIL.Image
 
-from utils.errors import UsageError
+from utils.atomic import create_temp
+from utils.errors import OutputError, UsageError
 
 __all__ = ["png_relpath", "done_seeds", "remove_stale_temps", "ImageWriter", "ImageIndex"]
 
@@ -151,7 +155,10 @@ class ImageWriter:
         self.shard_size = int(shard_size)
         if self.shard_size < 1:
             raise ValueError("shard_size must be >= 1")
-        self.outdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(self.outdir, exc, "--outdir") from exc
         self.written: list[int] = []  # seeds published by this writer
         self._shard: Optional[tarfile.TarFile] = None
         self._shard_tmp: Optional[pathlib.Path] = None
@@ -197,8 +204,11 @@ class ImageWriter:
             pass
 
     def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"image writer failed: {self._error}") from self._error
+        if self._error is None:
+            return
+        if isinstance(self._error, UsageError):  # OutputError: one line for the CLI
+            raise self._error
+        raise RuntimeError(f"image writer failed: {self._error}") from self._error
 
     # -- consumer side ---------------------------------------------------------------
     def _run(self) -> None:
@@ -228,27 +238,34 @@ class ImageWriter:
             self._add_to_shard(seed, data)
             return
         final = self.outdir / png_relpath(seed, self.subdirs)
-        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_name(final)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if _publish(tmp, final):
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            published = _publish(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(final, exc, "--outdir") from exc
+        if published:
             self.written.append(seed)
 
     def _add_to_shard(self, seed: int, data: bytes) -> None:
-        if self._shard is None:
-            # O_EXCL creation: unique even for ranks on other nodes that share this folder and a PID.
-            fd, name = tempfile.mkstemp(dir=self.outdir, prefix=".shard-", suffix=f".tar.tmp{os.getpid()}")
-            os.close(fd)
-            self._shard_tmp = pathlib.Path(name)
-            self._shard = tarfile.open(self._shard_tmp, "w", format=tarfile.PAX_FORMAT)
-            self._shard_seeds = []
-        info = tarfile.TarInfo(f"{seed:07d}.png")
-        info.size = len(data)
-        info.mode = 0o644
-        self._shard.addfile(info, io.BytesIO(data))
+        try:
+            if self._shard is None:
+                # O_EXCL creation: unique even for ranks on other nodes that share this folder and a PID;
+                # mode 0666 & ~umask like the PNGs (not mkstemp's 0600).
+                self._shard_tmp = create_temp(self.outdir, ".shard-", f".tar.tmp{os.getpid()}")
+                self._shard = tarfile.open(self._shard_tmp, "w", format=tarfile.PAX_FORMAT)
+                self._shard_seeds = []
+            info = tarfile.TarInfo(f"{seed:07d}.png")
+            info.size = len(data)
+            info.mode = 0o644
+            self._shard.addfile(info, io.BytesIO(data))
+        except OSError as exc:
+            raise OutputError(self.outdir, exc, "--outdir") from exc  # the temporary name would mean nothing
         self._shard_seeds.append(seed)
         if len(self._shard_seeds) >= self.shard_size:
             self._finish_shard()
@@ -256,26 +273,37 @@ class ImageWriter:
     def _finish_shard(self) -> None:
         if self._shard is None:
             return
-        self._shard.close()
-        with open(self._shard_tmp, "rb+") as f:
-            os.fsync(f.fileno())
         base = f"{min(self._shard_seeds):07d}-{max(self._shard_seeds):07d}"
         for n in range(1000):
             final = self.outdir / (f"{base}.tar" if n == 0 else f"{base}-{n}.tar")
             if not final.exists():
                 break
-        tmp = self._shard_tmp
+        shard, tmp = self._shard, self._shard_tmp
         self._shard, self._shard_tmp = None, None
-        if not _publish(tmp, final):
+        try:
+            shard.close()
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            published = _publish(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(final, exc, "--outdir") from exc
+        if not published:
             raise FileExistsError(f"{final} appeared while writing; nothing was overwritten")
         self.written.extend(self._shard_seeds)
         self._shard_seeds = []
 
     def _abandon_shard(self) -> None:
-        if self._shard is not None:
-            self._shard.close()
-            self._shard_tmp.unlink(missing_ok=True)
-            self._shard, self._shard_tmp = None, None
+        """Drop the unfinished shard: close it (ignoring a full disk) and remove its temporary file."""
+        shard, tmp = self._shard, self._shard_tmp
+        self._shard, self._shard_tmp = None, None
+        if shard is not None:
+            try:
+                shard.close()
+            except OSError:
+                pass
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def iter_pending(seeds: Iterable[int], done: set[int]) -> list[int]:

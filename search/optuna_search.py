@@ -18,8 +18,8 @@ process; the weights and the output folder are set by each trial:
 
 One ``--weight lo:hi`` per guidance weight spans the search space, sampled on a grid of
 ``--step`` (0 = continuous).  The objective is read from the ``metrics.json`` the sampler
-writes into the trial's folder (``--metrics`` must include it); ``is`` is maximised,
-the distances minimised.
+writes into the trial's folder (``--metrics`` must include it, checked before the first
+trial); ``is``, ``conf_digits``, precision and recall are maximised, the distances minimised.
 
 Study: ``--storage`` is an Optuna database URL (PostgreSQL/MySQL for many concurrent
 jobs, as the paper did); by default ``sqlite:///<outdir>/optuna.db``.  Running the command
@@ -45,7 +45,12 @@ from utils.errors import UsageError, exit_on_usage_error
 __all__ = ["parse_range", "trial_folder", "sampler_argv", "sampler_settings", "run_sampler", "read_objective",
            "run_search", "main"]
 
-MAXIMIZE = {"is"}
+# Objective (a key of the sampler's metrics.json) -> the --metrics entry that writes it.
+OBJECTIVES = {"fid": "fid", "fd_dinov2": "fd_dinov2", "is": "is", "saturation": "saturation",
+              "precision_inception": "pr_inception", "recall_inception": "pr_inception",
+              "precision_dinov2": "pr_dinov2", "recall_dinov2": "pr_dinov2",
+              "fd_digits": "fd_digits", "conf_digits": "conf_digits"}
+MAXIMIZE = {"is", "conf_digits", "precision_inception", "recall_inception", "precision_dinov2", "recall_dinov2"}
 
 
 def parse_range(text: str) -> tuple[float, float]:
@@ -113,13 +118,15 @@ def run_sampler(sampler: str, argv: Sequence[str]) -> dict:
 
 
 def _check_objective(sampler: str, base_args: Sequence[str], ranges, outdir, objective: str) -> None:
-    """Before any trial: the sampler arguments must be valid and compute ``objective``."""
+    """Before any trial: ``objective`` must be a metric, and the sampler arguments valid and computing it."""
+    if objective not in OBJECTIVES:
+        raise UsageError(f"--objective {objective!r} is not a metric the samplers write; choose from "
+                         f"{', '.join(OBJECTIVES)}")
     lows = [lo for lo, _ in ranges]
     cfg = sampler_settings(sampler, sampler_argv(sampler, base_args, lows, trial_folder(outdir, 0, lows)))
-    pr = objective.split("_", 1)[-1] if objective.startswith(("precision_", "recall_")) else None
-    if objective not in cfg.metrics and f"pr_{pr}" not in cfg.metrics:
-        raise UsageError(f"no '{objective}' among the sampler's --metrics ({','.join(cfg.metrics) or 'none'}); "
-                         f"add it (with --ref_path) or choose another --objective")
+    if OBJECTIVES[objective] not in cfg.metrics:
+        raise UsageError(f"--objective {objective} needs the sampler's --metrics to include {OBJECTIVES[objective]} "
+                         f"(it has {','.join(cfg.metrics) or 'none'}); add it after -- or choose another --objective")
 
 
 def read_objective(folder: pathlib.Path, objective: str) -> float:
@@ -258,7 +265,8 @@ def run_search(sampler: str, base_args: Sequence[str], ranges: Sequence[tuple[fl
 @click.option("--n_trials", "--n-trials", "n_trials", type=int, default=20, show_default=True,
               help="Trials this command runs (the study keeps earlier ones).")
 @click.option("--objective", default="fd_dinov2", show_default=True,
-              help="Metric to optimise, read from the trial's metrics.json (is: maximised, others: minimised).")
+              help="Metric to optimise, read from the trial's metrics.json (is, conf_digits, precision_*, recall_*: "
+                   "maximised; distances: minimised).")
 @click.option("--step", type=float, default=0.01, show_default=True, help="Grid of the weights (0 = continuous).")
 @click.option("--storage", default=None, help="Optuna database URL  [default: sqlite:///<outdir>/optuna.db]")
 @click.option("--study", "study_name", default=None, help="Study name  [default: the outdir's name]")

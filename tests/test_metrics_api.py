@@ -198,3 +198,37 @@ def test_two_ranks_equal_one(tmp_path):
     np.testing.assert_allclose(multi["fid"]["features"], single["fid"]["features"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(multi["probs"], single["probs"], rtol=1e-5, atol=1e-8)
     assert multi["saturation"] == pytest.approx(single["saturation"], rel=1e-12)
+
+
+def test_unwritable_out_or_dest_refused_before_any_work(tmp_path, monkeypatch):
+    from metrics import cli as metrics_cli
+
+    def no_work(*a, **k):
+        raise AssertionError("computed before checking the output folder")
+
+    monkeypatch.setattr(metrics_cli, "calc_metrics", no_work)
+    monkeypatch.setattr(metrics_cli, "compute_stats", no_work)
+    gen = write_folder(tmp_path / "gen", make_images(6, 3))
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    one_error_line(*run_cli("calc", "--images", gen, "--ref", gen, "--metrics", "fid", "--out", blocker / "run"),
+                   f"cannot write {blocker / 'run'}: ")
+    one_error_line(*run_cli("calc", "--images", gen, "--ref", gen, "--metrics", "fid", "--out", "/proc/swg-test"),
+                   "cannot write /proc/swg-test: ")
+    one_error_line(*run_cli("ref", "--images", gen, "--dest", blocker / "sub" / "ref.pkl", "--metrics", "fid"),
+                   "choose another --dest")
+    assert blocker.read_text() == "keep"
+    # A bad input found after the output check leaves no empty output folder behind.
+    monkeypatch.undo()
+    one_error_line(*run_cli("calc", "--images", tmp_path / "nowhere", "--ref", gen, "--out", tmp_path / "o" / "run"),
+                   "images not found")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_device_without_gpu_is_one_line(tmp_path):
+    gen = write_folder(tmp_path / "gen", make_images(6, 3))
+    one_error_line(*run_cli("calc", "--images", gen, "--ref", gen, "--device", "cuda"), "--device cuda: no CUDA GPU")
+    one_error_line(*run_cli("ref", "--images", gen, "--dest", tmp_path / "r.pkl", "--device", "gpu0"),
+                   "--device 'gpu0' is not a device")
+    assert not (tmp_path / "r.pkl").exists()

@@ -16,6 +16,8 @@ from metrics.api import write_metrics
 from results import collect as C
 from utils.errors import UsageError
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 
 def edm2_run(root: pathlib.Path, name: str, results: dict, **opts) -> pathlib.Path:
     """A sample_edm2.py run folder: generate_args.json from the real config, metrics via metrics.api."""
@@ -146,3 +148,56 @@ def test_broken_file_is_skipped_with_a_warning(runs, capsys):
     assert "skipping" in capsys.readouterr().err
     with pytest.raises(UsageError):
         C.collect(bad)
+
+
+def _demo_table(folder: pathlib.Path) -> dict:
+    with open(folder / "results.csv", newline="") as f:
+        return {r["method"]: r for r in csv.DictReader(f)}
+
+
+def test_demo_run_metrics_in_table_and_plot(tmp_path, monkeypatch):
+    """A folder written by demo/run_demo.py: its FD and confidence show up as fd_digits / conf_digits."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "demo"))
+    run_demo = importlib.import_module("run_demo")
+    demo = tmp_path / "demo"
+    r = CliRunner().invoke(run_demo.main, ["--outdir", str(demo), "--num", "2", "--steps", "1",
+                                           "--methods", "none,m-swg,m-swg-1.1"])
+    assert r.exit_code == 0, r.output[-2000:]
+    own = {p: p.read_bytes() for p in demo.iterdir() if p.is_file()}
+    table = _demo_table(demo)
+
+    res = CliRunner().invoke(C.main, [str(demo)])
+    assert res.exit_code == 0, res.output
+    report = demo / "report"  # the default: the demo's own results.md stays as it is
+    assert {p: p.read_bytes() for p in demo.iterdir() if p.is_file()} == own
+    rows = {r["run"]: r for r in C.collect(demo)}
+    assert sorted(rows) == ["m-swg", "m-swg-1.1", "none"]
+    for name, row in rows.items():
+        assert row["fd_digits"] == pytest.approx(float(table[name]["fd"]))
+        assert row["conf_digits"] == pytest.approx(float(table[name]["confidence"]))
+        assert row["N"] == 2 and row["model"].startswith("demo-digits")
+    assert (rows["none"]["label"], rows["m-swg-1.1"]["label"], rows["m-swg-1.1"]["weights"]) == \
+        ("no guidance", "M-SWG", "1.1")
+    md = (report / "results.md").read_text().splitlines()
+    assert md[0] == "| method | weights | windows | model | N | FD-digits | confidence | class match |"
+    assert any(line.startswith("| M-SWG | 1.1 | k=12,n=2 | demo-digits | 2 | ") for line in md)
+    assert C._series(list(rows.values()), "fd_digits")["demo-digits: M-SWG, k=12,n=2"] == \
+        [(0.2, pytest.approx(float(table["m-swg"]["fd"]))), (1.1, pytest.approx(float(table["m-swg-1.1"]["fd"])))]
+    img = PIL.Image.open(report / "metrics_vs_weight.png")
+    assert img.size[0] == round(2 * 4.6 * 120)  # two panels: FD (digits) and confidence
+
+    # Writing the report over the demo's own table is refused, nothing touched.
+    res = CliRunner().invoke(C.main, [str(demo), "--out", str(demo)])
+    assert res.exit_code == 2 and res.output.count("\n") == 1 and "--out" in res.output
+    assert {p: p.read_bytes() for p in demo.iterdir() if p.is_file()} == own
+
+
+def test_unwritable_out_is_one_line(runs, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    res = CliRunner().invoke(C.main, [str(runs), "--out", str(blocker / "sub")])
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert res.output.startswith(f"error: cannot write {blocker / 'sub'}: ") and "--out" in res.output
+    assert blocker.read_text() == "keep"

@@ -113,14 +113,32 @@ def test_argument_errors(setup, tmp_path):
         S.parse_range("0.5")
     with pytest.raises(UsageError, match="low <= high"):
         S.parse_range("2:1")
-    # a metric the sampler did not compute
-    with pytest.raises(UsageError, match="no 'fd_dinov2'"):
+    # a metric the sampler does not compute, or no metric at all: refused before the first trial
+    with pytest.raises(UsageError, match="--objective fd_dinov2 needs the sampler's --metrics to include fd_dinov2 "
+                                         r"\(it has fid\)"):
         S.run_search("edm2", base + ["--seeds", "0-1"], [(0.1, 0.1)], tmp_path / "y", n_trials=1,
                      objective="fd_dinov2")
+    with pytest.raises(UsageError, match="--objective 'kid' is not a metric the samplers write"):
+        S.run_search("edm2", base, [(0.1, 0.1)], tmp_path / "y", n_trials=1, objective="kid")
+    assert not (tmp_path / "y").exists()
+    # no --metrics at all (EDM2's default): refused before the first trial too
+    no_metrics = [a for i, a in enumerate(base) if "--metrics" not in base[max(i - 1, 0):i + 1]]
+    with pytest.raises(UsageError, match=r"include fid \(it has none\)"):
+        S.run_search("edm2", no_metrics + ["--seeds", "0-1"], [(0.1, 0.1)], tmp_path / "w", n_trials=1,
+                     objective="fid")
+    assert not (tmp_path / "w").exists()
     # the CLI: one line, exit 2, for a bad sampler argument
     res = CliRunner().invoke(S.main, ["--sampler", "edm2", "--outdir", str(tmp_path / "z"), "--weight", "0:1",
                                       "--n_trials", "1", "--objective", "fid", "--", *base, "--bogus", "1"])
     assert res.exit_code == 2 and "error:" in res.output
+
+
+def test_objective_directions_and_metric_names():
+    # every objective maps to the --metrics entry that writes it; directions follow the metric
+    assert S.OBJECTIVES["recall_dinov2"] == "pr_dinov2" and S.OBJECTIVES["precision_inception"] == "pr_inception"
+    assert {"is", "conf_digits", "precision_inception", "recall_dinov2"} <= S.MAXIMIZE
+    assert not {"fid", "fd_dinov2", "fd_digits", "saturation"} & S.MAXIMIZE
+    assert S.MAXIMIZE <= set(S.OBJECTIVES)
 
 
 def test_dit_trial_arguments():

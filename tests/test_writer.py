@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tarfile
@@ -185,3 +186,88 @@ def test_concurrent_shards_with_same_pid_and_thread_id(tmp_path, monkeypatch):
             assert tar.getnames() == [f"{s:07d}.png" for s in seeds]
             for s, img in zip(seeds, _images(seeds)):
                 np.testing.assert_array_equal(_read_png(tar.extractfile(f"{s:07d}.png").read()), img)
+
+
+class _FullDisk:
+    """Stands in for a disk with ``free`` bytes left: writes past that raise ENOSPC, as the kernel would."""
+
+    def __init__(self, free: int):
+        self.free = free
+
+    def open(self, path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if "w" not in mode and "a" not in mode and "+" not in mode:
+            return f
+        disk, real_write = self, f.write
+
+        def write(data):
+            if len(data) > disk.free:
+                real_write(data[: disk.free])  # a partial write first, as on a real disk
+                disk.free = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            disk.free -= len(data)
+            return real_write(data)
+
+        f.write = write
+        return f
+
+
+def _listing(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("subdirs", [False, True])
+def test_disk_full_png_keeps_finished_files_and_removes_temps(tmp_path, monkeypatch, subdirs):
+    seeds = list(range(6))
+    png_sizes = [len(W._encode_png(img)) for img in _images(seeds)]
+    disk = _FullDisk(sum(png_sizes[:3]) + png_sizes[3] // 2)  # room for three and a half images
+    monkeypatch.setattr(W, "open", disk.open, raising=False)
+    w = W.ImageWriter(tmp_path, subdirs=subdirs)
+    w.write(seeds, _images(seeds))
+    with pytest.raises(W.OutputError) as info:
+        w.close()
+    msg = str(info.value)
+    third = tmp_path / W.png_relpath(3, subdirs)
+    assert msg == (f"cannot write {third}: {os.strerror(errno.ENOSPC)} (errno {errno.ENOSPC}); "
+                   "free space or choose another --outdir")
+    assert W.done_seeds(tmp_path) == {0, 1, 2} and sorted(w.written) == [0, 1, 2]
+    for s, img in zip(seeds[:3], _images(seeds[:3])):
+        np.testing.assert_array_equal(_read_png(tmp_path / W.png_relpath(s, subdirs)), img)
+    assert not [p for p in _listing(tmp_path) if ".tmp" in p]
+
+
+def test_disk_full_tar_keeps_finished_shards_and_removes_temps(tmp_path, monkeypatch):
+    seeds = list(range(6))
+    with W.ImageWriter(tmp_path / "probe", tar=True, shard_size=2) as w:
+        w.write(seeds[:2], _images(seeds[:2]))
+    shard_bytes = (tmp_path / "probe" / "0000000-0000001.tar").stat().st_size
+    disk = _FullDisk(2 * shard_bytes + 100)  # two shards fit, the third does not
+    monkeypatch.setattr(tarfile, "bltn_open", disk.open)
+    out = tmp_path / "out"
+    w = W.ImageWriter(out, tar=True, shard_size=2)
+    w.write(seeds, _images(seeds))
+    with pytest.raises(W.OutputError, match=r"No space left on device \(errno 28\); free space"):
+        w.close()
+    assert _listing(out) == ["0000000-0000001.tar", "0000002-0000003.tar"]
+    assert W.done_seeds(out) == {0, 1, 2, 3}
+
+
+def test_unwritable_outdir_is_one_output_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    with pytest.raises(W.OutputError, match=r"cannot write .*file/out: .*\(errno 20\); a file or folder"):
+        W.ImageWriter(blocker / "out")
+    assert blocker.read_text() == "keep"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("tar", [False, True])
+def test_files_get_umask_permissions(tmp_path, umask, tar):
+    old = os.umask(umask)
+    try:
+        with W.ImageWriter(tmp_path, tar=tar) as w:
+            w.write([0, 1], _images([0, 1]))
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in files)

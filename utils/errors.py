@@ -1,11 +1,31 @@
-"""One error type for bad user input: the CLIs print its one-line message and exit 2."""
+"""Errors the user can fix, and how every CLI reports them: one line on stderr, no traceback.
+
+* :class:`UsageError` (bad input)            -> ``error: <message>``, exit 2;
+* :class:`OutputError` / :class:`OSError`     -> ``error: cannot write <path>: <cause> (errno N); <fix>``, exit 2;
+* ``KeyboardInterrupt`` (Ctrl-C)              -> ``interrupted; rerun the same command to resume``, exit 130.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) a usage or output error is printed once
+for the whole job: by rank 0 when it fails too, else by the failing rank, whose
+number the line names (``error: rank 3: ...``).  The ranks agree through
+torchrun's own key-value store (``MASTER_ADDR:MASTER_PORT``), which needs no
+process group, so this works before ``init_process_group`` and after a rank
+has left it.  torchrun then prints its own ``ChildFailedError`` report and
+exits 1; the README's troubleshooting section shows what that looks like.
+"""
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
+import time
+from typing import Optional
 
-__all__ = ["UsageError", "exit_on_usage_error"]
+__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "describe_os_error", "INTERRUPTED"]
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
+RANK_WAIT_S = 5.0  # how long a failing rank other than 0 waits to see whether rank 0 reports the error
 
 
 class UsageError(Exception):
@@ -14,16 +34,151 @@ class UsageError(Exception):
     exit_code = 2
 
 
+_FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _fix(code: Optional[int], where: str) -> str:
+    """The usual remedy for an OS error ``code`` on an output; ``where`` names the flag or folder to change."""
+    if code in _FULL:
+        return f"free space or choose another {where}"
+    if code in _DENIED:
+        return f"choose another {where} you can write to"
+    if code in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"a file or folder of that name is in the way; move it or choose another {where}"
+    if code == errno.ENAMETOOLONG:
+        return f"choose a shorter {where}"
+    return f"choose another {where}"
+
+
+def _cause(exc: OSError) -> str:
+    if exc.errno is None:
+        return str(exc)
+    return f"{exc.strerror or os.strerror(exc.errno)} (errno {exc.errno})"
+
+
+class OutputError(UsageError):
+    """An output could not be written; raised where the path is known, from the :class:`OSError`.
+
+    ``OutputError(path, exc, flag="--out")`` reads
+    ``cannot write <path>: No space left on device (errno 28); free space or choose another --out``.
+    """
+
+    def __init__(self, path, cause: OSError, flag: str = "output folder"):
+        self.path, self.cause = os.fspath(path), cause
+        fix = _fix(cause.errno, flag)
+        super().__init__(f"cannot write {self.path}: {_cause(cause)}" + (f"; {fix}" if fix else ""))
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an :class:`OSError` that reached a CLI: the file, the cause, and the usual fix."""
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    where = " -> ".join(os.fsdecode(n) if isinstance(n, bytes) else str(n) for n in names)
+    fix = _fix(exc.errno, "output folder") if exc.errno in _FULL else ""  # the others may be reads too
+    return (f"{where}: " if where else "") + _cause(exc) + (f"; {fix}" if fix else "")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _torchrun_store():
+    """A client of torchrun's key-value store, or None (not under torchrun, or unreachable)."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    try:
+        import datetime
+
+        from torch.distributed import TCPStore
+
+        return TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=5),
+                        wait_for_workers=False)
+    except Exception:  # noqa: BLE001 - any failure means: report without coordination
+        return None
+
+
+def _close_progress_bars() -> None:
+    """End open tqdm bars so that the message starts on a line of its own (not after a half-drawn bar)."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot be closed must not hide the error
+            pass
+
+
+def _report_once(line: str, wait_s: Optional[float] = None) -> None:
+    """Print ``error: <line>`` once for the job (see the module docstring)."""
+    _close_progress_bars()
+    wait_s = RANK_WAIT_S if wait_s is None else wait_s
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        return
+    store = _torchrun_store()
+    key = f"swg_error/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    def ask(op, *args, default=None):  # the store may be going away while torchrun stops the job
+        try:
+            return getattr(store, op)(*args) if store is not None else default
+        except Exception:  # noqa: BLE001
+            return default
+
+    if rank == 0:
+        ask("set", f"{key}/rank0", "1")
+        if ask("add", f"{key}/printed", 1, default=1) != 1:
+            return  # a rank that failed long before rank 0 has reported it already
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        return
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if ask("check", [f"{key}/rank0"], default=False):
+            return  # rank 0 failed too and prints the line
+        time.sleep(0.05)
+    if ask("add", f"{key}/printed", 1, default=1) != 1:
+        return
+    print(f"error: rank {rank}: {line}", file=sys.stderr, flush=True)
+
+
+def _ignore_sigint() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def exit_on_usage_error(fn):
-    """Decorator for CLI entry points: a :class:`UsageError` becomes ``error: <msg>`` and exit 2."""
+    """Decorator for CLI entry points: user-fixable errors become one line on stderr (see the module docstring).
+
+    :class:`UsageError` and :class:`OSError` exit 2, Ctrl-C exits 130 (printed
+    by rank 0 only, as every rank receives it).  Other exceptions are bugs and
+    keep their traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UsageError as exc:
-            msg = " ".join(str(exc).split())
-            print(f"error: {msg}", file=sys.stderr)
+            _report_once(_one_line(exc))
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            _report_once(_one_line(describe_os_error(exc)))
+            sys.exit(UsageError.exit_code)
+        except KeyboardInterrupt:
+            _ignore_sigint()  # torchrun forwards the terminal's Ctrl-C: a second one must not print a traceback
+            _close_progress_bars()
+            if _env_int("RANK", 0) == 0:
+                print(INTERRUPTED, file=sys.stderr, flush=True)
+            sys.exit(130)
 
     return wrapper
