@@ -43,7 +43,7 @@ from utils.atomic import atomic_path, write_json_atomic
 from utils.errors import UsageError
 
 __all__ = ["SETTINGS_FILE", "LEGACY_SETTINGS_FILES", "MAX_SEED", "RunSettings", "Backend", "Draw",
-           "parse_seeds", "compact_seeds", "parse_metrics", "effective_metrics", "check_outdir", "check_reference", "check_run_settings",
+           "parse_seeds", "compact_seeds", "parse_metrics", "effective_metrics", "check_outdir", "probe_outdir", "check_reference", "check_run_settings",
            "resolve_device", "read_json", "read_saved_settings", "changed_setting", "check_saved_settings",
            "write_settings", "pending_seeds", "split_batches", "open_sinks", "progress", "load_reference",
            "load_detectors", "prefetch", "generate", "run_metrics", "write_npz"]
@@ -189,6 +189,22 @@ def check_outdir(path: os.PathLike | str, option: str = "`outdir`") -> pathlib.P
         raise UsageError(f"{path} cannot be created because {probe} is a file; choose another {option}")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"{path} cannot be written ({probe} is read-only); choose another {option}")
+    return path
+
+
+def probe_outdir(path: os.PathLike | str, option: str = "`outdir`") -> pathlib.Path:
+    """:func:`check_outdir`, then (rank 0 only) prove the folder can really be created and written.
+
+    Pseudo and read-only file systems (``/proc/x``) pass the permission checks and
+    refuse only on ``mkdir``; :func:`utils.atomic.check_output_dir` tries it and
+    leaves nothing behind.
+    """
+    from utils import dist
+    from utils.atomic import check_output_dir
+
+    path = check_outdir(path, option)
+    if dist.get_rank() == 0:
+        check_output_dir(path, option)
     return path
 
 
@@ -513,7 +529,7 @@ def generate(backend: Backend, *, progress_bar: bool = True) -> dict:
     dist.init()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = resolve_device(settings.device)
-    outdir = check_outdir(settings.outdir)
+    outdir = probe_outdir(settings.outdir)
     record = backend.record()
 
     # Everything the run needs, before the first image: reference, detectors, networks; then the folder's
