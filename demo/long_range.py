@@ -9,7 +9,7 @@ sees the whole grid, so the rule "four quadrants agree" is exactly the kind of
 long-range dependency that sliding window guidance is said to upweight.  Small
 EDM2 networks trained on it ship in ``demo/models/quad-*`` (see
 ``training/train_long_range.sh``): class-conditional and unconditional, and
-their less-trained EMA snapshots (T/8, T/4).
+their less-trained EMA snapshots (``-early``).
 
 Every row samples the same seeds with the project's EDM2 pipeline
 (:func:`sampling.edm2_run.build_config` / :func:`~sampling.edm2_run.generate`)
@@ -25,9 +25,9 @@ into ``OUTDIR/<row>/`` and is scored with the shipped digit classifier
 * **class match** (conditional rows): share of quadrants classified as the
   class the image was generated for.
 
-Rows (``rows()``): per positive network unguided, CFG (conditional), autoguidance
-(the T/8 snapshot as the weak model), and SWG / M-SWG for each window size and
-weight.  Windows of ``k`` pixels advance by at most ``k/2`` (``window_steps``),
+Rows (:func:`rows`): per positive network unguided, CFG (conditional), autoguidance
+(the less-trained snapshot of the same run as the weak model), and SWG / M-SWG
+for each window size and weight.  Windows of ``k`` pixels advance by at most ``k/2`` (``window_steps``),
 so neighbouring windows overlap and M-SWG's mask (pixels covered by more than
 one window) is not empty.
 
@@ -64,17 +64,20 @@ __all__ = ["MODELS", "Row", "rows", "window_steps", "consistency", "quadrant_lab
 
 MODEL_DIR = REPO / "demo" / "models"
 MODELS = {name: str(MODEL_DIR / f"quad-{name}.safetensors")
-          for name in ("cond", "uncond", "cond-T8", "uncond-T8", "cond-T4", "uncond-T4")}
+          for name in ("cond", "uncond", "cond-early", "uncond-early")}
 RESOLUTION = 32
 RESULTS = ("results.csv", "results.png", "samples.png", "results.md")
 GRID_SEEDS = 10
 
-# What the default command runs (about 5 minutes of sampling on two quiet cores) and what --full runs.
-DEFAULT = dict(num=128, steps=12, windows=(8, 16, 24, 28), weights=(0.5, 1.0), positives=("uncond", "cond"),
-               swg_windows=(16, 28))
-FULL = dict(num=512, steps=24, windows=(8, 12, 16, 20, 24, 28), weights=(0.25, 0.5, 1.0, 2.0),
-            positives=("uncond", "cond", "uncond-T4"), swg_windows=(8, 12, 16, 20, 24, 28))
+# What the default command runs (under 10 minutes on two cores) and what --full runs.  ``sweep``: positives
+# that get the whole M-SWG grid (windows x weights, plain SWG at ``swg_windows``); ``probe``: positives
+# that get unguided, CFG / autoguidance and M-SWG at ``probe`` = (window, weight) only.
+DEFAULT = dict(num=128, steps=10, windows=(8, 16, 24, 28), weights=(0.5, 1.0), swg_windows=(16,),
+               sweep=("uncond",), probe=("cond", "uncond-early"), probe_at=(16, 1.0))
+FULL = dict(num=256, steps=16, windows=(8, 12, 16, 20, 24, 28), weights=(0.25, 0.5, 1.0, 2.0),
+            swg_windows=(16, 28), sweep=("uncond",), probe=("cond", "uncond-early"), probe_at=(16, 1.0))
 OTHER_WEIGHT = 1.0          # CFG and autoguidance weight
+WEAK = {"cond": "cond-early", "uncond": "uncond-early"}   # autoguidance: the same run, less trained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,23 +100,31 @@ def window_steps(k: int, size: int = RESOLUTION) -> int:
     return -(-(size - k) // max(k // 2, 1)) + 1
 
 
-def rows(positives: Sequence[str], windows: Sequence[int], weights: Sequence[float],
-         swg_windows: Sequence[int] = ()) -> list[Row]:
-    """Per positive network: unguided, CFG (conditional only), autoguidance, M-SWG (and plain SWG) sweeps."""
+def rows(sweep: Sequence[str], windows: Sequence[int], weights: Sequence[float], swg_windows: Sequence[int] = (),
+         probe: Sequence[str] = (), probe_at: tuple = (16, 1.0)) -> list[Row]:
+    """Per positive network: unguided, CFG (conditional), autoguidance (fully trained ones), then M-SWG.
+
+    Positives in ``sweep`` get M-SWG for every window size and weight (plain SWG
+    too at ``swg_windows``); those in ``probe`` M-SWG at ``probe_at`` only.
+    """
     out = []
-    for pos in positives:
-        base = pos.split("-")[0]                       # cond / uncond
+    for pos in dict.fromkeys([*sweep, *probe]):
         out.append(Row(f"{pos}/none", pos))
-        if base == "cond":
+        if pos == "cond":
             out.append(Row(f"{pos}/cfg-{OTHER_WEIGHT:g}", pos, "cfg", OTHER_WEIGHT, "uncond"))
-        if pos in ("cond", "uncond"):
-            out.append(Row(f"{pos}/autoguidance-{OTHER_WEIGHT:g}", pos, "wmg", OTHER_WEIGHT, f"{base}-T8"))
-        for k in windows:
-            for w in weights:
-                out.append(Row(f"{pos}/m-swg-k{k}-w{w:g}", pos, "swg", w, window=k, masked=1))
-                if k in swg_windows:
-                    out.append(Row(f"{pos}/swg-k{k}-w{w:g}", pos, "swg", w, window=k, masked=0))
+        if pos in WEAK:
+            out.append(Row(f"{pos}/autoguidance-{OTHER_WEIGHT:g}", pos, "wmg", OTHER_WEIGHT, WEAK[pos]))
+        grid = [(k, w) for k in windows for w in weights] if pos in sweep else [tuple(probe_at)]
+        for k, w in grid:
+            out.append(Row(f"{pos}/m-swg-k{k}-w{w:g}", pos, "swg", w, window=k, masked=1))
+            if pos in sweep and k in swg_windows:
+                out.append(Row(f"{pos}/swg-k{k}-w{w:g}", pos, "swg", w, window=k, masked=0))
     return out
+
+
+def default_rows(spec: dict) -> list[Row]:
+    """The rows of ``DEFAULT`` or ``FULL``."""
+    return rows(spec["sweep"], spec["windows"], spec["weights"], spec["swg_windows"], spec["probe"], spec["probe_at"])
 
 
 def folder_name(row: Row) -> str:
@@ -202,8 +213,7 @@ def run_long_range(outdir, num: int = DEFAULT["num"], steps: int = DEFAULT["step
 
     t_start = time.perf_counter()
     outdir = pathlib.Path(outdir).expanduser()
-    chosen = list(chosen if chosen is not None else rows(DEFAULT["positives"], DEFAULT["windows"],
-                                                         DEFAULT["weights"], DEFAULT["swg_windows"]))
+    chosen = list(chosen if chosen is not None else default_rows(DEFAULT))
     if num < 2:
         raise UsageError("--num must be at least 2 (the Fréchet distance needs a covariance)")
     if steps < 1 or batch < 1:
@@ -355,7 +365,8 @@ def _parse(text: Optional[str], kind, what: str):
 @click.option("--steps", type=int, default=None, help=f"Heun steps [default: {DEFAULT['steps']}].")
 @click.option("--windows", default=None, help="Comma list of M-SWG window sizes (of 32, divisible by 4).")
 @click.option("--weights", default=None, help="Comma list of SWG weights.")
-@click.option("--positives", default=None, help=f"Comma list of positive networks ({', '.join(MODELS)}).")
+@click.option("--positives", default=None, help=f"Comma list of positive networks to sweep ({', '.join(MODELS)}) "
+              f"[default: {','.join(DEFAULT['sweep'])}, and a probe of {','.join(DEFAULT['probe'])}].")
 @click.option("--batch", type=int, default=64, show_default=True,
               help="Images drawn at a time; an interrupted row keeps its finished batches.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -366,15 +377,16 @@ def main(outdir, full, num, steps, windows, weights, positives, batch, no_progre
     base = FULL if full else DEFAULT
     windows = _parse(windows, int, "--windows") or base["windows"]
     weights = _parse(weights, float, "--weights") or base["weights"]
-    positives = _parse(positives, str, "--positives") or base["positives"]
-    unknown = [p for p in positives if p not in MODELS]
+    sweep = _parse(positives, str, "--positives") or base["sweep"]
+    probe = base["probe"] if positives is None else ()
+    unknown = [p for p in sweep if p not in MODELS]
     if unknown:
         raise UsageError(f"unknown --positives {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     bad = [k for k in windows if not 4 <= k <= RESOLUTION or k % 4]
     if bad:
         raise UsageError(f"--windows {','.join(map(str, bad))}: window sizes must lie in 4..32 and be divisible "
                          f"by 4 (the U-Net halves 32x32 twice)")
-    chosen = rows(positives, windows, weights, [k for k in base["swg_windows"] if k in windows])
+    chosen = rows(sweep, windows, weights, [k for k in base["swg_windows"] if k in windows], probe, base["probe_at"])
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     run_long_range(outdir, num if num is not None else base["num"], steps if steps is not None else base["steps"],
                    batch, chosen, progress=not no_progress)

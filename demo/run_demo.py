@@ -135,7 +135,9 @@ def write_table(rows: list[dict], outdir: pathlib.Path, num: int, steps: int, ch
                 ) -> tuple[str, pathlib.Path]:
     """``results.csv``, ``results.png``, ``samples.png`` and, last, ``results.md`` (atomic); returns the Markdown."""
     base = rows[0]
-    lines = [f"Digits demo: {num} images per method, {steps} Heun steps, windows {WINDOW}x{WINDOW} "
+    which = {(DEFAULT["num"], DEFAULT["steps"]): " (default command)",
+             (FULL["num"], FULL["steps"]): " (--full)"}.get((num, steps), "")
+    lines = [f"Digits demo{which}: {num} images per method, {steps} Heun steps, windows {WINDOW}x{WINDOW} "
              f"({WINDOW_STEPS} per axis) on 16x16.", "",
              "| method | g_method | weight | negative | FD (lower better) | ΔFD vs none | confidence (higher better) "
              "| class match | seconds |",
