@@ -72,10 +72,10 @@ GRID_SEEDS = 10
 # What the default command runs (under 10 minutes on two cores) and what --full runs.  ``sweep``: positives
 # that get the whole M-SWG grid (windows x weights, plain SWG at ``swg_windows``); ``probe``: positives
 # that get unguided, CFG / autoguidance and M-SWG at ``probe`` = (window, weight) only.
-DEFAULT = dict(num=128, steps=10, windows=(8, 16, 24, 28), weights=(0.5, 1.0), swg_windows=(16,),
-               sweep=("uncond",), probe=("cond", "uncond-early"), probe_at=(16, 1.0))
+DEFAULT = dict(num=128, steps=8, windows=(8, 16, 24, 28), weights=(0.5, 1.0), swg_windows=(16,),
+               sweep=("cond",), probe=("uncond", "cond-early"), probe_at=(16, 1.0))
 FULL = dict(num=256, steps=16, windows=(8, 12, 16, 20, 24, 28), weights=(0.25, 0.5, 1.0, 2.0),
-            swg_windows=(16, 28), sweep=("uncond",), probe=("cond", "uncond-early"), probe_at=(16, 1.0))
+            swg_windows=(16, 28), sweep=("cond", "uncond"), probe=("cond-early", "uncond-early"), probe_at=(16, 1.0))
 OTHER_WEIGHT = 1.0          # CFG and autoguidance weight
 WEAK = {"cond": "cond-early", "uncond": "uncond-early"}   # autoguidance: the same run, less trained
 
