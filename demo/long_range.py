@@ -315,21 +315,22 @@ def plot(table: list[dict], path: pathlib.Path) -> None:
     data = next((r for r in table if r["positive"] == "-"), None)
     for (ax_c, ax_f), pos in zip(axes, positives):
         mine = [r for r in table if r["positive"] == pos]
-        base = next(r for r in mine if r["g_method"] == "none")
+        base = next((r for r in mine if r["g_method"] == "none"), None)
         for ax, key in ((ax_c, "consistency"), (ax_f, "fd")):
             for k in windows:
                 for masked, style in ((1, "-"), (0, "--")):
                     pts = sorted((float(r["weight"]), r[key]) for r in mine
                                  if r["window"] and int(r["window"]) == k and int(r["masked"]) == masked)
                     if pts:
-                        xs, ys = zip(*([(0.0, base[key])] + pts))
+                        xs, ys = zip(*(([(0.0, base[key])] if base else []) + pts))
                         ax.plot(xs, ys, style, marker="o", ms=3, color=color[k],
                                 label=f"{'M-SWG' if masked else 'SWG'} k={k}")
             for r, marker in ((r, "s" if r["g_method"] == "cfg" else "^") for r in mine
                               if r["g_method"] in ("cfg", "autoguidance")):
                 ax.plot([float(r["weight"])], [r[key]], marker, color="tab:red" if marker == "s" else "tab:blue",
                         ms=7, linestyle="none", label=r["g_method"])
-            ax.axhline(base[key], color="k", linestyle=":", linewidth=1, label="unguided")
+            if base is not None:
+                ax.axhline(base[key], color="k", linestyle=":", linewidth=1, label="unguided")
             if data is not None:
                 ax.axhline(data[key], color="tab:green", linestyle="-.", linewidth=1, label="training data")
             ax.set_xlabel("guidance weight w")

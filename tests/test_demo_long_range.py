@@ -107,8 +107,7 @@ def test_tiny_long_range_run(tmp_path):
     chosen = [long_range.Row("uncond/none", "uncond"),
               long_range.Row("uncond/m-swg-k12-w1", "uncond", "swg", 1.0, window=12),
               long_range.Row("uncond/swg-k12-w1", "uncond", "swg", 1.0, window=12, masked=0),
-              long_range.Row("cond/cfg-1", "cond", "cfg", 1.0, "uncond"),
-              long_range.Row("cond/autoguidance-1", "cond", "wmg", 1.0, "cond-early")]
+              long_range.Row("cond/cfg-1", "cond", "cfg", 1.0, "uncond")]
     out = tmp_path / "lr"
     log = []
     table = long_range.run_long_range(out, num=4, steps=2, batch=3, chosen=chosen, log=log.append, progress=False)
