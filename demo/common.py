@@ -2,9 +2,10 @@
 timings, reading and scoring images, tables, the sample grid and Ctrl-C.
 
 Both demos (``demo/run_demo.py``, ``demo/long_range.py``) sample every row of
-their table with the project's EDM2 pipeline (:mod:`sampling.edm2_run`) into
-``OUTDIR/<row>/``, one batch at a time, so an interrupted row keeps the
-batches it finished and a rerun draws only the missing seeds.  The sampling
+their table with the project's EDM2 run lifecycle (:func:`sampling.edm2_run.generate`)
+into ``OUTDIR/<row>/``; the run writes each batch as it finishes, so an
+interrupted row keeps the batches it finished and a rerun draws only the
+missing seeds.  The sampling
 seconds of each row are kept in ``OUTDIR/timings.json`` (summed over
 interrupted attempts), so a resumed or reused row reports the time its images
 really took, not the time of the rerun.
@@ -22,8 +23,6 @@ import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-import torch
-
 from utils.atomic import atomic_path, write_text_atomic
 from utils.errors import UsageError
 
@@ -113,33 +112,27 @@ class Timings:
 
 def sample_row(make_config: Callable, folder: pathlib.Path, seeds: Sequence[int], batch: int, desc: str,
                timings: Timings, name: str, progress: bool = True) -> float:
-    """Draw the seeds missing in ``folder``, one batch per call of the EDM2 pipeline; returns the row's seconds.
+    """Draw the seeds missing in ``folder`` with the EDM2 run lifecycle; returns the row's sampling seconds.
 
     ``make_config(seeds)`` builds the :class:`sampling.edm2_run.GenerateConfig`
-    of one batch.  Each batch's images are on disk when the next one starts, so
-    an interrupted row keeps them; the seconds spent (also when interrupted)
-    are added to ``timings``.
+    of the row (``batch`` images per batch).  The run writes each batch as it
+    finishes, so an interrupted row keeps its finished batches and a rerun draws
+    only the rest; the seconds spent (also when interrupted) are added to
+    ``timings``.  ``desc`` labels the progress bar.
     """
-    from tqdm.auto import tqdm
-
     from sampling import edm2_run
     from sampling.writer import done_seeds
 
     done = done_seeds(folder)
     pending = [s for s in seeds if s not in done]
-    bar = tqdm(total=len(seeds), initial=len(seeds) - len(pending), desc=desc, unit="img", file=sys.stderr,
-               dynamic_ncols=True, disable=not progress, leave=True)
-    t0, drawn = time.perf_counter(), 0
+    if not pending:
+        return timings.seconds(name)
+    t0 = time.perf_counter()
     try:
-        for i in range(0, len(pending), batch):
-            chunk = pending[i:i + batch]
-            edm2_run.generate(make_config(chunk), progress=False)
-            drawn += len(chunk)
-            bar.update(len(chunk))
+        edm2_run.generate(make_config(seeds), progress=progress, desc=desc)
     finally:
-        bar.close()
-        if pending:
-            timings.add(name, time.perf_counter() - t0, drawn)
+        drawn = len(set(pending) & done_seeds(folder))
+        timings.add(name, time.perf_counter() - t0, drawn)
     return timings.seconds(name)
 
 
@@ -158,21 +151,19 @@ def read_images(folder: pathlib.Path, seeds: Sequence[int]) -> np.ndarray:
 
 def requested_classes(seeds: Sequence[int], label_dim: int = 10, shape: Sequence[int] = (1, 16, 16),
                       device=None) -> np.ndarray:
-    """The class the EDM2 pipeline draws for each seed (per-seed generator: noise first, then the label).
+    """The class the EDM2 pipeline draws for each seed (:func:`sampling.seeds.draw_edm2`, the sampler's own draw).
 
-    ``device`` defaults to the sampling device :func:`utils.dist.device` that
-    :func:`sampling.edm2_run.generate` uses: the generators live there, and CUDA
-    and CPU generators give different draws.  ``shape`` is the noise of one image
-    (channels, height, width); it must match the network, since it sets how far
-    the noise draw advances each generator.
+    ``device`` defaults to the sampling device of :func:`sampling.run.resolve_device`
+    (what :func:`sampling.edm2_run.generate` uses): the generators live there, and
+    CUDA and CPU generators give different draws.  ``shape`` is the noise of one
+    image (channels, height, width); it must match the network, since it sets how
+    far the noise draw advances each generator.
     """
-    from sampling.seeds import StackedRandomGenerator
-    from utils import dist
+    from sampling.run import resolve_device
+    from sampling.seeds import draw_edm2
 
-    device = torch.device(device) if device is not None else dist.device()
-    rnd = StackedRandomGenerator(device, seeds)
-    rnd.randn([len(seeds), *shape], device=device)
-    return rnd.randint(label_dim, size=[len(seeds)], device=device).cpu().numpy()
+    draw = draw_edm2(seeds, shape, label_dim, resolve_device(device))
+    return draw.classes.cpu().numpy()
 
 
 def network_shape(path: str) -> tuple[int, tuple]:

@@ -182,8 +182,9 @@ def data_row(num: int, ref) -> dict:
 def row_config(row: Row, outdir: pathlib.Path, seeds, steps: int, batch: int):
     """The :class:`sampling.edm2_run.GenerateConfig` of ``row`` for ``seeds`` (a list or a seed string)."""
     from sampling import edm2_run
+    from sampling.run import compact_seeds
 
-    seeds = ",".join(map(str, seeds)) if not isinstance(seeds, str) else seeds
+    seeds = compact_seeds(seeds) if not isinstance(seeds, str) else seeds
     swg = row.g_method == "swg"
     return edm2_run.build_config(
         net_pos_pkl=MODELS[row.pos], net_neg_pkl=MODELS[row.neg] if row.neg else None, outdir=str(outdir /
@@ -209,7 +210,7 @@ def run_long_range(outdir, num: int = DEFAULT["num"], steps: int = DEFAULT["step
                    chosen: Optional[Sequence[Row]] = None, log=print, progress: bool = True) -> list[dict]:
     """Sample and score every row, write the table, the plot and the sample grid; returns the table rows."""
     from metrics.refs import load_ref
-    from networks.presets import DEMO_REF
+    from networks.zoo import DEMO_REF
 
     t_start = time.perf_counter()
     outdir = pathlib.Path(outdir).expanduser()

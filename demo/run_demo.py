@@ -5,7 +5,7 @@
 
 For each method below the demo runs the project's EDM2 sampling pipeline
 (:func:`sampling.edm2_run.build_config` + :func:`sampling.edm2_run.generate` with
-a ``demo-digits*`` preset of :mod:`networks.presets`, i.e. exactly what
+a ``demo-digits*`` preset of :mod:`sampling.presets`, i.e. exactly what
 ``sample_edm2.py --preset ...`` does) into ``OUTDIR/<method>/``, reads the PNGs
 back and scores them through :mod:`metrics.api` with the shipped digit
 classifier (detector ``digits``):
@@ -71,7 +71,7 @@ __all__ = ["Method", "METHODS", "run_method", "requested_classes", "read_images"
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One row of the table: a ``networks.presets`` preset plus the options it overrides."""
+    """One row of the table: a ``sampling.presets`` preset plus the options it overrides."""
 
     name: str                   # Row / folder name.
     preset: str                 # demo-digits* preset (networks, method, weights, windows)
@@ -97,8 +97,9 @@ METHODS = [
 def method_config(m: Method, outdir: pathlib.Path, seeds, steps: int, batch: int):
     """The :class:`sampling.edm2_run.GenerateConfig` of row ``m`` (metrics are computed by the demo itself)."""
     from sampling import edm2_run
+    from sampling.run import compact_seeds
 
-    seeds = ",".join(map(str, seeds)) if not isinstance(seeds, str) else seeds
+    seeds = compact_seeds(seeds) if not isinstance(seeds, str) else seeds
     return edm2_run.build_config(preset=m.preset, outdir=str(outdir / m.name), seeds=seeds,
                                  g_weight=m.weight or None, scale_window_guide=m.masked, steps=steps,
                                  batch=batch, metrics="none")
@@ -201,7 +202,8 @@ def run_demo(outdir: str | pathlib.Path, num: int = DEFAULT["num"], steps: int =
     drawn (and kept) at a time.
     """
     from metrics.refs import load_ref
-    from networks.presets import DEMO_REF, get_preset
+    from networks.zoo import DEMO_REF
+    from sampling.presets import get_preset
 
     t_start = time.perf_counter()
     outdir = pathlib.Path(outdir).expanduser()

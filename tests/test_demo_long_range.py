@@ -76,7 +76,7 @@ def _grids(digits: torch.Tensor, idx: np.ndarray) -> np.ndarray:
 def test_consistency_through_the_classifier():
     """Real held-out digits: four of one class -> 1, four different classes -> 0 (the classifier is 99% right)."""
     from metrics.refs import load_ref
-    from networks.presets import DEMO_REF
+    from networks.zoo import DEMO_REF
 
     digits, labels = load_digits_images(16, split="test")
     by_class = [np.flatnonzero(labels.numpy() == c) for c in range(10)]

@@ -126,18 +126,18 @@ def test_requested_classes_match_sampler_labels(device):
 
 def test_interrupted_method_keeps_its_batches_and_seconds(tmp_path, monkeypatch):
     """Ctrl-C in the middle of a row: its finished batches stay, the rerun draws only the rest, seconds add up."""
-    from sampling import edm2_run
+    from sampling.edm2_run import EDM2Backend
 
-    real, calls = edm2_run.generate, []
+    real, calls = EDM2Backend.images, []
 
-    def interrupted(cfg, **kw):
-        calls.append(list(cfg.seeds))
+    def interrupted(self, seeds, device):
+        calls.append(list(seeds))
         if len(calls) == 4:             # the fourth batch (the second of row "m-swg") is interrupted
             raise KeyboardInterrupt
-        return real(cfg, **kw)
+        return real(self, seeds, device)
 
     out = tmp_path / "demo"
-    monkeypatch.setattr(edm2_run, "generate", interrupted)
+    monkeypatch.setattr(EDM2Backend, "images", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_demo.run_demo(out, num=5, steps=2, batch=3, methods=["none", "m-swg"], log=lambda *a: None,
                           progress=False)
