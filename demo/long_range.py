@@ -17,8 +17,8 @@ into ``OUTDIR/<row>/`` and is scored with the shipped digit classifier
 (detector ``digits``) applied to each quadrant:
 
 * **consistency**: share of images whose four quadrants get the same label
-  (:func:`consistency`); the training images score ``DATA_CONSISTENCY``-ish,
-  four independent digits would score 0.001;
+  (:func:`consistency`); training images score 1.0 (the ``training data`` row),
+  four independent digits would score about 0.001;
 * **FD** (``fd_digits``): Fréchet distance of the 4N quadrants' classifier
   features to the training digits' statistics (``demo/refs/digits-ref.pkl``);
 * **confidence** (``conf_digits``) of the quadrants, 1..10;
