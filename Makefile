@@ -26,7 +26,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_frechet.py
 
 # The main job: every guidance method on the shipped digits models, 128 images each at 16 steps, on CPU
-# (under 10 minutes on 2 cores; demo/README.md has the measured time; --full for its 256-image table).
+# (a quarter of the former default, which took ~25 min on a quiet 2-core machine; --full runs that).
 # A rerun prints the finished table (exit 0), refuses other settings in out/demo (exit 2), or resumes.
 demo: $(VENV)/.installed
 	$(PY) demo/run_demo.py --outdir out/demo
