@@ -43,7 +43,7 @@ def test_demo_end_to_end_rerun_and_resume(tmp_path):
     for row in rows:
         assert len(list((out / row["method"]).glob("*.png"))) == 4
         assert np.isfinite(float(row["fd"])) and 1.0 <= float(row["confidence"]) <= 10.0 + 1e-9
-    assert (out / "results.png").stat().st_size > 1000
+    assert (out / "results.png").stat().st_size > 1000 and (out / "samples.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "| m-swg | swg | 0.2 |" in md and "| cfg-swg | cfg-swg | 0.3,0.3 | uncond |" in md
     settings = json.loads((out / "demo_settings.json").read_text())
@@ -70,7 +70,7 @@ def test_demo_end_to_end_rerun_and_resume(tmp_path):
     assert r.returncode == 2 and "unknown --methods" in r.stderr
 
     # Interrupted run (results not written, one image missing): the rerun resumes and reuses finished images.
-    for name in ("results.md", "results.csv", "results.png"):
+    for name in ("results.md", "results.csv", "results.png", "samples.png"):
         (out / name).unlink()
     old_image = run_demo.read_images(out / "m-swg", [2]).astype(int)
     (out / "m-swg" / "0000002.png").unlink()
