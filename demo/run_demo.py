@@ -1,10 +1,11 @@
 """The offline demo: every guidance method on the shipped digits models, scored, tabulated and plotted.
 
-    python demo/run_demo.py --outdir out/demo            # 256 images per method, 32 Heun steps
+    python demo/run_demo.py --outdir out/demo            # 128 images per method, 16 Heun steps
+    python demo/run_demo.py --outdir out/demo-full --full  # 256 images, 32 steps: the table of demo/README.md
 
 For each method below the demo runs the project's EDM2 sampling pipeline
 (:func:`sampling.edm2_run.build_config` + :func:`sampling.edm2_run.generate` with
-a ``demo-digits*`` preset of :mod:`networks.presets`, i.e. exactly what
+a ``demo-digits*`` preset of :mod:`sampling.presets`, i.e. exactly what
 ``sample_edm2.py --preset ...`` does) into ``OUTDIR/<method>/``, reads the PNGs
 back and scores them through :mod:`metrics.api` with the shipped digit
 classifier (detector ``digits``):
@@ -26,16 +27,18 @@ are used by every method.
 Reruns are safe: the settings are recorded in ``OUTDIR/demo_settings.json``.  If
 ``OUTDIR`` holds a finished table made with the same settings it is printed and
 nothing is computed; different settings are an error (exit 2); an interrupted
-run resumes, reusing the finished images.  ``results.md`` is written last and
-marks a finished run; nothing finished is ever overwritten.
+run (Ctrl-C: one line, exit 130) resumes, reusing the finished images, also
+the finished batches of the row it was drawing (:func:`demo.common.sample_row`).
+Each row's seconds are the sampling time its images took, summed over
+attempts (``OUTDIR/timings.json``).  Besides the table the demo writes
+``samples.png``: one row of images per method, the same seeds in every row.
+``results.md`` is written last and marks a finished run; nothing finished is
+ever overwritten.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import pathlib
 import sys
 import time
@@ -49,21 +52,26 @@ import click  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils.atomic import atomic_path, write_text_atomic  # noqa: E402
+from demo.common import (Timings, check_outdir, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
+                         requested_classes, network_shape, sample_grid, sample_row, save_figure, write_settings)
+from utils.atomic import write_text_atomic  # noqa: E402
 from utils.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 WINDOW, WINDOW_STEPS = 12, 2     # what the demo-digits presets use (checked in run_demo)
 SETTINGS = "demo_settings.json"
-RESULTS = ("results.csv", "results.png", "results.md")  # written in this order; results.md marks a finished run
+RESULTS = ("results.csv", "results.png", "samples.png", "results.md")  # in this order; results.md marks a finished run
 SCORES = ("fd_digits", "conf_digits")                    # metrics.api metrics behind the FD / confidence columns
+DEFAULT = {"num": 128, "steps": 16}                      # make demo: under 10 minutes on two CPU cores
+FULL = {"num": 256, "steps": 32}                         # --full: the table of demo/README.md
+GRID_SEEDS = 12                                          # images per row of samples.png
 
-__all__ = ["Method", "METHODS", "run_method", "requested_classes", "score_folder", "demo_settings", "run_demo",
-           "main"]
+__all__ = ["Method", "METHODS", "run_method", "requested_classes", "read_images", "score_folder", "demo_settings",
+           "run_demo", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One row of the table: a ``networks.presets`` preset plus the options it overrides."""
+    """One row of the table: a ``sampling.presets`` preset plus the options it overrides."""
 
     name: str                   # Row / folder name.
     preset: str                 # demo-digits* preset (networks, method, weights, windows)
@@ -86,61 +94,23 @@ METHODS = [
 ]
 
 
-def method_config(m: Method, outdir: pathlib.Path, seeds: str, steps: int, batch: int):
+def method_config(m: Method, outdir: pathlib.Path, seeds, steps: int, batch: int):
     """The :class:`sampling.edm2_run.GenerateConfig` of row ``m`` (metrics are computed by the demo itself)."""
     from sampling import edm2_run
+    from sampling.run import compact_seeds
 
+    seeds = compact_seeds(seeds) if not isinstance(seeds, str) else seeds
     return edm2_run.build_config(preset=m.preset, outdir=str(outdir / m.name), seeds=seeds,
                                  g_weight=m.weight or None, scale_window_guide=m.masked, steps=steps,
                                  batch=batch, metrics="none")
 
 
-def run_method(m: Method, outdir: pathlib.Path, seeds: str, steps: int, batch: int) -> float:
-    """Sample ``m`` into ``outdir/m.name`` with the EDM2 pipeline (finished seeds are skipped); returns seconds."""
-    from sampling import edm2_run
-
-    cfg = method_config(m, outdir, seeds, steps, batch)
-    t0 = time.perf_counter()
-    edm2_run.generate(cfg, progress=False)
-    return time.perf_counter() - t0
-
-
-def requested_classes(seeds: Sequence[int], label_dim: int = 10, shape: Sequence[int] = (1, 16, 16),
-                      device=None) -> np.ndarray:
-    """The class ``sample_edm2.py`` draws for each seed (per-seed generator: noise first, then the label).
-
-    ``device`` defaults to the sampling device :func:`utils.dist.device` that
-    :func:`sampling.edm2_run.generate` uses: the generators live there, and CUDA
-    and CPU generators give different draws.  ``shape`` is the noise of one image
-    (channels, height, width); it must match the network, since it sets how far
-    the noise draw advances each generator.
-    """
-    from sampling.seeds import StackedRandomGenerator
-    from utils import dist
-
-    device = torch.device(device) if device is not None else dist.device()
-    rnd = StackedRandomGenerator(device, seeds)
-    rnd.randn([len(seeds), *shape], device=device)
-    return rnd.randint(label_dim, size=[len(seeds)], device=device).cpu().numpy()
-
-
-def _network_shape(path: str) -> tuple[int, tuple]:
-    """``(label_dim, (channels, resolution, resolution))`` of a checkpoint, as the sampler sees it."""
-    from networks.edm2_pickle import load_checkpoint
-
-    net = load_checkpoint(path).net
-    r = int(net.img_resolution)
-    return int(net.label_dim), (int(net.img_channels), r, r)
-
-
-def read_images(folder: pathlib.Path, seeds: Sequence[int]) -> np.ndarray:
-    """uint8 ``[N, 1, H, W]`` images of ``seeds`` from a run folder."""
-    from sampling.writer import ImageIndex
-
-    images = np.asarray(ImageIndex(folder).read(seeds))
-    if images.ndim == 3:
-        images = images[..., None]
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+def run_method(m: Method, outdir: pathlib.Path, seeds: Sequence[int], steps: int, batch: int, desc: str = "",
+               timings: Optional[Timings] = None, progress: bool = True) -> float:
+    """Sample ``m`` into ``outdir/m.name`` batch by batch (finished seeds are skipped); returns the row's seconds."""
+    timings = timings if timings is not None else Timings(outdir)
+    return sample_row(lambda chunk: method_config(m, outdir, chunk, steps, batch), outdir / m.name, seeds, batch,
+                      desc or m.name, timings, m.name, progress)
 
 
 def score_folder(folder: pathlib.Path, seeds: Sequence[int], ref, classes: Optional[np.ndarray] = None,
@@ -162,62 +132,60 @@ def score_folder(folder: pathlib.Path, seeds: Sequence[int], ref, classes: Optio
     return out
 
 
-def write_table(rows: list[dict], outdir: pathlib.Path, num: int, steps: int) -> tuple[str, pathlib.Path]:
-    """``results.csv`` and ``results.md`` (atomic); returns the Markdown text."""
+def write_table(rows: list[dict], outdir: pathlib.Path, num: int, steps: int, chosen: Sequence[Method] = ()
+                ) -> tuple[str, pathlib.Path]:
+    """``results.csv``, ``results.png``, ``samples.png`` and, last, ``results.md`` (atomic); returns the Markdown."""
     base = rows[0]
-    lines = [f"Digits demo: {num} images per method, {steps} Heun steps, windows {WINDOW}x{WINDOW} "
+    which = {(DEFAULT["num"], DEFAULT["steps"]): " (default command)",
+             (FULL["num"], FULL["steps"]): " (--full)"}.get((num, steps), "")
+    lines = [f"Digits demo{which}: {num} images per method, {steps} Heun steps, windows {WINDOW}x{WINDOW} "
              f"({WINDOW_STEPS} per axis) on 16x16.", "",
              "| method | g_method | weight | negative | FD (lower better) | ΔFD vs none | confidence (higher better) "
              "| class match | seconds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        secs = "-" if r["seconds"] != r["seconds"] else f"{r['seconds']:.0f}"
         lines.append(f"| {r['method']} | {r['g_method']} | {r['weight'] or '-'} | {r['negative'] or '-'} "
                      f"| {r['fd']:.2f} | {r['fd'] - base['fd']:+.2f} | {r['confidence']:.3f} "
-                     f"| {r['class_match']:.3f} | {r['seconds']:.0f} |")
+                     f"| {r['class_match']:.3f} | {secs} |")
     md = "\n".join(lines) + "\n"
-    _atomic_text(outdir / "results.csv", _csv(rows))
+    write_text_atomic(outdir / "results.csv", csv_text(rows))
     plot(rows, outdir / "results.png")
-    _atomic_text(outdir / "results.md", md)  # last: marks the run as finished
+    sample_grid([(r["method"], outdir / r["method"]) for r in rows], list(range(min(GRID_SEEDS, num))),
+                outdir / "samples.png")
+    write_text_atomic(outdir / "results.md", md)  # last: marks the run as finished
     return md, outdir / "results.md"
 
 
-def _atomic_text(path: pathlib.Path, text: str) -> None:
-    write_text_atomic(path, text)
-
-
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return buf.getvalue()
+def _kind(g_method: str) -> str:
+    return "unguided" if g_method == "none" else "with windows (SWG)" if "swg" in g_method else "other guidance"
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
-    """Bar charts of FD and confidence per method, the unguided value as a dashed line."""
+    """Bar charts of FD and confidence per method over their whole ranges (FD from 0, confidence 1..10)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
+    colors = {"unguided": "tab:gray", "other guidance": "tab:blue", "with windows (SWG)": "tab:orange"}
     names = [r["method"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "fd", "demo FD (lower is better)"),
-                           (axes[1], "confidence", "confidence score (higher is better)")):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, key, title, ylim in ((axes[0], "fd", "demo FD (lower is better)", None),
+                                 (axes[1], "confidence", "confidence score (higher is better, range 1-10)",
+                                  (1, 10))):
         vals = [r[key] for r in rows]
-        colors = ["tab:gray" if r["g_method"] == "none" else
-                  "tab:orange" if "swg" in r["g_method"] else "tab:blue" for r in rows]
-        ax.bar(range(len(vals)), vals, color=colors)
+        ax.bar(range(len(vals)), vals, color=[colors[_kind(r["g_method"])] for r in rows])
         ax.axhline(vals[0], color="k", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(vals)), names, rotation=45, ha="right")
         ax.set_title(title)
-        if key == "confidence":
-            ax.set_ylim(min(vals) - 0.1 * (max(vals) - min(vals) + 1e-3), max(vals) + 0.05)
+        ax.set_ylim(*(ylim or (0, max(vals) * 1.08)))
+    handles = [Patch(color=c, label=k) for k, c in colors.items()]
+    handles.append(plt.Line2D([], [], color="k", linestyle="--", linewidth=1, label="unguided value"))
+    axes[0].legend(handles=handles, fontsize=8, loc="upper left")
     fig.tight_layout()
-    with atomic_path(path, suffix=".tmp.png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def demo_settings(num: int, steps: int, chosen: Sequence[Method]) -> dict:
@@ -225,54 +193,19 @@ def demo_settings(num: int, steps: int, chosen: Sequence[Method]) -> dict:
     return {"num": num, "steps": steps, "methods": [dataclasses.asdict(m) for m in chosen]}
 
 
-def _settings_differ(old: dict, new: dict) -> Optional[str]:
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            if key == "methods":
-                names = lambda d: ",".join(m.get("name", "?") for m in d.get("methods") or [])  # noqa: E731
-                if names(old) != names(new):
-                    return f"methods: {names(old)} there, {names(new)} now"
-            return f"{key}: {json.dumps(old.get(key))} there, {json.dumps(new.get(key))} now"
-    return None
-
-
-def _check_outdir(outdir: pathlib.Path, settings: dict) -> bool:
-    """True when ``outdir`` holds a finished run of ``settings``; UsageError when it holds another run."""
-    path = outdir / SETTINGS
-    if outdir.exists() and not outdir.is_dir():
-        raise UsageError(f"--outdir {outdir} is a file; choose a folder")
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            raise UsageError(f"{path} is unreadable; choose another --outdir") from None
-        diff = _settings_differ(old, settings)
-        if diff:
-            raise UsageError(f"{outdir} holds a demo run with different settings ({diff}); "
-                             f"choose another --outdir or rerun with the same settings")
-        return (outdir / "results.md").is_file()
-    stale = [name for name in RESULTS if (outdir / name).exists()]
-    if stale:
-        raise UsageError(f"{outdir / stale[0]} exists but {SETTINGS} does not (not a run of this demo "
-                         f"version); choose another --outdir")
-    return False
-
-
-def _read_rows(outdir: pathlib.Path) -> list[dict]:
-    with open(outdir / "results.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def run_demo(outdir: str | pathlib.Path, num: int = 256, steps: int = 32, batch: int = 256,
-             methods: Optional[Sequence[str]] = None, log=print) -> list[dict]:
-    """Sample every method, score it, write ``results.{csv,png,md}``; returns the table rows.
+def run_demo(outdir: str | pathlib.Path, num: int = DEFAULT["num"], steps: int = DEFAULT["steps"], batch: int = 64,
+             methods: Optional[Sequence[str]] = None, log=print, progress: bool = True) -> list[dict]:
+    """Sample every method, score it, write ``results.{csv,png,md}`` and ``samples.png``; returns the table rows.
 
     A finished run with the same settings is printed and returned as read from
-    ``results.csv`` (strings); an interrupted one resumes.
+    ``results.csv`` (strings); an interrupted one resumes.  ``batch`` images are
+    drawn (and kept) at a time.
     """
     from metrics.refs import load_ref
-    from networks.presets import DEMO_REF, get_preset
+    from networks.zoo import DEMO_REF
+    from sampling.presets import get_preset
 
+    t_start = time.perf_counter()
     outdir = pathlib.Path(outdir).expanduser()
     unknown = set(methods or ()) - {m.name for m in METHODS}
     if unknown:
@@ -284,49 +217,65 @@ def run_demo(outdir: str | pathlib.Path, num: int = 256, steps: int = 32, batch:
     if steps < 1 or batch < 1:
         raise UsageError("--steps and --batch must be at least 1")
     settings = demo_settings(num, steps, chosen)
-    if _check_outdir(outdir, settings):
+    if check_outdir(outdir, settings, RESULTS):
         md = (outdir / "results.md").read_text()
         log(md)
-        log(f"{outdir} already holds this run's results (results.md, results.csv, results.png); nothing to do")
-        return _read_rows(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    if not (outdir / SETTINGS).is_file():
-        _atomic_text(outdir / SETTINGS, json.dumps(settings, indent=2) + "\n")
-
+        log(f"{outdir} already holds this run's results (results.md, results.csv, results.png, samples.png); "
+            f"nothing to do")
+        return read_csv(outdir / "results.csv")
+    # Everything the run needs, before the first image: every row's settings, the networks, the reference.
+    for m in chosen:
+        method_config(m, outdir, "0", steps, batch)
     pos = get_preset("demo-digits")
     assert pos.swg_sizes == (WINDOW,) and pos.swg_steps == (WINDOW_STEPS,), "presets and table header disagree"
-    label_dim, shape = _network_shape(pos.net_pos_pkl)
+    label_dim, shape = network_shape(pos.net_pos_pkl)
+    ref = load_ref(DEMO_REF)
+    write_settings(outdir, settings)
+
     seeds = list(range(num))
     classes = requested_classes(seeds, label_dim, shape)
-    ref = load_ref(DEMO_REF)
+    timings = Timings(outdir)
     rows = []
-    for m in chosen:
-        seconds = run_method(m, outdir, f"0-{num - 1}", steps, batch)
+    for i, m in enumerate(chosen):
+        seconds = run_method(m, outdir, seeds, steps, batch, f"method {i + 1}/{len(chosen)} {m.name}", timings,
+                             progress)
         res = score_folder(outdir / m.name, seeds, ref, classes)
         p = get_preset(m.preset)
         weight = m.weight or ",".join(f"{w:g}" for w in (p.g_weight or ()))
         rows.append({"method": m.name, "g_method": p.g_method, "weight": weight, "negative": m.negative,
                      "masked": m.masked if "swg" in p.g_method else "", **res, "seconds": seconds})
         log(f"{m.name:12s} FD {res['fd']:7.2f}  confidence {res['confidence']:.3f}  "
-            f"class match {res['class_match']:.3f}  ({seconds:.0f}s)")
+            f"class match {res['class_match']:.3f}  ({seconds:.0f}s sampling)")
     md, _ = write_table(rows, outdir, num, steps)
     log("")
     log(md)
-    log(f"wrote {outdir / 'results.md'}, results.csv, results.png")
+    log(f"wrote {outdir / 'results.md'}, results.csv, results.png, samples.png")
+    log(f"wall time {_clock(time.perf_counter() - t_start)}")
     return rows
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
 @click.command()
 @click.option("--outdir", required=True, help="Folder for the images (one subfolder per method) and results.")
-@click.option("--num", type=int, default=256, show_default=True, help="Images per method (seeds 0..num-1).")
-@click.option("--steps", type=int, default=32, show_default=True, help="Heun sampler steps.")
-@click.option("--batch", type=int, default=256, show_default=True)
+@click.option("--full", is_flag=True, help=f"The table of demo/README.md: --num {FULL['num']} --steps {FULL['steps']} "
+              f"(about four times the default's time).")
+@click.option("--num", type=int, default=None, help=f"Images per method (seeds 0..num-1) [default: {DEFAULT['num']}].")
+@click.option("--steps", type=int, default=None, help=f"Heun sampler steps [default: {DEFAULT['steps']}].")
+@click.option("--batch", type=int, default=64, show_default=True,
+              help="Images drawn at a time; an interrupted row keeps its finished batches.")
 @click.option("--methods", default=None, help="Comma list of rows to run [default: all].")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
 @exit_on_usage_error
-def main(outdir, num, steps, batch, methods):
+@exit_on_interrupt(lambda **kw: kw["outdir"])
+def main(outdir, full, num, steps, batch, methods, no_progress):
     """Run every guidance method on the shipped digits models and tabulate demo FD / confidence."""
+    base = FULL if full else DEFAULT
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
-    run_demo(outdir, num, steps, batch, methods.split(",") if methods else None)
+    run_demo(outdir, num if num is not None else base["num"], steps if steps is not None else base["steps"], batch,
+             methods.split(",") if methods else None, progress=not no_progress)
 
 
 if __name__ == "__main__":

@@ -345,6 +345,8 @@ def prefetch(cfg: GenerateConfig) -> list:
     return run.prefetch(EDM2Backend(cfg))
 
 
-def generate(cfg: GenerateConfig, *, progress: bool = True) -> dict:
-    """Generate every missing image of ``cfg`` into ``cfg.outdir``; return the run summary (see :func:`sampling.run.generate`)."""
-    return run.generate(EDM2Backend(cfg), progress_bar=progress)
+def generate(cfg: GenerateConfig, *, progress: bool = True, desc: str = "sampling") -> dict:
+    """Generate every missing image of ``cfg`` into ``cfg.outdir``; return the run summary (see :func:`sampling.run.generate`).
+
+    ``desc`` labels the progress bar (the demos name their row there)."""
+    return run.generate(EDM2Backend(cfg), progress_bar=progress, desc=desc)

@@ -514,7 +514,7 @@ def run_metrics(outdir, seeds: Sequence[int], metrics: Sequence[str], *, ref_pat
 # ----------------------------------------------------------------------------
 # The run.
 
-def generate(backend: Backend, *, progress_bar: bool = True) -> dict:
+def generate(backend: Backend, *, progress_bar: bool = True, desc: str = "sampling") -> dict:
     """Make every missing image of ``backend.settings`` in its folder, then the outputs and metrics it asks for.
 
     Returns the summary ``{"outdir", "requested", "pending", "written" (by this rank), "seconds",
@@ -561,7 +561,7 @@ def generate(backend: Backend, *, progress_bar: bool = True) -> dict:
     written = 0
     with contextlib.ExitStack() as stack:
         sinks = [stack.enter_context(s) for s in open_sinks(settings, outdir)]
-        bar = stack.enter_context(progress(len(pending), progress_bar and rank == 0 and bool(pending)))
+        bar = stack.enter_context(progress(len(pending), progress_bar and rank == 0 and bool(pending), desc))
         for seeds in batches:
             images = backend.images(seeds, device)
             for sink in sinks:

@@ -43,7 +43,7 @@ def test_demo_end_to_end_rerun_and_resume(tmp_path):
     for row in rows:
         assert len(list((out / row["method"]).glob("*.png"))) == 4
         assert np.isfinite(float(row["fd"])) and 1.0 <= float(row["confidence"]) <= 10.0 + 1e-9
-    assert (out / "results.png").stat().st_size > 1000
+    assert (out / "results.png").stat().st_size > 1000 and (out / "samples.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "| m-swg | swg | 0.2 |" in md and "| cfg-swg | cfg-swg | 0.3,0.3 | uncond |" in md
     settings = json.loads((out / "demo_settings.json").read_text())
@@ -70,7 +70,7 @@ def test_demo_end_to_end_rerun_and_resume(tmp_path):
     assert r.returncode == 2 and "unknown --methods" in r.stderr
 
     # Interrupted run (results not written, one image missing): the rerun resumes and reuses finished images.
-    for name in ("results.md", "results.csv", "results.png"):
+    for name in ("results.md", "results.csv", "results.png", "samples.png"):
         (out / name).unlink()
     old_image = run_demo.read_images(out / "m-swg", [2]).astype(int)
     (out / "m-swg" / "0000002.png").unlink()
@@ -122,3 +122,74 @@ def test_requested_classes_match_sampler_labels(device):
     # Without a device the sampler's own device is used.
     expect = run_demo.requested_classes(seeds, device=dist.device())
     assert (run_demo.requested_classes(seeds) == expect).all()
+
+
+def test_interrupted_method_keeps_its_batches_and_seconds(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a row: its finished batches stay, the rerun draws only the rest, seconds add up."""
+    from sampling.edm2_run import EDM2Backend
+
+    real, calls = EDM2Backend.images, []
+
+    def interrupted(self, seeds, device):
+        calls.append(list(seeds))
+        if len(calls) == 4:             # the fourth batch (the second of row "m-swg") is interrupted
+            raise KeyboardInterrupt
+        return real(self, seeds, device)
+
+    out = tmp_path / "demo"
+    monkeypatch.setattr(EDM2Backend, "images", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo.run_demo(out, num=5, steps=2, batch=3, methods=["none", "m-swg"], log=lambda *a: None,
+                          progress=False)
+    assert calls == [[0, 1, 2], [3, 4], [0, 1, 2], [3, 4]]
+    assert sorted(p.name for p in (out / "m-swg").glob("*.png")) == ["0000000.png", "0000001.png", "0000002.png"]
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["none"]["images"] == 5 and timings["m-swg"]["images"] == 3 and timings["m-swg"]["seconds"] > 0
+    assert not (out / "results.md").exists()
+    kept = {k: v for k, v in _snapshot(out).items() if k.suffix == ".png"}
+
+    calls.clear()
+    rows = run_demo.run_demo(out, num=5, steps=2, batch=3, methods=["none", "m-swg"], log=lambda *a: None,
+                             progress=False)
+    assert calls == [[3, 4]]            # row 'none' is reused whole, 'm-swg' draws its missing seeds only
+    after = _snapshot(out)
+    assert all(after[k] == v for k, v in kept.items())
+    again = json.loads((out / "timings.json").read_text())
+    assert again["none"] == timings["none"] and again["m-swg"]["images"] == 5
+    assert again["m-swg"]["seconds"] > timings["m-swg"]["seconds"]
+    # The table reports the seconds the images took, not the time of the rerun.
+    assert rows[0]["seconds"] == pytest.approx(timings["none"]["seconds"])
+    assert rows[1]["seconds"] == pytest.approx(again["m-swg"]["seconds"])
+    assert (out / "samples.png").stat().st_size > 500
+
+
+def test_ctrl_c_is_one_line_exit_130(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_demo, "run_demo", interrupted)
+    r = CliRunner().invoke(run_demo.main, ["--outdir", str(tmp_path / "d")])
+    assert r.exit_code == 130
+    assert r.output.strip().count("\n") == 0 and "rerun the same command to resume" in r.output
+
+
+def test_plot_axes_are_honest(tmp_path, monkeypatch):
+    """The confidence axis spans the score's whole range 1..10 and FD starts at 0; a legend names the colours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{"method": "none", "g_method": "none", "fd": 30.0, "confidence": 9.5},
+            {"method": "m-swg", "g_method": "swg", "fd": 40.0, "confidence": 9.6},
+            {"method": "cfg", "g_method": "cfg", "fd": 35.0, "confidence": 9.7}]
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    run_demo.plot(rows, tmp_path / "p.png")
+    ax_fd, ax_conf = figs[0].axes
+    assert ax_conf.get_ylim() == (1, 10) and ax_fd.get_ylim()[0] == 0
+    labels = [t.get_text() for t in ax_fd.get_legend().get_texts()]
+    assert {"unguided", "other guidance", "with windows (SWG)", "unguided value"} <= set(labels)
+    assert (tmp_path / "p.png").stat().st_size > 1000

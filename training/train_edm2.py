@@ -1,6 +1,12 @@
 """Train a tiny EDM2 denoiser (``networks.edm2.Precond``) on the digits, with EDM2's recipe, on a CPU.
 
     python -m training.train_edm2 --out demo/models/digits-cond --steps 600 --seed 0
+    python -m training.train_edm2 --data quad-digits --resolution 32 --out demo/models/quad-cond ...
+
+``--data digits`` trains on the 16x16 digits of :mod:`training.data`;
+``--data quad-digits`` on its 32x32 long-range images (2x2 grids of one class,
+:func:`training.data.load_quad_digits`, ``--num-images`` of them drawn with
+``--data-seed``).
 
 Recipe (Karras et al., "Analyzing and Improving the Training Dynamics of
 Diffusion Models", CVPR 2024), reimplemented here:
@@ -44,7 +50,7 @@ import numpy as np
 import torch
 
 from networks.edm2_pickle import PLAIN_FORMAT, write_plain
-from training.data import NUM_CLASSES, load_digits_images, one_hot
+from training.data import NUM_CLASSES, load_digits_images, load_quad_digits, one_hot
 from utils.errors import UsageError, exit_on_usage_error
 
 __all__ = ["TrainConfig", "edm2_loss", "learning_rate", "ema_exponent", "PowerEMA", "build_net", "train",
@@ -56,6 +62,9 @@ __all__ = ["TrainConfig", "edm2_loss", "learning_rate", "ema_exponent", "PowerEM
 class TrainConfig:
     """Everything that determines a training run (saved in the checkpoint's JSON)."""
 
+    data: str = "digits"                    # 'digits' (16x16) or 'quad-digits' (32x32 long-range grids)
+    num_images: int = 16384                 # quad-digits only: size of the fixed training set
+    data_seed: int = 0                      # quad-digits only: seed of its composition
     resolution: int = 16
     cond: bool = True                       # Class-conditional (label_dim 10) or unconditional (0).
     model_channels: int = 32
@@ -141,6 +150,19 @@ class PowerEMA:
 # ----------------------------------------------------------------------------
 # Training.
 
+DATASETS = ("digits", "quad-digits")
+
+
+def load_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images and labels ``cfg`` names (``cfg.data``)."""
+    if cfg.data == "quad-digits":
+        if cfg.resolution != 32:
+            raise UsageError(f"--data quad-digits makes 32x32 images; pass --resolution 32, not {cfg.resolution}")
+        return load_quad_digits(cfg.num_images, seed=cfg.data_seed, split="train")
+    if cfg.data != "digits":
+        raise UsageError(f"unknown --data {cfg.data!r}; choose one of {', '.join(DATASETS)}")
+    return load_digits_images(cfg.resolution, split="train")
+
 def build_net(cfg: TrainConfig) -> torch.nn.Module:
     from networks.edm2 import Precond
 
@@ -157,7 +179,7 @@ def train(cfg: TrainConfig, snapshots: Optional[dict[int, Callable]] = None,
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    images, labels = data if data is not None else load_digits_images(cfg.resolution, split="train")
+    images, labels = data if data is not None else load_data(cfg)
     images = images.to(device)
     cond = one_hot(labels).to(device) if cfg.cond else None
     net = build_net(cfg).train().requires_grad_(True).to(device)
@@ -252,6 +274,10 @@ def _snapshot_specs(specs: Sequence[str], steps: int) -> dict[int, str]:
 @click.command()
 @click.option("--out", required=True, help="Output path without suffix: writes OUT.safetensors and OUT.json.")
 @click.option("--uncond", is_flag=True, help="Unconditional model (label_dim 0), e.g. the CFG negative.")
+@click.option("--data", type=click.Choice(DATASETS), default="digits", show_default=True,
+              help="Training set: 16x16 digits or 32x32 long-range grids of one class.")
+@click.option("--num-images", type=int, default=16384, show_default=True, help="quad-digits: training set size.")
+@click.option("--data-seed", type=int, default=0, show_default=True, help="quad-digits: seed of the set.")
 @click.option("--resolution", type=int, default=16, show_default=True, help="Training resolution (digits are 8x8, upsampled).")
 @click.option("--model-channels", type=int, default=32, show_default=True)
 @click.option("--channel-mult", default="1,2,2", show_default=True)
@@ -273,7 +299,7 @@ def _snapshot_specs(specs: Sequence[str], steps: int) -> dict[int, str]:
               help="Storage dtype of the saved weights.")
 @click.option("--snapshot", "snapshot", multiple=True, help="STEP:PATH, also save the EMA after STEP steps (RT negative).")
 @exit_on_usage_error
-def main(out, uncond, resolution, model_channels, channel_mult, num_blocks, attn_resolutions, batch, steps, ref_lr,
+def main(out, uncond, data, num_images, data_seed, resolution, model_channels, channel_mult, num_blocks, attn_resolutions, batch, steps, ref_lr,
          ref_batches, rampup_kimg, P_mean, P_std, ema_std, seed, threads, device, dtype, snapshot):
     """Train a tiny EDM2 model on scikit-learn's digits with EDM2's loss, schedule and EMA."""
     if steps < 1 or batch < 1:
@@ -284,11 +310,15 @@ def main(out, uncond, resolution, model_channels, channel_mult, num_blocks, attn
     if resolution % (2 ** (len(mult) - 1)):
         raise UsageError(f"--resolution {resolution} is not divisible by 2^{len(mult) - 1} "
                          f"(one halving per --channel-mult level); use e.g. 16 with '1,2,2'")
-    cfg = TrainConfig(resolution=resolution, cond=not uncond, model_channels=model_channels, channel_mult=mult,
+    if num_images < 1:
+        raise UsageError("--num-images must be positive")
+    cfg = TrainConfig(data=data, num_images=num_images, data_seed=data_seed, resolution=resolution, cond=not uncond, model_channels=model_channels, channel_mult=mult,
                       num_blocks=num_blocks, attn_resolutions=_int_list(attn_resolutions, "--attn-resolutions"),
                       batch=batch, steps=steps, ref_lr=ref_lr, ref_batches=ref_batches, rampup_kimg=rampup_kimg,
                       P_mean=P_mean, P_std=P_std, ema_std=ema_std, seed=seed, threads=threads,
                       device=device)
+    if data == "quad-digits" and resolution != 32:
+        raise UsageError(f"--data quad-digits makes 32x32 images; pass --resolution 32, not {resolution}")
     specs = _snapshot_specs(snapshot, steps)
     for path in [out, *specs.values()]:
         check_free(path)
