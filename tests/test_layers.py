@@ -21,10 +21,7 @@ LAYERS = {"utils": 0, "networks": 1, "guidance": 1, "metrics": 1, "sampling": 2,
           "sample_edm2": 4, "sample_dit": 4}
 TOOLS = 3
 # (importing file, imported package) pairs allowed against the rule, each with its reason.
-ALLOWED = {
-    # Deprecated alias of networks.zoo + sampling.presets, kept until demo/run_demo.py imports those.
-    ("networks/presets.py", "sampling"),
-}
+ALLOWED: set = set()  # (file, imported package) pairs exempt from the layer order: none
 
 
 def _imports(tree: ast.AST, package: str) -> list[tuple[int, str]]:
