@@ -91,7 +91,7 @@ def _weights(method: str, weight, n: int) -> Tuple[float, ...]:
     if n == 0:
         return ()
     if len(ws) != n:
-        example = "--g_weight 1.2,0.25" if n == 2 else "--g_weight 0.2"
+        example = "`weight` (1.2, 0.25)" if n == 2 else "`weight` 0.2"
         raise GuidanceError(f"method {method!r} takes {n} weight(s), got {len(ws)} ({weight!r}); e.g. {example}")
     return ws
 
