@@ -28,6 +28,7 @@ import argparse
 import functools
 import math
 import os
+import zipfile
 from typing import Optional, Tuple
 
 import numpy as np
@@ -339,8 +340,9 @@ def load_dit_state_dict(path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"DiT checkpoint {path!r} not found; pass an existing file with --ckpt")
     try:
+        # A zip checkpoint is memory-mapped: the 2.7 GB DiT-XL/2 file is not read into a second copy.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # corrupted file, pickle with disallowed globals, ...
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"cannot read DiT checkpoint {path!r} ({msg}); "
@@ -354,8 +356,13 @@ def load_dit_state_dict(path: str | os.PathLike) -> dict:
 
 
 def load_dit(model: str, path: str | os.PathLike, **kwargs) -> DiT:
-    """Build zoo model ``model`` and load ``path`` strictly; mismatches raise a one-line UsageError."""
-    net = create_dit(model, **kwargs)
+    """Build zoo model ``model`` and load ``path`` strictly; mismatches raise a one-line UsageError.
+
+    The network is built on the meta device (no random initialisation of 675 M
+    parameters, no second copy) and takes the checkpoint's tensors as they are.
+    """
+    with torch.device("meta"):
+        net = create_dit(model, **kwargs)
     state = load_dit_state_dict(path)
     ours = net.state_dict()
     missing = sorted(set(ours) - set(state))
@@ -373,5 +380,8 @@ def load_dit(model: str, path: str | os.PathLike, **kwargs) -> DiT:
         raise UsageError(f"checkpoint {os.fspath(path)!r} does not fit {model} "
                          f"(input_size={net.input_size}, num_classes={net.num_classes}): {'; '.join(detail)}; "
                          f"check --model, --image-size and --num-classes")
-    net.load_state_dict(state)
+    net.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    left = [n for n, t in list(net.named_parameters()) + list(net.named_buffers()) if t.is_meta]
+    if left:
+        raise UsageError(f"checkpoint {os.fspath(path)!r} has no value for {left[:3]}")
     return net.eval()
