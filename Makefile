@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -q -n 2
 
-.PHONY: setup test bench demo clean
+.PHONY: setup test bench demo real-scale clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(VENV)/.installed
 # A rerun prints the finished table (exit 0), refuses other settings in out/demo (exit 2), or resumes.
 demo: $(VENV)/.installed
 	$(PY) demo/run_demo.py --outdir out/demo
+
+# The whole pipeline at the published sizes (EDM2 XS..XXL, DiT-XL/2, SD VAE, Inception, DINOv2) with
+# random weights, offline in a temporary cache: every CLI once, then one table (benchmarks/real_scale.py).
+real-scale: $(VENV)/.installed
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) benchmarks/real_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -288,6 +288,8 @@ def measure(kind: str, source: str, device: str = "cpu", batch: int = 1, repeats
     params = sum(p.numel() for p in net.parameters())
     nan = float("nan")
     with torch.inference_mode():
+        if evaluate:
+            plain()  # warm-up: first-call costs (kernel selection, cached weights) are not timed
         plain_s = _timed(plain, dev, repeats) / batch if evaluate else nan
         swg_s = _timed(swg, dev, repeats) / batch if evaluate else nan
     return {"params": params, "load_s": load_s, "plain_s": plain_s, "mswg_s": swg_s,
@@ -331,14 +333,15 @@ def dit_cli_runs(sizes=(256, 512)) -> list:
     return [(f"dit{size}-{m}", ["--image-size", str(size)] + argv) for size in sizes for m, argv in modes.items()]
 
 
-def run_cli(argv: list, env: dict, log) -> float:
-    """Run one command line; a failure stops the benchmark with its last lines."""
+def run_cli(argv: list, env: dict, log, failures: list) -> float:
+    """Run one command line; a failure is logged with its last lines and recorded (the others still run)."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable] + argv, env=env, cwd=str(ROOT), capture_output=True, text=True)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"FAILED ({proc.returncode}) after {dt:.0f} s: {' '.join(argv)}\n"
-                         f"{(proc.stdout + proc.stderr)[-3000:]}")
+        failures.append(" ".join(argv))
+        log(f"  FAILED ({proc.returncode}) after {dt:.0f} s: {' '.join(argv)}\n{(proc.stdout + proc.stderr)[-2000:]}")
+        return float("nan")
     log(f"  {dt:6.1f} s  {' '.join(argv)}")
     return dt
 
@@ -392,38 +395,7 @@ def main(argv=None) -> int:
         log("writing files:")
         built = build_cache(sizes, log, dit_sizes)
         results: dict = {"built": built, "cli": {}, "table": {}}
-
-        if not args.skip_cli:
-            log("command lines:")
-            out = work / "out"
-            for name, extra in edm2_cli_runs():
-                argv = ["sample_edm2.py", *extra, "--outdir", str(out / name), "--seeds", "0", "--steps", "1",
-                        "--batch", "1"]
-                results["cli"][name] = run_cli(argv, env, log)
-                assert count_pngs(out / name) == 1, f"{name}: expected one PNG"
-            for name, extra in dit_cli_runs(dit_sizes):
-                argv = ["sample_dit.py", "--model", "DiT-XL/2", *extra, "--sample-dir", str(out / name),
-                        "--seeds", "0", "--num-sampling-steps", "1", "--per-proc-batch-size", "1",
-                        "--metrics", "none", "--device", args.device]
-                results["cli"][name] = run_cli(argv, env, log)
-                assert count_pngs(out / name) == 1, f"{name}: expected one PNG"
-            # Reference statistics from other outputs, then metrics of a fresh run against them.
-            ref_imgs = out / "ref-images"
-            ref_imgs.mkdir(exist_ok=True)
-            for i, png in enumerate(sorted(out.rglob("*.png"))[:4]):
-                shutil.copyfile(png, ref_imgs / f"{i:07d}.png")
-            ref = work / "ref.pkl"
-            results["cli"]["metrics-ref"] = run_cli(
-                ["-m", "metrics", "ref", "--images", str(ref_imgs), "--dest", str(ref), "--metrics", "fid,fd_dinov2",
-                 "--batch", "2", "--device", args.device], env, log)
-            argv = ["sample_edm2.py", "--preset", "swg-edm2-s-mswg-0.2", "--outdir", str(out / "metrics"),
-                    "--seeds", "0-1", "--steps", "1", "--batch", "2", "--metrics", "fid,fd_dinov2,is",
-                    "--ref_path", str(ref)]
-            results["cli"]["edm2-metrics"] = run_cli(argv, env, log)
-            found = list((out / "metrics").rglob("metrics*.json"))
-            assert found, "the metrics run wrote no metrics file"
-            results["metrics"] = json.loads(found[0].read_text())
-            log(f"  metrics: {json.dumps(results['metrics'])[:300]}")
+        failures: list = []
 
         log("loading and timing each model in its own process:")
         rows = []
@@ -439,18 +411,59 @@ def main(argv=None) -> int:
             rows.append((f"DiT-XL/2 {size}", r))
             log(f"  DiT-XL/2 {size}: {json.dumps(r)}")
         results["table"] = dict(rows)
+        print()
+        print(format_table(rows, f"(measured by {time.perf_counter() - start:.0f} s)"), flush=True)
+        if not args.skip_cli:
+            log("command lines:")
+            out = work / "out"
+            for name, extra in edm2_cli_runs():
+                argv = ["sample_edm2.py", *extra, "--outdir", str(out / name), "--seeds", "0", "--steps", "1",
+                        "--batch", "1"]
+                results["cli"][name] = run_cli(argv, env, log, failures)
+                if results["cli"][name] == results["cli"][name] and count_pngs(out / name) != 1:
+                    failures.append(f"{name}: expected one PNG")
+            for name, extra in dit_cli_runs(dit_sizes):
+                argv = ["sample_dit.py", "--model", "DiT-XL/2", *extra, "--sample-dir", str(out / name),
+                        "--seeds", "0", "--num-sampling-steps", "1", "--per-proc-batch-size", "1",
+                        "--metrics", "none", "--device", args.device]
+                results["cli"][name] = run_cli(argv, env, log, failures)
+                if results["cli"][name] == results["cli"][name] and count_pngs(out / name) != 1:
+                    failures.append(f"{name}: expected one PNG")
+            # Reference statistics from other outputs, then metrics of a fresh run against them.
+            ref_imgs = out / "ref-images"
+            ref_imgs.mkdir(exist_ok=True)
+            for i, png in enumerate(sorted(out.rglob("*.png"))[:4]):
+                shutil.copyfile(png, ref_imgs / f"{i:07d}.png")
+            ref = work / "ref.pkl"
+            results["cli"]["metrics-ref"] = run_cli(
+                ["-m", "metrics", "ref", "--images", str(ref_imgs), "--dest", str(ref), "--metrics", "fid,fd_dinov2",
+                 "--batch", "2", "--device", args.device], env, log, failures)
+            argv = ["sample_edm2.py", "--preset", "swg-edm2-s-mswg-0.2", "--outdir", str(out / "metrics"),
+                    "--seeds", "0-1", "--steps", "1", "--batch", "2", "--metrics", "fid,fd_dinov2,is",
+                    "--ref_path", str(ref)]
+            results["cli"]["edm2-metrics"] = run_cli(argv, env, log, failures)
+            found = list((out / "metrics").rglob("metrics*.json"))
+            if found:
+                results["metrics"] = json.loads(found[0].read_text())
+                log(f"  metrics: {json.dumps(results['metrics'])[:300]}")
+            else:
+                failures.append("the metrics run wrote no metrics file")
+
         load = os.getloadavg()
         note = (f"device {args.device}, {torch.get_num_threads()} threads, batch 1, random weights; "
                 f"load average at the end {load[0]:.2f}; total {time.perf_counter() - start:.0f} s")
         print()
         print(format_table(rows, note))
         results["note"] = note
+        results["failures"] = failures
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        for f in failures:
+            print(f"FAILED: {f}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

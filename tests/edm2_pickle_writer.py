@@ -144,6 +144,7 @@ class _PersistencePickler(pickle.Pickler):
         if isinstance(obj, PERSISTENT_CLASSES) or type(obj) in _OFFICIAL_NAMES:
             name = _OFFICIAL_NAMES.get(type(obj), type(obj).__name__)
             state = dict(obj.__dict__)
+            state.pop("_wcache", None)  # this project's inference cache is not part of the official state
             state.setdefault("_init_args", ())
             state.setdefault("_init_kwargs", {})
             meta = dict(type="class", version=6, module_src=self._src, class_name=name, state=state)
