@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
+import copy
 import importlib.util
 import json
 import math
@@ -126,6 +126,22 @@ def timed(fn, device, warmup: int, repeats: int) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timed_many(fns: dict, device, warmup: int, repeats: int) -> dict:
+    """Median seconds of each function; repeats interleaved so that load drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -268,8 +284,9 @@ def edm2_speed(size: str, ref: Reference, device, batches, steps: int, warmup: i
             codes["ref"] = ref_mswg_sampler(ref, theirs, steps)
         for variant in variants:
             codes[f"ours+{variant}"] = _variant(ours, variant, steps)
-        for name, fn in codes.items():
-            t = timed(lambda: fn(noise, labels), device, warmup, repeats)
+        seconds = timed_many({name: (lambda fn=fn: fn(noise, labels)) for name, fn in codes.items()}, device,
+                             warmup, repeats)
+        for name, t in seconds.items():
             row[f"{name}_s_per_eval"] = t / evals
             row[f"{name}_img_per_s"] = batch / (t / evals * EDM2_EVALS_32)
         if theirs is not None:
@@ -294,19 +311,30 @@ def _one_eval(net, noise, labels):
 
 
 def _variant(net, variant: str, steps: int):
-    """Optional speed variants of our code: ``channels_last`` inputs, ``compile`` (torch.compile of the U-Net)."""
+    """Optional variants of our code: ``nocache`` (weights re-normalised every call), ``channels_last``
+    inputs, ``compile`` (torch.compile of the U-Net)."""
     from guidance import guide
     from sampling.edm import edm_sampler
 
-    if variant == "compile":
-        import copy
+    if variant == "nocache":  # every weight re-normalised on every call, as the reference does
+        from networks import edm2 as ours_edm2
 
-        fast = copy.copy(net)
-        fast.unet = torch.compile(net.unet, dynamic=False)
+        guided = guide(net, "swg", 0.2, window_size=40, window_steps=2, masked=True)
+
+        def run(noise, labels):
+            ours_edm2.WEIGHT_CACHE = False
+            try:
+                return edm_sampler(guided, noise, labels, num_steps=steps)
+            finally:
+                ours_edm2.WEIGHT_CACHE = True
+        return run
+    if variant == "compile":
+        fast = copy.deepcopy(net)  # a copy: setting .unet on a shallow copy would change net too
+        fast.unet = torch.compile(fast.unet, dynamic=False)
     elif variant == "channels_last":
-        fast = net.to(memory_format=torch.channels_last)
+        fast = copy.deepcopy(net).to(memory_format=torch.channels_last)
     else:
-        raise SystemExit(f"error: unknown variant {variant!r}; use compile or channels_last")
+        raise SystemExit(f"error: unknown variant {variant!r}; use nocache, channels_last or compile")
     guided = guide(fast, "swg", 0.2, window_size=40, window_steps=2, masked=True)
     if variant == "channels_last":
         return lambda noise, labels: edm_sampler(guided, noise.contiguous(memory_format=torch.channels_last),
@@ -334,8 +362,7 @@ def dit_speed(ref: Reference, device, batches, warmup: int, repeats: int, peak: 
         if theirs is not None:
             codes["ref"] = lambda: theirs.forward_with_crop(x, t, y, 0.5, mask=True)
             row["ours_vs_ref_rel_err"] = rel_err(codes["ours"](), codes["ref"]())
-        for name, fn in codes.items():
-            s = timed(fn, device, warmup, repeats)
+        for name, s in timed_many(codes, device, warmup, repeats).items():
             row[f"{name}_s_per_eval"] = s
             row[f"{name}_img_per_s"] = batch / (s * DIT_STEPS)
         if theirs is not None:
@@ -376,7 +403,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="EDM sampler steps per timed run (2*steps-1 evaluations)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", default="", help="extra timings of ours: channels_last,compile (EDM2-S only)")
+    ap.add_argument("--variants", default="", help="extra timings of ours: nocache,channels_last,compile (EDM2-S only)")
     ap.add_argument("--accuracy", type=int, default=1, help="1 = fp16 vs fp32 section (CUDA only)")
     ap.add_argument("--peak-tflops", default=None, help="dense fp16 peak of the card (default: by its name)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

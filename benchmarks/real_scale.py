@@ -36,7 +36,6 @@ random weights are only timings and memory; the images are noise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
@@ -46,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
 
 import torch
 
