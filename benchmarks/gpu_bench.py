@@ -381,8 +381,8 @@ def markdown(result: dict) -> str:
     lines += ["| model | batch | ours img/s | ref img/s | ours / ref | ours s/eval | TFLOP/eval | MFU |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["speed"]:
-        extra = "".join(f" {k.split('_')[0]}: {r[k]:.2f} img/s;" for k in r if k.startswith("ours+") and
-                        k.endswith("img_per_s"))
+        extra = "".join(f" {k[:-len('_img_per_s')]}: {r[k]:.3g} img/s;" for k in r if k.startswith("ours+") and
+                        k.endswith("_img_per_s"))
         lines.append(f"| {r['model']}{extra} | {r['batch']} | {r['ours_img_per_s']:.3f} | "
                      f"{r.get('ref_img_per_s', float('nan')):.3f} | {r.get('speedup', float('nan')):.2f} | "
                      f"{r['ours_s_per_eval']:.4f} | {r['tflop_per_eval']:.2f} | {r['mfu']:.1%} |")

@@ -36,6 +36,7 @@ random weights are only timings and memory; the images are noise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -229,6 +230,12 @@ def _peak_memory(device: torch.device) -> float:
     """GiB: CUDA peak allocated on a GPU, else this process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork + exec, so a child
+    # would report its parent's peak (the gigabytes this script held while writing the files).
+    with contextlib.suppress(OSError):
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
