@@ -159,12 +159,14 @@ def write_detectors(seed: int = 0) -> dict:
 
     torch.manual_seed(seed)
     inc = cache_path(INCEPTION_URL)
-    inc.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(InceptionV3().state_dict(), inc)
+    if not inc.is_file():
+        inc.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(InceptionV3().state_dict(), inc)
     dino = cache_path(DINOV2_SOURCE)
-    dino.parent.mkdir(parents=True, exist_ok=True)
-    model = timm.create_model("vit_large_patch14_dinov2.lvd142m", pretrained=False)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dino))
+    if not dino.is_file():
+        dino.parent.mkdir(parents=True, exist_ok=True)
+        model = timm.create_model("vit_large_patch14_dinov2.lvd142m", pretrained=False)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dino))
     return {"inception": inc, "dinov2": dino}
 
 
@@ -382,6 +384,7 @@ def main(argv=None) -> int:
                     help="of those, the ones whose evaluations are timed (the others are built and loaded)")
     ap.add_argument("--dit", default="256,512", help="DiT-XL/2 image sizes")
     ap.add_argument("--skip-cli", action="store_true", help="only build, load and time")
+    ap.add_argument("--skip-table", action="store_true", help="only build and run the command lines")
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temporary one, removed)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -404,13 +407,13 @@ def main(argv=None) -> int:
 
         log("loading and timing each model in its own process:")
         rows = []
-        for name in sizes:
+        for name in ([] if args.skip_table else sizes):
             path = edm2_models(sizes)[name][0]
             r = measure_in_child("edm2", str(path), env, device=args.device, evaluate=name in timed)
             label = f"EDM2-{name.upper()}" if name != "img64-s" else "EDM2-S img64"
             rows.append((label, r))
             log(f"  {label}: {json.dumps(r)}")
-        for size in dit_sizes:
+        for size in ([] if args.skip_table else dit_sizes):
             path = built[f"dit-xl2-{size}"]["path"]
             r = measure_in_child("dit", path, env, device=args.device, image_size=size)
             rows.append((f"DiT-XL/2 {size}", r))

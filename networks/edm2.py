@@ -99,6 +99,7 @@ class MPConv(torch.nn.Module):
         super().__init__()
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self.cache_weights = True  # set by Precond.forward (see CPU_WEIGHT_CACHE_BYTES)
         self._wcache: dict = {}
 
     def _scaled_weight(self, gain, dtype) -> torch.Tensor:
@@ -120,7 +121,7 @@ class MPConv(torch.nn.Module):
         if self.training:
             with torch.no_grad():
                 self.weight.copy_(normalize(self.weight.to(torch.float32)))  # forced weight normalisation
-        if not self.training and not torch.is_grad_enabled() and WEIGHT_CACHE:
+        if self.cache_weights and WEIGHT_CACHE and not self.training and not torch.is_grad_enabled():
             w = self._inference_weight(gain, x.dtype)
         else:
             w = self._scaled_weight(gain, x.dtype)
@@ -130,6 +131,9 @@ class MPConv(torch.nn.Module):
 
 
 WEIGHT_CACHE = True  # module switch: False re-normalises every weight on every call (the reference's way)
+# On the CPU the cache holds a float32 copy of every weight; networks larger than this (XL, XXL:
+# 4.5-6 GB of weights) are not cached there, so that XXL stays within 24 GB of RAM with M-SWG.
+CPU_WEIGHT_CACHE_BYTES = 2 << 30
 
 
 def clear_weight_cache(net: torch.nn.Module) -> None:
@@ -137,6 +141,8 @@ def clear_weight_cache(net: torch.nn.Module) -> None:
     for m in net.modules():
         if isinstance(m, MPConv):
             m._wcache.clear()
+    if hasattr(net, "_cache_device"):
+        net._cache_device = None
 
 
 # ----------------------------------------------------------------------------
@@ -323,6 +329,19 @@ class Precond(torch.nn.Module):
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
+    def _choose_weight_cache(self, device: torch.device) -> None:
+        """Cache inference weights (see :class:`MPConv`) except for large networks on the CPU."""
+        if getattr(self, "_cache_device", None) == device.type:
+            return
+        nbytes = sum(p.numel() * 4 for p in self.unet.parameters())
+        enabled = device.type != "cpu" or nbytes <= CPU_WEIGHT_CACHE_BYTES
+        for m in self.unet.modules():
+            if isinstance(m, MPConv):
+                m.cache_weights = enabled
+                if not enabled:
+                    m._wcache.clear()
+        self._cache_device = device.type
+
     def forward(self, x: torch.Tensor, sigma, class_labels: Optional[torch.Tensor] = None,
                 force_fp32: bool = False, return_logvar: bool = False):
         x = x.to(torch.float32)
@@ -341,6 +360,7 @@ class Precond(torch.nn.Module):
         c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
         c_noise = sigma.flatten().log() / 4
 
+        self._choose_weight_cache(x.device)
         F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if return_logvar:
