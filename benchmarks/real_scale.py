@@ -447,7 +447,7 @@ def main(argv=None) -> int:
                 ["-m", "metrics", "ref", "--images", str(ref_imgs), "--dest", str(ref), "--metrics", "fid,fd_dinov2",
                  "--batch", "2", "--device", args.device], env, log, failures)
             argv = ["sample_edm2.py", "--preset", "swg-edm2-s-mswg-0.2", "--outdir", str(out / "metrics"),
-                    "--seeds", "0-1", "--steps", "1", "--batch", "2", "--metrics", "fid,fd_dinov2,is",
+                    "--seeds", "0-9", "--steps", "1", "--batch", "5", "--metrics", "fid,fd_dinov2,is",  # IS: 10 splits
                     "--ref_path", str(ref)]
             results["cli"]["edm2-metrics"] = run_cli(argv, env, log, failures)
             found = list((out / "metrics").rglob("metrics*.json"))

@@ -195,8 +195,9 @@ def resolve_config(opts: dict) -> dict:
         raise UsageError(f"--global-seed must lie in [0, 2^31), got {cfg['global_seed']}")
     cfg["metrics"] = _parse_metrics(cfg["metrics"])
     cfg["ref_path"] = _default_ref_path(cfg) if _needs_ref(cfg["metrics"]) else cfg["ref_path"]
-    if cfg["metrics"] and (cfg["ref_path"] or not _needs_ref(cfg["metrics"])) and len(seeds) < 2:
-        raise UsageError("metrics need at least 2 images; sample more or pass --metrics none")
+    if cfg["metrics"] and (cfg["ref_path"] or not _needs_ref(cfg["metrics"])):
+        from metrics.api import check_image_count
+        check_image_count(cfg["metrics"], len(seeds))  # IS needs 10, P/R 4, FD 2: say so before sampling
     return cfg
 
 

@@ -235,6 +235,7 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
                          scale_window_guide=int(sw), g_interval=_interval(g_interval),
                          ref_path=given["ref_path"], **kwargs)
     cfg.metrics = _parse_metrics(given["metrics"])
+    metrics_api.check_image_count(cfg.metrics, len(seed_list))  # e.g. IS needs 10 images: say so before sampling
     _check_numbers(cfg)
     if metrics_api.needs_reference(cfg.metrics) and not cfg.ref_path:
         raise UsageError("--metrics needs reference statistics; pass --ref_path (e.g. "
