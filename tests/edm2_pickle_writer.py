@@ -144,8 +144,8 @@ class _PersistencePickler(pickle.Pickler):
         if isinstance(obj, PERSISTENT_CLASSES) or type(obj) in _OFFICIAL_NAMES:
             name = _OFFICIAL_NAMES.get(type(obj), type(obj).__name__)
             state = dict(obj.__dict__)
-            for name in ("_wcache", "cache_weights", "_cache_device"):  # this project's inference cache
-                state.pop(name, None)
+            for attr in ("_wcache", "cache_weights", "_cache_device"):  # this project's inference cache
+                state.pop(attr, None)
             state.setdefault("_init_args", ())
             state.setdefault("_init_kwargs", {})
             meta = dict(type="class", version=6, module_src=self._src, class_name=name, state=state)
