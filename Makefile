@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -q -n 2
 
-.PHONY: setup test bench demo demo-long-range clean
+.PHONY: setup test bench demo demo-long-range real-scale clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: $(VENV)/.installed
 # 32x32 grids of four digits of one class; same rerun / resume rules, out/demo-long-range.
 demo-long-range: $(VENV)/.installed
 	$(PY) demo/long_range.py --outdir out/demo-long-range
+
+# The whole pipeline at the published sizes (EDM2 XS..XXL, DiT-XL/2, SD VAE, Inception, DINOv2) with
+# random weights, offline in a temporary cache: every CLI once, then one table (benchmarks/real_scale.py).
+real-scale: $(VENV)/.installed
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) benchmarks/real_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

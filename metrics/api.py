@@ -59,6 +59,8 @@ __all__ = [
     "STAT_KEYS",
     "PROB_KEYS",
     "parse_metrics",
+    "minimum_images",
+    "check_image_count",
     "needs_reference",
     "compute_stats",
     "calc_metrics_from_stats",
@@ -85,6 +87,19 @@ _DETECTOR_ORDER = list(STAT_KEYS)
 IS_SPLITS = 10
 
 Images = Union[str, os.PathLike, ImageSource, Iterable]
+
+
+def minimum_images(names: Sequence[str]) -> int:
+    """Fewest images the metrics ``names`` can be computed from (IS: one per split; P/R: 4; FD: 2)."""
+    return max([IS_SPLITS if m == "is" else 4 if METRICS[m][2] == "pr" else 2 for m in names] or [0])
+
+
+def check_image_count(names: Sequence[str], n: int) -> None:
+    """Raise :class:`UsageError` before sampling when ``n`` images are too few for the metrics ``names``."""
+    need = minimum_images(names)
+    if n < need:
+        raise UsageError(f"`metrics` {','.join(names)} needs at least {need} images, the run makes {n}; "
+                         f"sample more seeds or drop {'is' if 'is' in names and need == IS_SPLITS else 'the metrics'}")
 
 
 def parse_metrics(metrics: Union[str, Sequence[str]]) -> list[str]:
@@ -273,7 +288,7 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
         images = open_images(images)
     if isinstance(images, ImageSource):
         select_indices(len(images), num, seed)
-        minimum = max([IS_SPLITS if m == "is" else 4 if METRICS[m][2] == "pr" else 2 for m in names])
+        minimum = minimum_images(names)
         if (num or len(images)) < minimum:
             raise UsageError(f"{','.join(names)} need at least {minimum} images, found {num or len(images)}; "
                              f"point --images at more")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Precond", "UNet", "Block", "MPConv", "MPFourier", "EDM2SizeError"]
+__all__ = ["Precond", "UNet", "Block", "MPConv", "MPFourier", "EDM2SizeError", "clear_weight_cache"]
 
 
 class EDM2SizeError(ValueError):
@@ -52,12 +52,12 @@ def resample(x: torch.Tensor, mode: str = "keep", f: Sequence[float] = (1, 1)) -
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU scaled to preserve unit magnitude for unit-variance Gaussian input."""
-    return F.silu(x) / 0.596
+    return F.silu(x).div_(0.596)  # in place on the fresh result: one large buffer less per call
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """``lerp(a, b, t)`` rescaled so that unit-magnitude inputs give a unit-magnitude output."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+    return a.lerp(b, t).div_(math.sqrt((1 - t) ** 2 + t ** 2))
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
@@ -84,24 +84,65 @@ class MPFourier(torch.nn.Module):
 
 
 class MPConv(torch.nn.Module):
-    """Convolution (or linear layer for ``kernel=()``) with weights normalised to unit magnitude."""
+    """Convolution (or linear layer for ``kernel=()``) with weights normalised to unit magnitude.
+
+    At inference (eval mode, no autograd) the normalised, scaled weight of each
+    dtype is computed once and kept (:meth:`_inference_weight`): the same
+    operations in the same order as the training path, so the outputs are the
+    same bit for bit, without re-normalising every weight on every call (five
+    times per M-SWG evaluation).  Any change of the weight (optimizer step,
+    ``load_state_dict``, ``.to()``) or of a tensor gain invalidates the copy;
+    :func:`clear_weight_cache` drops all copies of a network (their memory).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]):
         super().__init__()
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self.cache_weights = True  # set by Precond.forward (see CPU_WEIGHT_CACHE_BYTES)
+        self._wcache: dict = {}
+
+    def _scaled_weight(self, gain, dtype) -> torch.Tensor:
+        w = normalize(self.weight.to(torch.float32))
+        w = w * (gain / np.sqrt(w[0].numel()))
+        return w.to(dtype)
+
+    def _inference_weight(self, gain, dtype) -> torch.Tensor:
+        w = self.weight
+        g = (id(gain), gain.data_ptr(), gain._version, gain.device) if isinstance(gain, torch.Tensor) else gain
+        key = (dtype, w.device, w.dtype, id(w), w.data_ptr(), w._version, g)
+        hit = self._wcache.get(dtype)
+        if hit is None or hit[0] != key:
+            hit = (key, self._scaled_weight(gain, dtype))
+            self._wcache[dtype] = hit
+        return hit[1]
 
     def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
-        w = self.weight.to(torch.float32)
         if self.training:
             with torch.no_grad():
-                self.weight.copy_(normalize(w))  # forced weight normalisation
-        w = normalize(w)
-        w = w * (gain / np.sqrt(w[0].numel()))
-        w = w.to(x.dtype)
+                self.weight.copy_(normalize(self.weight.to(torch.float32)))  # forced weight normalisation
+        if self.cache_weights and WEIGHT_CACHE and not self.training and not torch.is_grad_enabled():
+            w = self._inference_weight(gain, x.dtype)
+        else:
+            w = self._scaled_weight(gain, x.dtype)
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=(w.shape[-1] // 2,))
+
+
+WEIGHT_CACHE = True  # module switch: False re-normalises every weight on every call (the reference's way)
+# On the CPU the cache holds a float32 copy of every weight; networks larger than this (XL, XXL:
+# 4.5-6 GB of weights) are not cached there, so that XXL stays within 24 GB of RAM with M-SWG.
+CPU_WEIGHT_CACHE_BYTES = 2 << 30
+
+
+def clear_weight_cache(net: torch.nn.Module) -> None:
+    """Drop the cached inference weights of every :class:`MPConv` in ``net``."""
+    for m in net.modules():
+        if isinstance(m, MPConv):
+            m._wcache.clear()
+    if hasattr(net, "_cache_device"):
+        net._cache_device = None
 
 
 # ----------------------------------------------------------------------------
@@ -163,10 +204,10 @@ class Block(torch.nn.Module):
         if self.num_heads:
             y = self.attn_qkv(x)
             y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
-            q, k, v = normalize(y, dim=2).unbind(3)
-            w = torch.einsum("nhcq,nhck->nhqk", q, k / np.sqrt(q.shape[2])).softmax(dim=3)
-            y = torch.einsum("nhqk,nhck->nhcq", w, v)
-            y = self.attn_proj(y.reshape(*x.shape))
+            q, k, v = normalize(y, dim=2).unbind(3)  # [n, heads, channels, pixels] each
+            # softmax(q^T k / sqrt(c)) v^T through the fused kernel (flash / memory-efficient on GPUs).
+            y = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))
+            y = self.attn_proj(y.transpose(2, 3).reshape(*x.shape))
             x = mp_sum(x, y, t=self.attn_balance)
 
         if self.clip_act is not None:
@@ -288,6 +329,19 @@ class Precond(torch.nn.Module):
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
+    def _choose_weight_cache(self, device: torch.device) -> None:
+        """Cache inference weights (see :class:`MPConv`) except for large networks on the CPU."""
+        if getattr(self, "_cache_device", None) == device.type:
+            return
+        nbytes = sum(p.numel() * 4 for p in self.unet.parameters())
+        enabled = device.type != "cpu" or nbytes <= CPU_WEIGHT_CACHE_BYTES
+        for m in self.unet.modules():
+            if isinstance(m, MPConv):
+                m.cache_weights = enabled
+                if not enabled:
+                    m._wcache.clear()
+        self._cache_device = device.type
+
     def forward(self, x: torch.Tensor, sigma, class_labels: Optional[torch.Tensor] = None,
                 force_fp32: bool = False, return_logvar: bool = False):
         x = x.to(torch.float32)
@@ -306,6 +360,7 @@ class Precond(torch.nn.Module):
         c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
         c_noise = sigma.flatten().log() / 4
 
+        self._choose_weight_cache(x.device)
         F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if return_logvar:

@@ -346,7 +346,10 @@ def _tensor(value, name: str) -> torch.Tensor:
 
 
 def build_precond(init_kwargs: dict, state_dict: dict, source: str) -> torch.nn.Module:
-    """This project's ``Precond`` from constructor kwargs, weights loaded with ``strict=True`` (float32)."""
+    """This project's ``Precond`` from constructor kwargs, weights loaded with ``strict=True`` (float32).
+
+    ``state_dict`` is consumed: its tensors are replaced by their float32 versions, which the network takes.
+    """
     from networks.edm2 import Precond
 
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(init_kwargs).items()}
@@ -359,6 +362,10 @@ def build_precond(init_kwargs: dict, state_dict: dict, source: str) -> torch.nn.
     except TypeError as exc:
         raise CheckpointError(f"{source}: constructor arguments do not fit networks.edm2.Precond ({exc}); "
                               f"is this an EDM2 checkpoint?") from None
+    # float32 one tensor at a time, dropping each half-precision original as it goes: the peak is the
+    # float32 network plus one tensor (was: all fp16 tensors + all fp32 copies, 9 GB for XXL).
+    for name in list(state_dict):
+        state_dict[name] = state_dict[name].to(torch.float32)
     try:
         net.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:
@@ -408,7 +415,9 @@ def _from_pickle(path: pathlib.Path, source: str) -> EDM2Checkpoint:
     if ema.state.get("_init_args"):
         raise CheckpointError(f"{source}: positional constructor arguments are not supported")
     kwargs = ema.init_kwargs
-    net = build_precond(kwargs, gather_state_dict(ema), source)
+    state = gather_state_dict(ema)
+    ema.state = {}  # the weights now live only in `state`, so each fp16 tensor is freed once converted
+    net = build_precond(kwargs, state, source)
     encoder = encoder_from_record(data.get("encoder"), source)
     other = {k: v for k, v in data.items() if k not in ("ema", "encoder")}
     return EDM2Checkpoint(net, encoder, kwargs, other, source)

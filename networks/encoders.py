@@ -18,6 +18,7 @@ Both are plain Python objects (not ``torch.nn.Module``) with ``init(device)``,
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 from typing import Optional, Sequence
@@ -63,7 +64,10 @@ def load_vae(vae_name: str, device=torch.device("cpu")):
 
     path = pathlib.Path(os.path.expanduser(vae_name))
     folder = path if path.is_dir() else hf_snapshot(vae_name)
-    vae = AutoencoderKL.from_pretrained(str(folder), use_safetensors=True)
+    # Without accelerate, diffusers falls back to a random init + copy and prints an install hint on
+    # every run; ask for the plain path explicitly then (the VAE is small), the fast one when it is there.
+    fast = importlib.util.find_spec("accelerate") is not None
+    vae = AutoencoderKL.from_pretrained(str(folder), use_safetensors=True, low_cpu_mem_usage=fast)
     return vae.eval().requires_grad_(False).to(device)
 
 

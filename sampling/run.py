@@ -232,8 +232,10 @@ def check_run_settings(settings: RunSettings, *, require_outdir: bool = True) ->
         raise UsageError(f"`use_wandb` must be 0 or 1, got {settings.use_wandb}")
     if settings.device is not None:
         resolve_device(settings.device)
-    if effective_metrics(settings) and len(settings.seeds) < 2:
-        raise UsageError("metrics need at least 2 images; sample more or pass `metrics` none")
+    if effective_metrics(settings):  # FD needs 2 images, P/R 4, IS 10: said before sampling
+        from metrics.api import check_image_count
+
+        check_image_count(effective_metrics(settings), len(settings.seeds))
     check_reference(settings)
     if settings.outdir:
         check_outdir(settings.outdir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import copy as _copy
 import pickle
 import sys
 import types
@@ -143,6 +144,8 @@ class _PersistencePickler(pickle.Pickler):
         if isinstance(obj, PERSISTENT_CLASSES) or type(obj) in _OFFICIAL_NAMES:
             name = _OFFICIAL_NAMES.get(type(obj), type(obj).__name__)
             state = dict(obj.__dict__)
+            for attr in ("_wcache", "cache_weights", "_cache_device"):  # this project's inference cache
+                state.pop(attr, None)
             state.setdefault("_init_args", ())
             state.setdefault("_init_kwargs", {})
             meta = dict(type="class", version=6, module_src=self._src, class_name=name, state=state)
@@ -152,18 +155,25 @@ class _PersistencePickler(pickle.Pickler):
 
 def write_edm2_pickle(path, net: torch.nn.Module, *, encoder=None, marker_path: Optional[str] = None,
                       half: bool = True, extra: Optional[dict] = None, protocol: int = 4,
-                      training_snapshot: bool = True) -> None:
-    """Write ``net`` (+ encoder) like EDM2's ``training_loop`` / ``reconstruct_phema`` do."""
+                      training_snapshot: bool = True, loss=None, use_labels: bool = True,
+                      copy: bool = True) -> None:
+    """Write ``net`` (+ encoder) like EDM2's ``training_loop`` / ``reconstruct_phema`` do.
+
+    ``copy=False`` pickles ``net`` itself (already on the CPU and in the wanted
+    precision): no second copy of a 1.5 B-parameter network in memory.
+    """
     src = trap_source(marker_path or str(path) + ".EXECUTED")
-    ema = copy.deepcopy(net).cpu().eval().requires_grad_(False)
+    ema = _copy.deepcopy(net).cpu() if copy else net
+    ema = ema.eval().requires_grad_(False)
     if half:
         ema = ema.to(torch.float16)
     with _official_modules() as (reconstruct, easy):
         data = easy()
         if training_snapshot:
             data["encoder"] = encoder if encoder is not None else OfficialStandardRGBEncoder()
-            data["dataset_kwargs"] = easy(class_name="training.dataset.ImageFolderDataset", path="x.zip")
-            data["loss_fn"] = OfficialEDM2Loss()
+            data["dataset_kwargs"] = easy(class_name="training.dataset.ImageFolderDataset", path="x.zip",
+                                          use_labels=use_labels)
+            data["loss_fn"] = loss if loss is not None else OfficialEDM2Loss()
         elif encoder is not None:
             data["encoder"] = encoder
         data["ema"] = ema

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zipfile
 import pickle
 import re
 import warnings
@@ -86,18 +87,21 @@ def quiet_torch_load():
         yield
 
 
-def load_weights(path: str | os.PathLike, *, what: str, fix: str, safe_globals: Iterable = ()) -> Any:
+def load_weights(path: str | os.PathLike, *, what: str, fix: str, safe_globals: Iterable = (),
+                 mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU; a failure is one :class:`UsageError` line.
 
     ``what`` names the file for the user ("DiT checkpoint"), ``fix`` is said for an
     unreadable file; a truncated one is told to be downloaded again, an unsafe one refused.
+    ``mmap`` memory-maps a zip-format file instead of reading it (no second copy of a large checkpoint).
     """
     import torch
 
     path = os.fspath(path)
     try:
         with quiet_torch_load(), torch.serialization.safe_globals(list(safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            mapped = mmap and zipfile.is_zipfile(path)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except FileNotFoundError:
         raise UsageError(f"{what} {path} not found; {fix}") from None
     except IsADirectoryError:

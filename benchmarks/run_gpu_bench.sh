@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (no internet there): this project vs the SWG reference code on the same
+# random weights, then gpu_bench.json / gpu_bench.md under $OUT (default out/gpu_bench).
+#
+# Before (where there is internet, from the repository root):
+#   bash benchmarks/prep_refcode.sh [CHECKOUT]      # -> .refcode/ (git-ignored)
+#   # optional, for the decoded-image PSNR (diffusers is not on the GPU image):
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers importlib_metadata
+# Then carry both with the working tree, e.g. with the device tool:
+#   run(command="bash benchmarks/run_gpu_bench.sh", carry=[".refcode", ".whl"], timeout_s=540)
+#
+# Extra arguments go to benchmarks/gpu_bench.py (e.g. --variants channels_last,compile).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-out/gpu_bench}
+mkdir -p "$OUT"
+if [ ! -f .refcode/edm2/training/networks_edm2.py ]; then
+    echo "error: .refcode/ is missing; run benchmarks/prep_refcode.sh and carry .refcode" >&2
+    exit 2
+fi
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import diffusers" 2>/dev/null; then
+    "$PY" -m pip install -q --no-deps --no-index --target "$OUT/.pkgs" .whl/*.whl
+    export PYTHONPATH="$OUT/.pkgs${PYTHONPATH:+:$PYTHONPATH}"
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true; } > "$OUT/nvidia-smi.txt"
+"$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/torch.txt"
+export PYTHONUNBUFFERED=1
+timeout 500 "$PY" benchmarks/gpu_bench.py --refcode .refcode --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_bench.log"
+rm -rf "$OUT/.pkgs"
