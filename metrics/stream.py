@@ -51,7 +51,7 @@ from .detectors import get_detector
 from .scores import saturation_sum
 from .stats import FeatureStats
 
-__all__ = ["StreamingStats", "check_streamable", "split_sums_key", "STATE_DIR", "DEFAULT_SAVE_EVERY"]
+__all__ = ["StreamingStats", "check_streamable", "split_sums_key", "combine_stats", "STATE_DIR", "DEFAULT_SAVE_EVERY"]
 
 STATE_DIR = "stream_state"
 DEFAULT_SAVE_EVERY = 1000
@@ -292,6 +292,19 @@ class StreamingStats:
         if self._unsaved >= self.save_every:
             self.save()
 
+    # The sink interface of the sampling run (``write(seeds, uint8 NCHW)``, ``close()``, a context manager).
+    write = update
+
+    def close(self) -> None:
+        """Save the completed chunks not saved yet (the statistics are finished by :meth:`finish`)."""
+        self.save()
+
+    def __enter__(self) -> "StreamingStats":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
     def _add_chunk(self, k: int, images: Dict[int, torch.Tensor]) -> None:
         x = torch.stack([images[s] for s in self.chunks[k]])
         if self.saturation:
@@ -364,3 +377,35 @@ class StreamingStats:
         if self.saturation:
             out["saturation"] = self.sat_sum / self.num
         return out
+
+
+def combine_stats(parts: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Statistics of the union of disjoint image sets from each set's statistics (EDM2 layout).
+
+    For each Fréchet block present in every part, with ``N_i``, ``mu_i``,
+    ``sigma_i``: ``s_i = N_i mu_i`` and ``Q_i = (N_i - 1) sigma_i + N_i mu_i mu_i^T``
+    are summed and turned back into ``mu``, ``sigma`` of ``N = sum N_i``;
+    saturation is the image-weighted mean.  Inception-score sums are dropped:
+    the score's 10 splits are consecutive tenths of *one* image sequence, which
+    the parts' own splits do not give.
+    """
+    if not parts:
+        raise UsageError("nothing to combine; give at least one statistics file")
+    counts = [int(p["num_images"]) for p in parts]
+    n = sum(counts)
+    out: Dict[str, Any] = {"num_images": n}
+    keys = [k for k, v in parts[0].items() if isinstance(v, Mapping) and "mu" in v and "sigma" in v
+            and all(isinstance(p.get(k), Mapping) and "mu" in p[k] for p in parts)]
+    for key in keys:
+        total = 0.0
+        outer = 0.0
+        for p, count in zip(parts, counts):
+            mu = np.asarray(p[key]["mu"], dtype=np.float64).reshape(-1)
+            sigma = np.asarray(p[key]["sigma"], dtype=np.float64)
+            total = total + count * mu
+            outer = outer + (count - 1) * sigma + count * np.outer(mu, mu)
+        mu = total / n
+        out[key] = {"mu": mu, "sigma": (outer - n * np.outer(mu, mu)) / (n - 1)}
+    if all("saturation" in p for p in parts):
+        out["saturation"] = float(sum(float(p["saturation"]) * c for p, c in zip(parts, counts)) / n)
+    return out

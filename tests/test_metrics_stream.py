@@ -284,3 +284,22 @@ def test_kill_minus_nine_then_rerun(tmp_path):
     np.testing.assert_allclose(got["fid"]["sigma"], expect["fid"]["sigma"], rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(got["fid"]["mu"], expect["fid"]["mu"], rtol=1e-12, atol=1e-15)
     assert got["saturation"] == pytest.approx(expect["saturation"], rel=1e-12)
+
+
+def test_combine_equals_statistics_of_the_union(tmp_path):
+    parts = []
+    for seeds in (SEEDS[:60], SEEDS[60:]):
+        st = StreamingStats("fid,saturation", seeds, device="cpu")
+        feed(st, 32)
+        parts.append(save_ref(st.finish(), tmp_path / f"part{len(parts)}.pkl"))
+    res = CliRunner().invoke(cli, ["combine", "--stats", str(parts[0]), "--stats", str(parts[1]),
+                                   "--dest", str(tmp_path / "all.pkl")])
+    assert res.exit_code == 0, res.stderr
+    whole = StreamingStats("fid,saturation", SEEDS, device="cpu")
+    feed(whole, 32)
+    expect = whole.finish()
+    got = api.load_ref(tmp_path / "all.pkl")
+    assert got["num_images"] == 150
+    np.testing.assert_allclose(got["fid"]["mu"], expect["fid"]["mu"], rtol=1e-12)
+    np.testing.assert_allclose(got["fid"]["sigma"], expect["fid"]["sigma"], rtol=1e-9, atol=1e-12)
+    assert got["saturation"] == pytest.approx(expect["saturation"], rel=1e-12)
