@@ -1,0 +1,55 @@
+"""results.sweep: points, repeats over seed offsets, the summary table and the figure."""
+
+import csv
+import io
+
+import pytest
+
+from results import sweep
+from utils.errors import UsageError
+
+
+def fake_point(calls):
+    def run(line, weight, seeds, outdir, common, progress):
+        calls.append((line.label, weight, seeds[0], len(seeds), outdir, dict(common)))
+        off = seeds[0] - 10
+        w = float(weight.split(",")[-1])
+        return {"fid": 10 * w + off / 1000, "is": 5 - w + off / 1000, "is_std": 0.1, "num_images": len(seeds)}
+    return run
+
+
+def test_sweep_repeats_points_and_summarizes(tmp_path):
+    calls = []
+    lines = [sweep.parse_line("M-SWG=demo-digits:0.1 0.3"), sweep.parse_line("WMG+SWG = demo-digits-rt-mswg : 1.2,0.2")]
+    rows = sweep.run_sweep(lines, seeds=range(10, 20), out=tmp_path, offsets=[0, 1000, 3000],
+                           metrics="fid,is", run_point=fake_point(calls))
+    assert len(rows) == 9 and len(calls) == 9
+    assert calls[0][:4] == ("M-SWG", "0.1", 10, 10) and calls[2][2] == 3010
+    assert calls[0][4] == tmp_path / "M-SWG" / "w0.1" / "o0" and calls[-1][4] == tmp_path / "WMG+SWG" / "w1.2_0.2" / "o3000"
+    assert calls[0][5] == {"metrics": "fid,is"}
+    summary = {(r["label"], r["weights"]): r for r in sweep.summarize(rows)}
+    r = summary[("M-SWG", "0.3")]
+    assert r["repeats"] == 3 and r["N"] == 10 and r["w"] == 0.3
+    assert r["fid"] == pytest.approx(3 + 4 / 3) and r["fid_min"] == pytest.approx(3.0)
+    assert r["fid_spread"] == pytest.approx(3.0) and r["fid_best"] == pytest.approx(3.0)
+    assert r["is_best"] == pytest.approx(r["is_max"]) == pytest.approx(4.7 + 3)  # higher is better
+    assert summary[("WMG+SWG", "1.2,0.2")]["w"] == 0.2
+
+    paths = sweep.write_sweep(rows, tmp_path / "report")
+    table = paths["markdown"].read_text().splitlines()
+    assert table[0] == "| method | w | N | repeats | FID | Inception score |"
+    assert table[2] == "| M-SWG | 0.1 | 10 | 3 | 2.33 (1.00-4.00) | 6.23 (4.90-7.90) |"
+    assert len(list(csv.DictReader(io.StringIO(paths["points"].read_text())))) == 9
+    assert paths["figure"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_refuses_bad_input(tmp_path):
+    with pytest.raises(UsageError, match="LABEL=PRESET"):
+        sweep.parse_line("no preset here")
+    with pytest.raises(UsageError, match="not a number"):
+        sweep.parse_line("A=demo-digits:0.1 x")
+    line = sweep.parse_line("A=demo-digits:0.1")
+    with pytest.raises(UsageError, match="overlap"):
+        sweep.run_sweep([line], seeds=range(100), out=tmp_path, offsets=[0, 50], run_point=fake_point([]))
+    with pytest.raises(UsageError, match="labels must differ"):
+        sweep.run_sweep([line, line], seeds=range(10), out=tmp_path, run_point=fake_point([]))
