@@ -53,3 +53,23 @@ def test_sweep_refuses_bad_input(tmp_path):
         sweep.run_sweep([line], seeds=range(100), out=tmp_path, offsets=[0, 50], run_point=fake_point([]))
     with pytest.raises(UsageError, match="labels must differ"):
         sweep.run_sweep([line, line], seeds=range(10), out=tmp_path, run_point=fake_point([]))
+
+
+def test_bash_sweep_prints_a_valid_results_sweep_command(tmp_path):
+    import os
+    import pathlib
+    import shlex
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "TORCHRUN_ARGS", "EXTRA_ARGS")}
+    env.update(DRY_RUN="1", nproc_per_node="2", lines="M-SWG=demo-digits:0.1 0.3; WMG+M-SWG=demo-digits-rt-mswg:1.2,0.2",
+               offsets="0,1000", seeds="0-99", metrics="fd_digits,saturation")
+    proc = subprocess.run(["bash", str(root / "bash" / "sweep.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (cmd,) = [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert cmd[:5] == ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "results.sweep"]
+    params = sweep.main.make_context("sweep", cmd[5:]).params
+    assert [sweep.parse_line(t) for t in params["lines"]] == [
+        sweep.Line("M-SWG", "demo-digits", ["0.1", "0.3"]), sweep.Line("WMG+M-SWG", "demo-digits-rt-mswg", ["1.2,0.2"])]
+    assert (params["offsets"], params["seeds"], params["metrics"]) == ("0,1000", "0-99", "fd_digits,saturation")
