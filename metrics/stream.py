@@ -34,7 +34,6 @@ Resumable
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence
@@ -103,7 +102,8 @@ class StreamingStats:
     ``seeds``: every seed of the run; ``state_dir``: where partial statistics
     are kept (None: not resumable); ``settings``: the caller's run settings,
     which a resumed run must repeat; ``batch``: images per detector call
-    (the chunk size); ``save_every``: images between saves of a rank.
+    (the chunk size); ``save_every``: images between saves of a rank
+    (default :data:`DEFAULT_SAVE_EVERY`).
 
     Use: ``plan(sampler_batch)`` -> this rank's seed batches to sample;
     ``update(seeds, images)`` for each decoded batch (any order, uint8 NCHW);
@@ -112,7 +112,7 @@ class StreamingStats:
 
     def __init__(self, metrics: Sequence[str], seeds: Sequence[int], *, state_dir=None,
                  settings: Optional[Mapping[str, Any]] = None, batch: int = 64,
-                 save_every: int = DEFAULT_SAVE_EVERY, device=None,
+                 save_every: Optional[int] = None, device=None,
                  detector_kwargs: Optional[Mapping[str, dict]] = None):
         self.metrics = check_streamable(metrics)
         self.seeds = sorted({int(s) for s in seeds})
@@ -121,6 +121,7 @@ class StreamingStats:
         if n < minimum:
             raise UsageError(f"{','.join(self.metrics)} need at least {minimum} images, the run has {n}; "
                              f"give more --seeds")
+        save_every = DEFAULT_SAVE_EVERY if save_every is None else save_every
         if batch < 1 or save_every < 1:
             raise UsageError(f"the detector batch and the save interval must be >= 1, got {batch} and {save_every}")
         self.batch = int(batch)

@@ -1,6 +1,5 @@
 """metrics.stream: streamed statistics equal write-then-score, survive interruptions, and load as stats files."""
 
-import io
 import json
 import os
 import pathlib
