@@ -99,12 +99,13 @@ def _edm2_point(line: Line, weight: str, seeds: list, outdir: pathlib.Path, comm
 
 def run_sweep(lines: Sequence[Line], *, seeds: Sequence[int], out: os.PathLike | str, offsets: Sequence[int] = (0,),
               metrics: Optional[str] = None, ref_path: Optional[str] = None, batch: Optional[int] = None,
-              device: Optional[str] = None, progress: bool = True,
+              device: Optional[str] = None, progress: bool = True, options: Optional[Mapping[str, Any]] = None,
               run_point: Optional[Callable[..., dict]] = None) -> list:
     """Run every (line, weight, offset) point; return one row per point (label, weight, x, offset, metrics).
 
-    ``metrics`` / ``ref_path`` default to each preset's.  ``run_point`` replaces the
-    EDM2 runner (same arguments as :func:`_edm2_point`).
+    ``metrics`` / ``ref_path`` default to each preset's; ``options`` are more sampler
+    settings for every point (e.g. ``steps``).  ``run_point`` replaces the EDM2 runner
+    (same arguments as :func:`_edm2_point`).
     """
     if not lines:
         raise UsageError("no --line given; e.g. --line 'M-SWG=demo-digits:0.1 0.2 0.3'")
@@ -121,6 +122,7 @@ def run_sweep(lines: Sequence[Line], *, seeds: Sequence[int], out: os.PathLike |
                          f"so seed sets overlap; space them by at least {span}")
     common = {k: v for k, v in dict(metrics=metrics, ref_path=ref_path, batch=batch, device=device).items()
               if v is not None}
+    common.update(options or {})
     run_point = run_point or _edm2_point
     out = pathlib.Path(out)
     rows = []
