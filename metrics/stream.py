@@ -56,6 +56,7 @@ STATE_DIR = "stream_state"
 DEFAULT_SAVE_EVERY = 1000
 _FORMAT = "swg-stream-1"
 _FILE_RE = re.compile(r"^stream-g(\d+)-r(\d+)\.pt$")
+_TEMP_RE = re.compile(r"^\.stream-g(\d+)-r\d+\.pt\..*\.tmp\.pt$")  # left by a save killed midway
 # detector with class probabilities -> number of Inception-score splits of its metric, number of classes
 _SPLITS = {"inception": IS_SPLITS, "digits": 1}
 _CLASSES = {"inception": 1008, "digits": 10}
@@ -211,6 +212,11 @@ class StreamingStats:
                 self._absorb(st)
             self.covered = set(self.done_before)
         dist.barrier()  # every rank has read the folder before anyone writes or deletes in it
+        if dist.get_rank() == 0 and self.state_dir.is_dir():
+            for p in self.state_dir.iterdir():
+                m = _TEMP_RE.match(p.name)
+                if m and int(m.group(1)) < self._gen:
+                    p.unlink(missing_ok=True)
 
     def _absorb(self, st: Mapping[str, Any]) -> None:
         self.num += int(st["num"])

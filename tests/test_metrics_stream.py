@@ -150,6 +150,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     del first  # killed: unsaved chunk 3 and the partial chunk 4 are lost
     files = sorted(p.name for p in state.iterdir())
     assert files == ["stream-g0001-r0000.pt"]
+    (state / ".stream-g0001-r0000.pt.k9x2.tmp.pt").write_bytes(b"half a save")  # killed while saving
 
     second = StreamingStats(TINY, SEEDS, batch=16, device="cpu", state_dir=state, save_every=40)
     assert second.done_before == {0, 1, 2}
