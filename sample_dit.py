@@ -4,150 +4,17 @@
         --num-fid-samples 50000 --g-scale 0.5 --per-proc-batch-size 32 --crop 1 --mask 1 \\
         --sample-dir ./samples/IN256/cond_DiT_MSWG
 
-Every two-word flag has both spellings (``--g-scale`` / ``--g_scale``).  This
-file only parses the flags; the work happens in :mod:`sampling.dit_run`
-(``build_config`` -> ``generate`` / ``prefetch``), which also documents how
-each image's randomness is seeded.
+Every multi-word flag has both spellings (``--g-scale`` / ``--g_scale``); a
+switch given without a value means 1 (``--crop --mask``).  This file is the entry point
+only: the flags are :mod:`sampling.dit_flags`, the work :mod:`sampling.dit_run`
+(``build_config`` -> ``generate`` / ``prefetch``) and :mod:`sampling.run`.
 """
 
-from __future__ import annotations
-
-import json
 import sys
-from typing import Optional, Sequence
 
-import click
+from sampling.dit_flags import FLAGS, cli, main, settings  # noqa: F401
 
-from sampling import dit_run
-# Re-exported: results/grid.py, tests and notebooks use these through this module.
-from sampling.dit_run import (DEFAULTS, LATENT_SCALE, VAE_REPOS, ImageGenerators, ImageIndex,  # noqa: F401
-                              build_config, decode_latents, folder_name, generate, image_seeds, prefetch,
-                              resolve_config, run_dir, sample_latents, write_npz)
-from utils.errors import exit_on_usage_error
-
-__all__ = ["cli", "main", "DEFAULTS", "LATENT_SCALE", "VAE_REPOS", "ImageGenerators", "ImageIndex", "build_config",
-           "decode_latents", "folder_name", "generate", "image_seeds", "prefetch", "resolve_config", "run_dir",
-           "sample_latents", "write_npz"]
-D = DEFAULTS
-
-
-# ----------------------------------------------------------------------------
-# Command line.
-
-def _switch(*names, help):  # noqa: A002 - click's argument name
-    return click.option(*names, type=click.IntRange(0, 1), default=0, show_default=True, help=help)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--model", default=D["model"], show_default=True, help="DiT model zoo name (DiT-{S,B,L,XL}/{2,4,8})")
-@click.option("--model-kwargs", "--model_kwargs", "model_kwargs", default=D["model_kwargs"],
-              help="JSON constructor overrides for custom checkpoints, e.g. '{\"hidden_size\": 384}'")
-@click.option("--ckpt", default=D["ckpt"], help="DiT checkpoint path/URL (default: the released DiT-XL/2 for the size)")
-@click.option("--vae", type=click.Choice(["ema", "mse"]), default=D["vae"], show_default=True,
-              help="stabilityai/sd-vae-ft-{ema,mse}")
-@click.option("--vae-path", "--vae_path", "vae_path", default=D["vae_path"],
-              help="Local diffusers AutoencoderKL folder")
-@click.option("--sample-dir", "--sample_dir", "sample_dir", default=D["sample_dir"], show_default=True,
-              help="Parent folder of the run folder")
-@click.option("--per-proc-batch-size", "--per_proc_batch_size", "per_proc_batch_size", type=int,
-              default=D["per_proc_batch_size"],
-              show_default=True, help="Images per batch on each process")
-@click.option("--num-fid-samples", "--num_fid_samples", "num_fid_samples", type=int, default=D["num_fid_samples"],
-              help="Sample images 0..N-1  [default: 50000]")
-@click.option("--seeds", default=D["seeds"], help="Image indices instead of --num-fid-samples, e.g. 0-999,2000")
-@click.option("--image-size", "--image_size", "image_size", type=int, default=D["image_size"], show_default=True,
-              help="Image resolution (256 or 512 for the released weights)")
-@click.option("--num-classes", "--num_classes", "num_classes", type=int, default=D["num_classes"], show_default=True)
-@click.option("--g-scale", "--g_scale", "g_scale", type=float, default=D["g_scale"], show_default=True,
-              help="SWG weight (--crop), CFG scale (--vanila-cfg) or CFG weight (--cfg-crop)")
-@click.option("--crop-scale", "--crop_scale", "crop_scale", type=float, default=D["crop_scale"], show_default=True,
-              help="SWG weight of --cfg-crop")
-@_switch("--crop", help="SWG (M-SWG with --mask 1)")
-@_switch("--mask", help="Masked SWG: guide only where windows overlap")
-@_switch("--cfg-crop", "--cfg_crop", "cfg_crop", help="CFG + SWG")
-@_switch("--uncond", help="Sample the null class (unconditional)")
-@_switch("--vanila-cfg", "--vanila_cfg", "vanila_cfg", help="Plain classifier-free guidance")
-@click.option("--window-size", "--window_size", "--crop-size", "--crop_size", "window_size", type=int, default=D["window_size"],
-              help="SWG window in latent pixels  [default: 5/8 of the latent (20 at 256px, 40 at 512px), "
-                   "rounded down to the patch size]")
-@click.option("--window-steps", "--window_steps", "window_steps", type=int, default=D["window_steps"],
-              show_default=True,
-              help="SWG windows per axis")
-@click.option("--cfg-channels", "--cfg_channels", "cfg_channels", type=click.Choice(["reference", "all"]),
-              default=D["cfg_channels"], show_default=True,
-              help="Plain CFG on 3 latent channels (DiT release) or all 4")
-@click.option("--pos-embed", "--pos_embed", "pos_embed", type=click.Choice(["resize", "sincos"]),
-              default=D["pos_embed"], show_default=True,
-              help="Window position table: bicubic resize of the trained one (reference) or exact sin-cos")
-@click.option("--num-sampling-steps", "--num_sampling_steps", "num_sampling_steps",
-              default=D["num_sampling_steps"],
-              show_default=True, help="Respacing of the 1000 steps: 250, ddim50, 10,15,20, ...")
-@click.option("--global-seed", "--global_seed", "global_seed", type=int, default=D["global_seed"], show_default=True)
-@click.option("--tf32/--no-tf32", default=D["tf32"], show_default=True, help="TF32 matmuls on Ampere+ GPUs")
-@click.option("--save-tar/--no-save-tar", "--save_tar", "save_tar", default=D["save_tar"], show_default=True,
-              help="Write tar shards of PNGs instead of single PNGs")
-@click.option("--save-npz/--no-save-npz", "--save_npz", "save_npz", default=D["save_npz"], show_default=True,
-              help="Also write <run>/samples.npz (arr_0, uint8 NHWC) for the ADM evaluator")
-@click.option("--subdirs", is_flag=True, default=D["subdirs"], help="PNGs in per-1000 subfolders")
-@click.option("--metrics", default=D["metrics"], show_default=True,
-              help="Metrics after sampling (space or comma separated), or none")
-@click.option("--ref-path", "--ref_path", "ref_path", default=D["ref_path"],
-              help="Reference statistics (path/URL) for the metrics, e.g. dataset_refs/img256.pkl")
-@click.option("--max-window-batch", "--max_window_batch", "max_window_batch", type=int, default=D["max_window_batch"],
-              help="Cap on the batch of one window network call (memory)")
-@click.option("--device", default=D["device"],
-              help="Torch device  [default: cuda:<LOCAL_RANK> when available, else cpu]")
-@click.option("--prefetch", is_flag=True, default=D["prefetch"], help="Only download the weights into the cache")
-@click.option("--use-wandb", "--use_wandb", "use_wandb", type=click.IntRange(0, 1), default=D["use_wandb"],
-              show_default=True, help="Log arguments, metrics and a sample grid to wandb (rank 0)")
-@click.option("--wandb-group", "--wandb_group", "wandb_group", default=D["wandb_group"], help="wandb group")
-@click.option("--wandb-runname", "--wandb_runname", "wandb_runname", default=D["wandb_runname"], help="wandb run name")
-@exit_on_usage_error
-def cli(**opts):
-    """Sample images from DiT with sliding window guidance (SWG / M-SWG), CFG or CFG+SWG."""
-    from utils import dist
-
-    cfg = dit_run.build_config(**opts)
-    if cfg["prefetch"]:
-        paths = dit_run.prefetch(cfg)
-        dist.print0("cached: " + ", ".join(paths))
-        return {"prefetched": paths}
-    summary = dit_run.generate(cfg)
-    if summary.get("metrics"):
-        dist.print0(json.dumps(summary["metrics"]))
-    return summary
-
-
-def _join_metric_words(argv: Sequence[str]) -> list[str]:
-    """Let ``--metrics fid fd_dinov2`` (the reference's space-separated form) reach click as one value."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        out.append(arg)
-        i += 1
-        if arg == "--metrics":
-            words = []
-            while i < len(argv) and not argv[i].startswith("-"):
-                words.append(argv[i])
-                i += 1
-            out.append(",".join(words))
-    return out
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point: click errors and :class:`UsageError` become one line ``error: ...`` and exit status 2."""
-    argv = _join_metric_words(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cli.main(args=argv, prog_name="sample_dit.py", standalone_mode=False)
-    except click.exceptions.ClickException as exc:
-        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
-        return 2
-    except click.exceptions.Abort:
-        return 130
-    except SystemExit as exc:  # exit_on_usage_error
-        return exc.code if isinstance(exc.code, int) else 1
-    return 0
-
+__all__ = ["FLAGS", "cli", "main", "settings"]
 
 if __name__ == "__main__":
     sys.exit(main())

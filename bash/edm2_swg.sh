@@ -28,7 +28,7 @@ nproc_per_node="${nproc_per_node:-$(swg_default_nproc)}"
 
 swg_choose model_size "$model_size" s xxl
 swg_choose scale_window_guide "$scale_window_guide" 0 1
-# Model names from networks/presets.py (MODELS): the raw full-training snapshots.
+# Model names from networks/zoo.py (MODELS): the raw full-training snapshots.
 net_pos_pkl="${net_pos_pkl:-raw-img${resolution}-${model_size}}"
 tag=$([ "$scale_window_guide" = "1" ] && echo MSWG || echo SWG)
 

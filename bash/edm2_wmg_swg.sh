@@ -32,7 +32,7 @@ nproc_per_node="${nproc_per_node:-$(swg_default_nproc)}"
 swg_choose model_size "$model_size" s xxl
 swg_choose negative "$negative" RT RCT
 swg_choose g_method "$g_method" wmg-swg wmg
-# Model names from networks/presets.py (MODELS); the table there holds the URLs.
+# Model names from networks/zoo.py (MODELS); the table there holds the URLs.
 case "$model_size/$negative" in
     s/RT)    pos=raw-img512-s;   neg=raw-img512-s-T16 ;;
     s/RCT)   pos=raw-img512-s;   neg=raw-img512-xs-T16 ;;

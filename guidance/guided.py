@@ -130,17 +130,17 @@ def guide(
     ws = _weights(name, weight, cls.num_weights)
     if cls.needs_neg and neg_denoiser is None:
         hint = "an unconditional model" if "cfg" in name else "a weaker model"
-        raise GuidanceError(f"method {name!r} needs a negative network ({hint}); pass --net_neg_pkl")
+        raise GuidanceError(f"method {name!r} needs a negative network ({hint}); pass `neg_denoiser`")
     if cls.uses_windows:
         if window_size is None:
-            raise GuidanceError(f"method {name!r} needs a window size; pass --swg_sizes")
+            raise GuidanceError(f"method {name!r} needs a window size; pass `window_size`")
         # Validate the numbers early (sizes are checked against the input at call time).
         for k in (window_size if isinstance(window_size, (list, tuple)) else (window_size,)):
             if int(k) <= 0:
-                raise WindowError(f"window size must be positive, got {k}; use --swg_sizes > 0")
+                raise WindowError(f"window size must be positive, got {k}; use `window_size` > 0")
         for n in (window_steps if isinstance(window_steps, (list, tuple)) else (window_steps,)):
             if int(n) < 1:
-                raise WindowError(f"need at least one window per axis, got {n}; use --swg_steps >= 1")
+                raise WindowError(f"need at least one window per axis, got {n}; use `window_steps` >= 1")
     for lo_hi, what in ((steps, "steps"), (sigma_range, "sigma_range")):
         if lo_hi is not None and (len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]):
             raise GuidanceError(f"{what} interval must be (first, last) with first <= last, got {lo_hi!r}")

@@ -47,16 +47,16 @@ def window_origins(size: int, k: int, n: int) -> list[int]:
     axis raise :class:`WindowError`.
     """
     if n < 1:
-        raise WindowError(f"need at least one window per axis, got n={n}; use --swg_steps >= 1")
+        raise WindowError(f"need at least one window per axis, got n={n}; use `window_steps` >= 1")
     if k <= 0:
-        raise WindowError(f"window size must be positive, got k={k}; use --swg_sizes > 0")
+        raise WindowError(f"window size must be positive, got k={k}; use `window_size` > 0")
     if k > size:
-        raise WindowError(f"window size {k} exceeds the input size {size}; use --swg_sizes <= {size}")
+        raise WindowError(f"window size {k} exceeds the input size {size}; use `window_size` <= {size}")
     if n == 1:
         if k != size:
             raise WindowError(
                 f"one window of size {k} cannot cover an input of size {size}; "
-                f"use --swg_steps >= {-(-size // k)} or --swg_sizes {size}")
+                f"use `window_steps` >= {-(-size // k)} or `window_size` {size}")
         return [0]
     origins = [(i * (size - k)) // (n - 1) for i in range(n)]
     # Consecutive windows must touch or overlap, else pixels in between are uncovered.
@@ -64,7 +64,7 @@ def window_origins(size: int, k: int, n: int) -> list[int]:
         if b > a + k:
             raise WindowError(
                 f"{n} windows of size {k} leave gaps on an input of size {size}; "
-                f"use --swg_steps >= {-(-size // k)} or a larger --swg_sizes")
+                f"use `window_steps` >= {-(-size // k)} or a larger `window_size`")
     return origins
 
 

@@ -3,7 +3,7 @@
 Three detectors exist.  ``inception`` yields ``features`` (pool3, 2048-d) and
 ``probs`` (softmax of the 1008 bias-free logits, for the Inception score);
 ``dinov2`` yields ``features`` (CLS token, 1024-d); ``digits``, the offline
-demo's small digit classifier (:mod:`training.digits_detector`, weights shipped
+demo's small digit classifier (:mod:`metrics.digits`, weights shipped
 in ``demo/models/``), yields ``features`` (128-d penultimate layer) and
 ``probs`` (10 classes).  Each metric names the detector and output it needs
 (see ``metrics.api.METRICS``).
@@ -24,7 +24,8 @@ from utils.errors import UsageError
 from . import dinov2 as _dinov2
 from . import inception as _inception
 
-__all__ = ["full_precision", "Detector", "InceptionDetector", "DINOv2Detector", "LOADERS", "get_detector", "clear_cache"]
+__all__ = ["full_precision", "Detector", "InceptionDetector", "DINOv2Detector", "LOADERS", "get_detector", "clear_cache",
+           "prefetch"]
 
 
 @contextlib.contextmanager
@@ -100,7 +101,7 @@ def _load_dinov2(device, **kwargs) -> Detector:
 
 def _load_digits(device, **kwargs) -> Detector:
     """The demo's digit classifier; ``weights`` defaults to the shipped ``digits-classifier.safetensors``."""
-    from training.digits_detector import DEFAULT_CLASSIFIER, DigitsDetector
+    from .digits import DEFAULT_CLASSIFIER, DigitsDetector
 
     return DigitsDetector(kwargs.get("weights") or DEFAULT_CLASSIFIER, device=device)
 
@@ -128,3 +129,26 @@ def get_detector(kind: str, device=None, **kwargs) -> Detector:
 def clear_cache() -> None:
     """Forget loaded detectors (frees memory; tests use it after swapping loaders)."""
     _cache.clear()
+
+
+def _weights(kind: str):
+    """Where detector ``kind``'s default weights come from: a cache source, or a shipped file."""
+    if kind == "inception":
+        return _inception.INCEPTION_URL
+    if kind == "dinov2":
+        return _dinov2.DINOV2_SOURCE
+    if kind == "digits":
+        from .digits import DEFAULT_CLASSIFIER
+        return DEFAULT_CLASSIFIER
+    raise UsageError(f"unknown detector {kind!r}; use one of {sorted(LOADERS)}")
+
+
+def prefetch(kinds) -> list:
+    """Download the default weights of the detectors ``kinds`` into the cache (no network is built); return paths."""
+    from utils.cache import fetch
+
+    paths = []
+    for kind in kinds:
+        source = _weights(kind)
+        paths.append(source if not isinstance(source, str) else fetch(source, desc=f"{kind} detector weights"))
+    return paths

@@ -5,8 +5,8 @@
 A *run* is a folder holding ``metrics.json`` (written by :func:`metrics.api.write_metrics`:
 ``{"results": {...}, "args": {...}, "time": ...}``; a re-evaluation adds
 ``metrics-1.json``, ``metrics-2.json``, ...) or only ``metrics.csv`` (one row: arguments
-then results).  The sampler's own record of the settings is read beside it:
-``generate_args.json`` (``sample_edm2.py``) or ``args.json`` (``sample_dit.py``).
+then results).  The sampler's own record of the settings is read beside it: ``settings.json``
+(both samplers), or the older ``generate_args.json`` (``sample_edm2.py``) / ``args.json`` (``sample_dit.py``).
 
 Each run becomes one row (its newest evaluation unless ``--all-evals``):
 
@@ -49,7 +49,7 @@ from utils.errors import UsageError, exit_on_usage_error
 __all__ = ["ARGS_FILES", "MAIN_COLUMNS", "PLOT_METRICS", "find_runs", "read_run", "collect", "to_csv",
            "to_markdown", "plot_metrics", "write_report", "main"]
 
-ARGS_FILES = ("generate_args.json", "args.json")
+ARGS_FILES = ("settings.json", "generate_args.json", "args.json")  # sampling.run.SETTINGS_FILE, then older names
 MAIN_COLUMNS = ("method", "weights", "windows", "model", "N", "fid", "fd_dinov2", "is", "saturation")
 PLOT_METRICS = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "is": "Inception score", "saturation": "Saturation"}
 _METRICS_NAME = re.compile(r"^metrics(?:-(\d+))?\.(json|csv)$")

@@ -12,16 +12,15 @@ A column is written ``method[:w[,w2]]``: ``none``, ``cfg:w``, ``wmg:w``, ``swg:w
 convention ``D = D_pos + w (D_pos - D_neg)`` for both models (DiT's CFG scale is
 ``s = 1 + w``).  ``cfg`` uses the unconditional network, ``wmg`` the weaker one.
 
-Every image is drawn exactly as the samplers draw it: the seed's generator gives the
-initial noise, then the random class (replaced by the row's class when one is given),
-then the per-step noise.  With ``classes=None`` a cell therefore equals the image
+Every image is drawn exactly as the samplers draw it (:func:`sampling.seeds.draw_edm2`,
+:func:`sampling.seeds.draw_dit`): the seed's generator gives the initial noise, then the
+random class (replaced by the row's class when one is given), then the per-step noise.  With ``classes=None`` a cell therefore equals the image
 ``sample_edm2.py`` / ``sample_dit.py`` write for that seed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -115,16 +114,14 @@ def edm2_grid(net_pos: str, columns: Sequence, seeds: Sequence[int], classes: Op
               net_neg: Optional[str] = None, net_uncond: Optional[str] = None, swg_sizes=40, swg_steps=2,
               steps: int = 32, clean_combos: bool = False, device=None,
               progress: Optional[Callable[[str], None]] = None) -> Grid:
-    """Sample an EDM2 grid.  Networks are paths, URLs or model names of ``networks.presets.MODELS``.
+    """Sample an EDM2 grid.  Networks are paths, URLs or model names of ``networks.zoo.MODELS``.
 
     ``cfg`` / ``cfg-swg`` columns use ``net_uncond``; ``wmg`` / ``wmg-swg`` use ``net_neg``.
-    Each network is loaded once.  Settings are validated by ``sampling.edm2_run.build_config``,
-    the guided denoiser is the one ``sample_edm2.py`` uses.
+    Each network is loaded once.  Each column is a :func:`sampling.edm2_run.build_config`
+    sampled by :class:`sampling.edm2_run.EDM2Backend`, the code ``sample_edm2.py`` runs.
     """
     from networks.edm2_pickle import load_checkpoint
     from sampling import edm2_run
-    from sampling.edm import edm_sampler
-    from sampling.seeds import StackedRandomGenerator
     from utils import cache
 
     cols = parse_columns(columns)
@@ -136,7 +133,6 @@ def edm2_grid(net_pos: str, columns: Sequence, seeds: Sequence[int], classes: Op
         if source not in loaded:
             ckpt = load_checkpoint(cache.fetch(source, desc=pathlib.PurePosixPath(source).name), source=source)
             ckpt.net.eval().requires_grad_(False).to(device)
-            ckpt.encoder.init(device)
             loaded[source] = ckpt
         return loaded[source]
 
@@ -152,29 +148,14 @@ def edm2_grid(net_pos: str, columns: Sequence, seeds: Sequence[int], classes: Op
             g_method=col.method, g_weight=",".join(map(str, col.weights)) or None,
             swg_sizes=swg_sizes if "swg" in col.method else None, swg_steps=swg_steps,
             scale_window_guide=int(col.masked), steps=steps, clean_combos=clean_combos)
-        pos_ckpt = load(cfg.net_pos_pkl)
-        neg_ckpt = load(cfg.net_neg_pkl) if cfg.net_neg_pkl else None
-        edm2_run.check_networks(cfg, pos_ckpt, neg_ckpt)
-        guided = edm2_run.make_guided(cfg, pos_ckpt.net, neg_ckpt.net if neg_ckpt else None)
-        net = pos_ckpt.net
-        c, res = int(net.img_channels), int(net.img_resolution)
-        label_dim = int(net.label_dim)
+        backend = edm2_run.EDM2Backend(cfg).use(load(cfg.net_pos_pkl),
+                                                load(cfg.net_neg_pkl) if cfg.net_neg_pkl else None, device)
         if progress:
             progress(f"EDM2 {col.label.replace(chr(10), ' ')}")
-        rnd = StackedRandomGenerator(device, seeds)
-        noise = rnd.randn([len(seeds), c, res, res], device=device)
-        labels = None
-        if label_dim:
-            drawn = rnd.randint(label_dim, size=[len(seeds)], device=device)
-            labels = torch.eye(label_dim, device=device)[drawn]
-            drawn = drawn.tolist()
-            if classes is not None:
-                if max(classes) >= label_dim or min(classes) < 0:
-                    raise UsageError(f"classes must lie in 0..{label_dim - 1} for this network, got {classes}")
-                labels = torch.eye(label_dim, device=device)[torch.tensor(classes, device=device)]
         with torch.no_grad():
-            x = edm_sampler(guided, noise, labels, num_steps=steps, randn_like=rnd.randn_like)
-            pixels = pos_ckpt.encoder.decode(x)
+            draw = backend.draw(seeds, device, classes=classes)
+            pixels = backend.decode(backend.sample(draw))
+        drawn = draw.classes.tolist() if draw.classes is not None else None
         images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
     shown = classes if classes is not None and drawn is not None else drawn or [None] * len(seeds)
     rows = [f"seed {s}" + (f"\nclass {k}" if k is not None else "") for s, k in zip(seeds, shown)]
@@ -185,17 +166,16 @@ def edm2_grid(net_pos: str, columns: Sequence, seeds: Sequence[int], classes: Op
 # ----------------------------------------------------------------------------
 # DiT.
 
-def _dit_argv(col: Column, base: list) -> list:
-    base = list(base)  # click consumes the argument list it parses
+def _dit_options(col: Column) -> dict:
+    """The :func:`sampling.dit_run.build_config` switches of a column (paper weights -> DiT's scales)."""
     if col.method == "none":
-        return base
+        return {}
     if col.method == "swg":
-        return base + ["--crop", "1", "--mask", str(int(col.masked)), "--g-scale", str(col.weights[0])]
+        return {"crop": 1, "mask": int(col.masked), "g_scale": col.weights[0]}
     if col.method == "cfg":
-        return base + ["--vanila-cfg", "1", "--g-scale", str(1.0 + col.weights[0])]
+        return {"vanila_cfg": 1, "g_scale": 1.0 + col.weights[0]}
     if col.method == "cfg-swg":
-        return base + ["--cfg-crop", "1", "--mask", str(int(col.masked)), "--g-scale", str(col.weights[0]),
-                       "--crop-scale", str(col.weights[1])]
+        return {"cfg_crop": 1, "mask": int(col.masked), "g_scale": col.weights[0], "crop_scale": col.weights[1]}
     raise UsageError(f"DiT has no weaker model: column {col.method} is EDM2-only; use none, cfg, swg or cfg-swg")
 
 
@@ -205,53 +185,30 @@ def dit_grid(columns: Sequence, seeds: Sequence[int], classes: Optional[Sequence
              vae_path: Optional[str] = None, num_sampling_steps="250", window_size: Optional[int] = None,
              window_steps: int = 2, global_seed: int = 0, device=None,
              progress: Optional[Callable[[str], None]] = None) -> Grid:
-    """Sample a DiT grid; options as ``sample_dit.py`` (validated by ``sampling.dit_run.build_config``)."""
-    import sample_dit
-    from guidance.dit import dit_guidance
+    """Sample a DiT grid; options as :func:`sampling.dit_run.build_config`, sampled by its backend."""
     from sampling import dit_run
-    from sampling.gaussian_diffusion import create_diffusion
 
     cols = parse_columns(columns)
     seeds, classes = _rows(seeds, classes)
     device = torch.device(device) if device is not None else default_device()
-    base = ["--model", model, "--image-size", str(image_size), "--num-classes", str(num_classes), "--vae", vae,
-            "--num-sampling-steps", str(num_sampling_steps), "--window-steps", str(window_steps),
-            "--global-seed", str(global_seed), "--metrics", "none"]
-    if ckpt:
-        base += ["--ckpt", str(ckpt)]
-    if model_kwargs:
-        base += ["--model-kwargs", json.dumps(model_kwargs)]
-    if vae_path:
-        base += ["--vae-path", str(vae_path)]
-    if window_size:
-        base += ["--window-size", str(window_size)]
-    cfgs = []
-    for col in cols:  # each column's settings go through the command line's own parser and checks
-        ctx = sample_dit.cli.make_context("sample_dit.py", _dit_argv(col, base))
-        cfgs.append(dit_run.build_config(**ctx.params))
-    first = cfgs[0]
+    base = dict(model=model, model_kwargs=model_kwargs, ckpt=ckpt, image_size=image_size, num_classes=num_classes,
+                vae=vae, vae_path=vae_path, num_sampling_steps=num_sampling_steps, window_size=window_size,
+                window_steps=window_steps, global_seed=global_seed, metrics="none", seeds=[0])
+    cfgs = [dit_run.build_config(require_outdir=False, **base, **_dit_options(col)) for col in cols]
     if classes is not None and (max(classes) >= num_classes or min(classes) < 0):
         raise UsageError(f"classes must lie in 0..{num_classes - 1}, got {classes}")
-    net = dit_run.load_model(first, device).eval().requires_grad_(False)
-    vae_model = dit_run.load_vae(first, device)
-    diffusion = create_diffusion(first["num_sampling_steps"])
+    net = dit_run.load_model(cfgs[0], device).eval().requires_grad_(False)
+    vae_model = dit_run.load_vae(cfgs[0], device)
 
     images, drawn = [], None
     for col, cfg in zip(cols, cfgs):
         if progress:
             progress(f"DiT {col.label.replace(chr(10), ' ')}")
-        den = dit_guidance(net, cfg["method"], g_scale=cfg["g_scale"], crop_scale=cfg["crop_scale"],
-                           mask=cfg["mask"], window_size=cfg["window_size"], window_steps=cfg["window_steps"],
-                           cfg_channels=cfg["cfg_channels"])
-        gen = dit_run.ImageGenerators(device, seeds, cfg["global_seed"])
+        backend = dit_run.DiTBackend(cfg).use(net, vae_model)
         with torch.no_grad():
-            z = gen.randn([len(seeds), net.in_channels, cfg["latent_size"], cfg["latent_size"]])
-            y = gen.randint(net.num_classes, size=[len(seeds)])
-            drawn = y.tolist()
-            if classes is not None:
-                y = torch.tensor(classes, dtype=torch.long, device=z.device)
-            latents = diffusion.p_sample_loop(den, z, y, randn_like=gen.randn_like)
-            pixels = dit_run.decode_latents(vae_model, latents)
+            draw = backend.draw(seeds, device, classes=classes)
+            pixels = backend.decode(backend.sample(draw))
+        drawn = draw.classes.tolist()
         images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
     shown = classes if classes is not None else drawn
     rows = [f"seed {s}\nclass {k}" for s, k in zip(seeds, shown)]

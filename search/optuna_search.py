@@ -1,4 +1,4 @@
-"""Search guidance weights with Optuna, sampling each trial with the samplers' own command line.
+"""Search guidance weights with Optuna, sampling each trial through the samplers' Python API.
 
     torchrun --standalone --nproc_per_node=4 -m search.optuna_search \\
         --sampler edm2 --outdir ./search/s_rct_mswg --n_trials 40 --objective fd_dinov2 \\
@@ -7,8 +7,10 @@
         --swg_sizes 40 --seeds 0-9999 --batch 256 --metrics fd_dinov2 \\
         --ref_path https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl
 
-Everything after ``--`` is passed to ``sample_edm2.py`` / ``sample_dit.py`` unchanged,
-except the weights and the output folder, which each trial sets:
+Everything after ``--`` is read as ``sample_edm2.py`` / ``sample_dit.py`` flags
+(:func:`sampling.edm2_flags.settings`, :func:`sampling.dit_flags.settings`) and each
+trial runs :func:`sampling.edm2_run.generate` / :func:`sampling.dit_run.generate` in this
+process; the weights and the output folder are set by each trial:
 
 * EDM2: ``--g_weight w1[,w2]`` and ``--outdir <outdir>/trial_NNNN_<weights>/samples``;
 * DiT: ``--g-scale w1`` (and ``--crop-scale w2`` for ``--cfg-crop 1``) and
@@ -40,7 +42,8 @@ from utils import dist
 from utils.atomic import write_json_atomic
 from utils.errors import UsageError, exit_on_usage_error
 
-__all__ = ["parse_range", "trial_folder", "sampler_argv", "run_sampler", "read_objective", "run_search", "main"]
+__all__ = ["parse_range", "trial_folder", "sampler_argv", "sampler_settings", "run_sampler", "read_objective",
+           "run_search", "main"]
 
 MAXIMIZE = {"is"}
 
@@ -85,22 +88,38 @@ def sampler_argv(sampler: str, base: Sequence[str], weights: Sequence[float], fo
     return argv
 
 
-def run_sampler(sampler: str, argv: Sequence[str]) -> None:
-    """Run ``sample_edm2.py`` / ``sample_dit.py`` in this process, exactly as its command line would."""
-    if sampler == "edm2":
-        import sample_edm2 as module
-        command = module.main
-    else:
-        import sample_dit as module
-        command = module.cli
+def _flags(sampler: str):
+    from sampling import dit_flags, edm2_flags
+
+    return edm2_flags if sampler == "edm2" else dit_flags
+
+
+def sampler_settings(sampler: str, argv: Sequence[str]):
+    """The sampler's settings for ``argv`` (its flags), validated; nothing is sampled."""
     try:
-        command.main(args=list(argv), prog_name=f"sample_{sampler}.py", standalone_mode=False)
+        return _flags(sampler).settings(list(argv))
     except click.ClickException as exc:
         raise UsageError(f"sampler arguments rejected: {' '.join(exc.format_message().split())}") from None
-    except SystemExit as exc:  # the CLI printed its one-line error
-        if exc.code not in (0, None):
-            raise UsageError(f"the sampler stopped with status {exc.code} (message above); fix the sampler "
-                             f"arguments after --") from None
+
+
+def run_sampler(sampler: str, argv: Sequence[str]) -> dict:
+    """Sample one trial in this process through the Python API; returns the run summary."""
+    from sampling import dit_run, edm2_run
+    from utils.cli import flag_names
+
+    cfg = sampler_settings(sampler, argv)
+    api = edm2_run if sampler == "edm2" else dit_run
+    return flag_names(_flags(sampler).FLAGS, dashes=sampler == "dit")(api.generate)(cfg)
+
+
+def _check_objective(sampler: str, base_args: Sequence[str], ranges, outdir, objective: str) -> None:
+    """Before any trial: the sampler arguments must be valid and compute ``objective``."""
+    lows = [lo for lo, _ in ranges]
+    cfg = sampler_settings(sampler, sampler_argv(sampler, base_args, lows, trial_folder(outdir, 0, lows)))
+    pr = objective.split("_", 1)[-1] if objective.startswith(("precision_", "recall_")) else None
+    if objective not in cfg.metrics and f"pr_{pr}" not in cfg.metrics:
+        raise UsageError(f"no '{objective}' among the sampler's --metrics ({','.join(cfg.metrics) or 'none'}); "
+                         f"add it (with --ref_path) or choose another --objective")
 
 
 def read_objective(folder: pathlib.Path, objective: str) -> float:
@@ -148,6 +167,7 @@ def run_search(sampler: str, base_args: Sequence[str], ranges: Sequence[tuple[fl
     if step < 0:
         raise UsageError(f"--step must be >= 0 (0 = continuous), got {step}")
     _check_base_args(sampler, base_args)
+    _check_objective(sampler, base_args, ranges, outdir, objective)
     dist.init()
     rank = dist.get_rank()
     outdir = pathlib.Path(outdir)

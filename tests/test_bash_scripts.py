@@ -48,19 +48,12 @@ def validate(script: str, args: list[str]):
     """Parse ``args`` with the sampler's click command and run its validation (no I/O, no sampling)."""
     if script == "sample_edm2.py":
         import sample_edm2
-        from sampling import edm2_run
 
-        ctx = sample_edm2.main.make_context("sample_edm2.py", list(args))
-        params = dict(ctx.params)
-        params.pop("prefetch")
-        return edm2_run.build_config(require_outdir=True, **params)
+        return sample_edm2.settings(list(args))
     if script == "sample_dit.py":
         import sample_dit
 
-        from sampling import dit_run
-
-        ctx = sample_dit.cli.make_context("sample_dit.py", sample_dit._join_metric_words(list(args)))
-        return dit_run.build_config(**ctx.params)
+        return sample_dit.settings(list(args))
     raise AssertionError(f"unexpected script {script}")
 
 
@@ -80,7 +73,7 @@ def test_default_sweep_passes_cli_validation(script):
 
 
 def test_edm2_defaults_are_the_papers_settings():
-    from networks.presets import MODELS
+    from networks.zoo import MODELS
 
     swg = [validate(*split_launcher(c)[1:]) for c in dry_commands("edm2_swg.sh")]
     assert [c.g_weight for c in swg] == [(0.2,), (1.1,)]
@@ -108,12 +101,12 @@ def test_edm2_defaults_are_the_papers_settings():
 
 def test_dit_defaults_are_the_papers_settings():
     swg = [validate(*split_launcher(c)[1:]) for c in dry_commands("dit_swg.sh")]
-    assert [(c["method"], c["g_scale"], c["mask"], c["window_size"]) for c in swg] == \
+    assert [(c.method, c.g_scale, c.mask, c.window_size) for c in swg] == \
         [("swg", 0.5, 1, 20), ("swg", 1.5, 1, 20)]
-    assert all(c["save_tar"] and len(c["seed_list"]) == 50000 and c["per_proc_batch_size"] == 32 for c in swg)
+    assert all(c.save_tar and len(c.seeds) == 50000 and c.batch == 32 for c in swg)
     (cmd,) = dry_commands("dit_cfg_swg.sh")
     cfg = validate(*split_launcher(cmd)[1:])
-    assert (cfg["method"], cfg["g_scale"], cfg["crop_scale"], cfg["mask"]) == ("cfg-swg", 0.6, 0.5, 1)
+    assert (cfg.method, cfg.g_scale, cfg.crop_scale, cfg.mask) == ("cfg-swg", 0.6, 0.5, 1)
 
 
 def test_environment_overrides_and_weight_list():
@@ -127,7 +120,7 @@ def test_environment_overrides_and_weight_list():
 
     cmds = dry_commands("dit_cfg_swg.sh", g_weight="0.7,0.1 0.6,0.5", mask=0, save_tar=0, swg_sizes=16)
     cfgs = [validate(*split_launcher(c)[1:]) for c in cmds]
-    assert [(c["g_scale"], c["crop_scale"], c["mask"], c["save_tar"], c["window_size"]) for c in cfgs] == \
+    assert [(c.g_scale, c.crop_scale, c.mask, c.save_tar, c.window_size) for c in cfgs] == \
         [(0.7, 0.1, 0, False, 16), (0.6, 0.5, 0, False, 16)]
 
 

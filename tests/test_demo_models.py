@@ -14,7 +14,7 @@ import torch
 
 from networks.edm2_pickle import load_checkpoint
 from training.data import load_digits_images, one_hot, to_uint8
-from training.digits_detector import DEFAULT_CLASSIFIER, DEFAULT_REF, DigitsDetector, confidence_score
+from metrics.digits import DEFAULT_CLASSIFIER, DEFAULT_REF, DigitsDetector, confidence_score
 from training.eval_denoiser import evaluate, frechet_to_ref, load_ref_pickle, sample_digits
 from training.train_classifier import accuracy
 from training.train_edm2 import PowerEMA, TrainConfig, ema_exponent, learning_rate, train

@@ -21,7 +21,7 @@ def test_sample_edm2_with_demo_presets_from_another_directory(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         pngs = sorted(out.glob("*.png"))
         assert [p.name for p in pngs] == [f"{s:07d}.png" for s in range(4)]
-        args = json.loads((out / "generate_args.json").read_text())
+        args = json.loads((out / "settings.json").read_text())
         assert args["g_method"] == method and args["swg_sizes"] == [12]
         assert args["net_pos_pkl"] == str(REPO / "demo" / "models" / "digits-cond.safetensors")
         assert args["ref_path"] == str(REPO / "demo" / "refs" / "digits-ref.pkl")

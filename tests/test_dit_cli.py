@@ -16,7 +16,8 @@ import torch
 from diffusers import AutoencoderKL
 
 import sample_dit
-from sampling import common, dit_run
+from sampling import dit_run
+from sampling import run as common
 from sampling.writer import ImageIndex
 from networks.dit import create_dit
 from guidance.dit import dit_guidance
@@ -105,7 +106,7 @@ def test_each_guidance_switch_end_to_end(assets, tmp_path, capsys, flags, method
     rc, err = _run(_base(assets, out, "--seeds", "0-2", *flags), capsys)
     assert rc == 0, err
     run = out / f"DiT-S-2-tiny-dit-size-64-vae-ema-{suffix}" / "samples"
-    args = json.loads((run / "args.json").read_text())
+    args = json.loads((run / "settings.json").read_text())
     assert args["method"] == method and args["num_images"] == 3
     images = _images(run)
     assert sorted(images) == [0, 1, 2]
@@ -192,23 +193,22 @@ def test_vae_through_the_cache(assets, tmp_path, capsys):
 
 
 def _resolve(argv):
-    ctx = sample_dit.cli.make_context("sample_dit.py", sample_dit._join_metric_words(argv))
-    return sample_dit.resolve_config(dict(ctx.params))
+    return sample_dit.settings(argv)
 
 
 def test_seed_readme_commands_resolve():
     cfg = _resolve(["--model", "DiT-XL/2", "--num-fid-samples", "50000", "--g-scale", "0.5",
                     "--per-proc-batch-size", "32", "--crop", "1", "--mask", "1", "--sample-dir", "s"])
-    assert cfg["method"] == "swg" and cfg["window_size"] == 20 and cfg["window_steps"] == 2
-    assert cfg["ckpt_source"] == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
-    assert sample_dit.folder_name(cfg) == "DiT-XL-2-pretrained-size-256-vae-ema-g-0.5-seed-0_swg_mask_1"
-    assert len(cfg["seed_list"]) == 50000 and cfg["timesteps"] == 250
+    assert cfg.method == "swg" and cfg.window_size == 20 and cfg.window_steps == 2
+    assert cfg.ckpt_source == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
+    assert dit_run.folder_name(cfg) == "DiT-XL-2-pretrained-size-256-vae-ema-g-0.5-seed-0_swg_mask_1"
+    assert len(cfg.seeds) == 50000 and cfg.timesteps == 250
     cfg = _resolve(["--save_tar", "--model", "DiT-XL/2", "--num-fid-samples", "50000", "--g_scale", "0.6",
                     "--per-proc-batch-size", "32", "--cfg_crop", "1", "--crop_scale", "0.5", "--mask", "1",
                     "--image-size", "512", "--metrics", "fid", "fd_dinov2", "--ref_path", "r.pkl"])
-    assert cfg["method"] == "cfg-swg" and cfg["window_size"] == 40 and cfg["save_tar"]
-    assert cfg["metrics"] == ["fid", "fd_dinov2"] and cfg["ref_path"] == "r.pkl"
-    assert sample_dit.folder_name(cfg) == "DiT-XL-2-pretrained-size-512-vae-ema-g-0.6-seed-0_cfg_swg_0.5_mask_1"
+    assert cfg.method == "cfg-swg" and cfg.window_size == 40 and cfg.save_tar
+    assert cfg.metrics == ("fid", "fd_dinov2") and cfg.ref_path == "r.pkl"
+    assert dit_run.folder_name(cfg) == "DiT-XL-2-pretrained-size-512-vae-ema-g-0.6-seed-0_cfg_swg_0.5_mask_1"
     # Both spellings of every two-word flag.
     dash = _resolve(["--g-scale", "0.6", "--crop-scale", "0.5", "--cfg-crop", "1", "--sample-dir", "a",
                      "--per-proc-batch-size", "3", "--num-fid-samples", "7", "--global-seed", "2",
@@ -216,7 +216,7 @@ def test_seed_readme_commands_resolve():
     under = _resolve(["--g_scale", "0.6", "--crop_scale", "0.5", "--cfg_crop", "1", "--sample_dir", "a",
                       "--per_proc_batch_size", "3", "--num_fid_samples", "7", "--global_seed", "2",
                       "--num_sampling_steps", "ddim50", "--save_tar", "--save_npz", "--metrics", "fid fd_dinov2"])
-    assert dash == under and dash["timesteps"] == 50
+    assert dash == under and dash.timesteps == 50
 
 
 BAD = [
@@ -308,11 +308,11 @@ def test_missing_checkpoint_and_prefetch(assets, tmp_path, capsys):
 def test_api_defaults_are_the_command_line_defaults():
     """build_config() with no options resolves exactly as the command line with no flags."""
     ctx = sample_dit.cli.make_context("sample_dit.py", [])
-    assert set(ctx.params) == set(dit_run.DEFAULTS)
+    assert set(ctx.params) == set(dit_run.DEFAULTS) | {"prefetch"}
     assert {k: ctx.params[k] for k in dit_run.DEFAULTS} == dit_run.DEFAULTS
     cfg = dit_run.build_config()
-    assert cfg == {**sample_dit.resolve_config(dict(ctx.params)), "outdir": cfg["outdir"]}
-    assert cfg["outdir"] == os.path.join("samples", "DiT-XL-2-pretrained-size-256-vae-ema-g-0.0-seed-0", "samples")
+    assert cfg == sample_dit.settings([])
+    assert cfg.outdir == os.path.join("samples", "DiT-XL-2-pretrained-size-256-vae-ema-g-0.0-seed-0", "samples")
 
 
 def test_api_python_values_match_the_flags():
@@ -324,13 +324,13 @@ def test_api_python_values_match_the_flags():
     cfg = dit_run.build_config(model="DiT-S/2", model_kwargs=dict(TINY), ckpt="c.pt", image_size=64,
                                num_classes=10, seeds=[0, 1, 2, 5], crop=True, mask=1, g_scale=1,
                                num_sampling_steps=3, metrics=[], sample_dir="out")
-    assert cfg["outdir"] == os.path.join("out", "DiT-S-2-c-size-64-vae-ema-g-1.0-seed-0_swg_mask_1", "samples")
-    assert cfg["outdir"] == dit_run.run_dir(flags)
-    for key in dit_run.IDENTITY_KEYS + ("seed_list", "latent_size", "timesteps", "metrics"):
-        assert cfg[key] == flags[key], key
+    assert cfg.outdir == os.path.join("out", "DiT-S-2-c-size-64-vae-ema-g-1.0-seed-0_swg_mask_1", "samples")
+    assert cfg.outdir == dit_run.run_dir(flags)
+    for key in dit_run.IDENTITY_KEYS + ("seeds", "latent_size", "timesteps", "metrics"):
+        assert getattr(cfg, key) == getattr(flags, key), key
     with pytest.raises(TypeError, match="g_weight"):
         dit_run.build_config(g_weight=0.5)
-    with pytest.raises(UsageError, match="needs --crop 1 or --cfg-crop 1"):
+    with pytest.raises(UsageError, match="needs `crop` 1 or `cfg_crop` 1"):  # the API names parameters
         dit_run.build_config(mask=1)
 
 
@@ -342,8 +342,10 @@ def test_api_generate_matches_the_library(assets, tmp_path):
                                crop=1, g_scale=0.5, window_size=6, per_proc_batch_size=1, save_npz=True)
     summary = dit_run.generate(cfg, progress=False)
     assert torch.is_grad_enabled()  # the caller's autograd state is left alone
-    run = pathlib.Path(cfg["outdir"])
-    assert summary == {"outdir": str(run), "written": 2, "npz": str(run.with_suffix(".npz")), "metrics": None}
+    run = pathlib.Path(cfg.outdir)
+    assert {k: summary[k] for k in ("outdir", "requested", "pending", "written", "npz", "metrics")} == \
+        {"outdir": str(run), "requested": 2, "pending": 2, "written": 2, "npz": str(run.with_suffix(".npz")),
+         "metrics": None}
     images = _images(run)
     expected = _expected(assets, "swg", [1, 3], g_scale=0.5, window_size=6)
     assert sorted(images) == [1, 3]
@@ -362,13 +364,3 @@ def test_common_run_folder_helpers(tmp_path):
         common.check_outdir(blocker / "a" / "b", "--sample-dir")
     assert common.check_outdir(tmp_path / "new" / "run", "--outdir") == tmp_path / "new" / "run"
     assert not (tmp_path / "new").exists()  # checking creates nothing
-
-    path = tmp_path / "args.json"
-    assert common.changed_setting(path, {"a": 1}, ["a"]) is None  # nothing saved yet
-    common.write_json_atomic(path, {"a": 1, "b": [2, 3]}, indent=2)
-    assert json.loads(path.read_text()) == {"a": 1, "b": [2, 3]} and list(tmp_path.glob(".*tmp*")) == []
-    assert common.changed_setting(path, {"a": 1, "b": [2, 3], "c": 9}, ["a", "b", "c"]) is None  # c not saved
-    assert common.changed_setting(path, {"a": 1, "b": [2]}, ["a", "b"]) == ("b", [2, 3])
-    path.write_text("{torn")
-    assert common.read_json(path) is None and common.changed_setting(path, {"a": 2}, ["a"]) is None
-    assert list(common.progress([1, 2], enabled=False)) == [1, 2]

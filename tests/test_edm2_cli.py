@@ -55,11 +55,7 @@ class _Evil:
 def run_cli(args, capsys):
     """Run the CLI in-process; return (exit code, stderr)."""
     capsys.readouterr()
-    code = 0
-    try:
-        sample_edm2.cli([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code or 0
+    code = sample_edm2.main([str(a) for a in args])
     return code, capsys.readouterr().err
 
 
@@ -93,7 +89,7 @@ def test_every_method_through_cli(method, nets, tmp_path, capsys):
     assert sorted(pngs) == ["0000000.png", "0000001.png"]
     img = np.asarray(PIL.Image.open(out / "0000000.png"))
     assert img.shape == (16, 16, 3) and img.dtype == np.uint8 and img.std() > 0
-    args = json.loads((out / "generate_args.json").read_text())
+    args = json.loads((out / "settings.json").read_text())
     assert args["g_method"] == method.replace("_", "-") and args["seeds"] == "0-1"
 
 
@@ -179,7 +175,7 @@ def test_preset_through_cli(nets, tmp_path, capsys):
     code, err = run_cli(["--preset", "swg-edm2-s-mswg-1.1", "--net_pos_pkl", nets / "pos.pkl", "--swg_sizes", "8",
                          "--outdir", out, "--seeds", "0", *FAST], capsys)
     assert code == 0, err
-    args = json.loads((out / "generate_args.json").read_text())
+    args = json.loads((out / "settings.json").read_text())
     assert args["g_weight"] == [1.1] and args["swg_sizes"] == [8] and args["preset"] == "swg-edm2-s-mswg-1.1"
 
 
@@ -205,7 +201,7 @@ def test_prefetch_local(nets, tmp_path, capsys):
     ref = tmp_path / "ref.pkl"
     ref.write_bytes(b"stats")
     capsys.readouterr()
-    sample_edm2.cli(["--net_pos_pkl", str(nets / "pos.pkl"), "--ref_path", str(ref), "--prefetch"])
+    assert sample_edm2.main(["--net_pos_pkl", str(nets / "pos.pkl"), "--ref_path", str(ref), "--prefetch"]) == 0
     out = capsys.readouterr().out
     assert f"cached: {nets / 'pos.pkl'}" in out and f"cached: {ref}" in out
 

@@ -29,11 +29,7 @@ def tiny_detector(monkeypatch):
 
 
 def _cli(args):
-    try:
-        sample_edm2.cli([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
+    return sample_edm2.main([str(a) for a in args])
 
 
 def _stats_of(paths):

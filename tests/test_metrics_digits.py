@@ -15,7 +15,7 @@ from PIL import Image
 from metrics import api
 from metrics import detectors as D
 from training.data import load_digits_images, to_uint8
-from training.digits_detector import DEFAULT_REF, DigitsDetector, confidence_score
+from metrics.digits import DEFAULT_REF, DigitsDetector, confidence_score
 from training.eval_denoiser import frechet_to_ref, load_ref_pickle
 from utils.errors import UsageError
 

@@ -1,4 +1,4 @@
-"""networks.presets: addresses, the folder-naming rule, published scores, the SWG table."""
+"""networks.zoo (addresses, the folder-naming rule) and sampling.presets (published scores, the SWG table)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from networks import presets as PR
+from networks import zoo as Z
+from sampling import presets as PR
 from utils.errors import UsageError
 
 URL_RE = re.compile(r"^https://nvlabs-fi-cdn\.nvidia\.com/edm2/(posthoc-reconstructions/edm2-img(512|64)-[a-z-]+-\d{7}"
@@ -14,7 +15,7 @@ URL_RE = re.compile(r"^https://nvlabs-fi-cdn\.nvidia\.com/edm2/(posthoc-reconstr
 
 
 def test_every_address_is_well_formed_and_raw_folders_match_runs():
-    urls = [u for u in PR.MODELS.values() if u.startswith("https://")]
+    urls = [u for u in Z.MODELS.values() if u.startswith("https://")]
     for p in PR.PRESETS.values():
         urls += [u for u in (p.net_pos_pkl, p.net_neg_pkl) if u and u.startswith("https://")]
     assert len(urls) > 40
@@ -26,15 +27,15 @@ def test_every_address_is_well_formed_and_raw_folders_match_runs():
 
 
 def test_paper_addresses():
-    assert PR.MODELS["raw-img512-s"].endswith("raw-snapshots/edm2-img512-s/edm2-img512-s-2147483-0.100.pkl")
-    assert PR.MODELS["raw-img512-xs-T16"].endswith("raw-snapshots/edm2-img512-xs/edm2-img512-xs-0134217-0.100.pkl")
+    assert Z.MODELS["raw-img512-s"].endswith("raw-snapshots/edm2-img512-s/edm2-img512-s-2147483-0.100.pkl")
+    assert Z.MODELS["raw-img512-xs-T16"].endswith("raw-snapshots/edm2-img512-xs/edm2-img512-xs-0134217-0.100.pkl")
     # The reference script's edm2-img512-xl/ folder for these two is corrected.
-    assert PR.MODELS["raw-img512-xxl-T8"].endswith("raw-snapshots/edm2-img512-xxl/edm2-img512-xxl-0268435-0.100.pkl")
-    assert PR.MODELS["raw-img512-m-T8"].endswith("raw-snapshots/edm2-img512-m/edm2-img512-m-0268435-0.100.pkl")
-    assert PR.MODELS["raw-img512-xxl"].endswith("edm2-img512-xxl/edm2-img512-xxl-0939524-0.100.pkl")
-    assert PR.MODELS["raw-img512-xs-uncond"].endswith(
+    assert Z.MODELS["raw-img512-xxl-T8"].endswith("raw-snapshots/edm2-img512-xxl/edm2-img512-xxl-0268435-0.100.pkl")
+    assert Z.MODELS["raw-img512-m-T8"].endswith("raw-snapshots/edm2-img512-m/edm2-img512-m-0268435-0.100.pkl")
+    assert Z.MODELS["raw-img512-xxl"].endswith("edm2-img512-xxl/edm2-img512-xxl-0939524-0.100.pkl")
+    assert Z.MODELS["raw-img512-xs-uncond"].endswith(
         "raw-snapshots/edm2-img512-xs-uncond/edm2-img512-xs-uncond-2147483-0.100.pkl")
-    assert PR.REFS["img512"] == "https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl"
+    assert Z.REFS["img512"] == "https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl"
 
 
 def test_edm2_presets_and_scores():
@@ -65,8 +66,8 @@ def test_swg_table_rows():
     for name, (method, w, neg, fid, fdd) in rows.items():
         p = PR.get_preset(name)
         assert (p.g_method, p.g_weight, p.fid, p.fd_dinov2) == (method, w, fid, fdd)
-        assert p.net_neg_pkl == (PR.MODELS[neg] if neg else None)
-        assert p.net_pos_pkl == PR.MODELS["raw-img512-s"]
+        assert p.net_neg_pkl == (Z.MODELS[neg] if neg else None)
+        assert p.net_pos_pkl == Z.MODELS["raw-img512-s"]
         assert (p.swg_sizes, p.swg_steps, p.scale_window_guide) == ((40,), (2,), 1)
         assert p.settings()["g_method"] == method and "fid" not in p.settings()
 
@@ -74,8 +75,8 @@ def test_swg_table_rows():
 def test_unknown_preset_and_model_names():
     with pytest.raises(UsageError, match="unknown preset 'edm2-s-fid'"):
         PR.get_preset("edm2-s-fid")
-    assert PR.resolve_model("raw-img512-s") == PR.MODELS["raw-img512-s"]
-    assert PR.resolve_model("/tmp/x.pkl") == "/tmp/x.pkl" and PR.resolve_model(None) is None
+    assert Z.resolve_model("raw-img512-s") == Z.MODELS["raw-img512-s"]
+    assert Z.resolve_model("/tmp/x.pkl") == "/tmp/x.pkl" and Z.resolve_model(None) is None
 
 
 def test_demo_presets_point_at_the_shipped_files_from_any_directory(tmp_path, monkeypatch):
@@ -85,7 +86,7 @@ def test_demo_presets_point_at_the_shipped_files_from_any_directory(tmp_path, mo
     from sampling.edm2_run import build_config
 
     repo = pathlib.Path(__file__).resolve().parents[1]
-    local = {n: v for n, v in PR.MODELS.items() if not v.startswith("https://")}
+    local = {n: v for n, v in Z.MODELS.items() if not v.startswith("https://")}
     assert set(local) == {"demo-digits-cond", "demo-digits-uncond", "demo-digits-rt", "demo-digits-rct"}
     rows = {  # name: (method, weights, negative model file, windows)
         "demo-digits": ("swg", (0.2,), None, True),

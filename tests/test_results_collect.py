@@ -30,17 +30,14 @@ def edm2_run(root: pathlib.Path, name: str, results: dict, **opts) -> pathlib.Pa
 
 
 def dit_run(root: pathlib.Path, results: dict, **opts) -> pathlib.Path:
-    """A sample_dit.py run folder: args.json as the CLI records it, metrics via metrics.api."""
-    import sample_dit
+    """A sample_dit.py run folder: settings.json as the sampler records it, metrics via metrics.api."""
+    from sampling import dit_flags, dit_run as R, run
 
-    ctx = sample_dit.cli.make_context("sample_dit.py", [a for k, v in opts.items() for a in (k, str(v))]
-                                      + ["--sample-dir", str(root)])
-    cfg = sample_dit.build_config(**ctx.params)
-    outdir = pathlib.Path(cfg["outdir"])
+    cfg = dit_flags.settings([a for k, v in opts.items() for a in (k, str(v))] + ["--sample-dir", str(root)])
+    outdir = pathlib.Path(cfg.outdir)
     outdir.mkdir(parents=True)
-    record = {k: v for k, v in cfg.items() if k != "seed_list"}
-    record["num_images"] = len(cfg["seed_list"])
-    (outdir / "args.json").write_text(json.dumps(record))
+    record = R.DiTBackend(cfg).record()
+    run.write_settings(outdir, record)
     write_metrics(outdir, results, record)
     return outdir
 

@@ -79,7 +79,7 @@ def test_two_trial_study(setup, capsys):
     for t in trials:  # each trial sampled into its own folder with its own weight, value = its metrics.json
         folder = pathlib.Path(t.user_attrs["folder"])
         assert folder.name == f"trial_{t.number:04d}_{t.params['w0']:g}"
-        args = json.loads((folder / "samples" / "generate_args.json").read_text())
+        args = json.loads((folder / "samples" / "settings.json").read_text())
         assert args["g_weight"] == [pytest.approx(t.params["w0"])] and args["g_method"] == "swg"
         assert len(list((folder / "samples").glob("*.png"))) == 8
         assert t.value == pytest.approx(_fid_of(folder))
@@ -192,7 +192,7 @@ def test_dit_trial_runs_the_dit_sampler(tmp_path):
     best = S.run_search("dit", base, [(0.6, 0.6), (0.5, 0.5)], tmp_path / "dit_search", n_trials=1,
                         objective="saturation")
     folder = pathlib.Path(best["folder"])
-    (args_path,) = folder.rglob("args.json")
+    (args_path,) = folder.rglob("settings.json")
     args = json.loads(args_path.read_text())
     assert (args["method"], args["g_scale"], args["crop_scale"], args["mask"]) == ("cfg-swg", 0.6, 0.5, 1)
     (metrics_path,) = folder.rglob("metrics.json")

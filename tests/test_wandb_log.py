@@ -1,4 +1,4 @@
-"""utils.wandb_log: arguments, metrics and a sample grid land in an offline wandb run."""
+"""sampling.wandb_log: arguments, metrics and a sample grid land in an offline wandb run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 
 from utils.errors import UsageError
-from utils.wandb_log import WandbLogger, first_images, image_grid
+from sampling.wandb_log import WandbLogger, first_images, image_grid
 
 
 def wait_for_records(log: pathlib.Path, needles, timeout: float = 30.0) -> bytes:

@@ -62,7 +62,7 @@ def test_bad_configurations(size, k, n, match):
 def test_error_is_one_line_with_a_fix():
     with pytest.raises(WindowError) as e:
         window_origins(32, 40, 2)
-    assert "\n" not in str(e.value) and "--swg_sizes" in str(e.value)
+    assert "\n" not in str(e.value) and "`window_size`" in str(e.value)  # the parameter; each CLI names its flag
 
 
 @given(st.integers(4, 40), st.integers(4, 40), st.data())

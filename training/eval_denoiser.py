@@ -15,8 +15,8 @@ import click
 import numpy as np
 import torch
 
-from training.data import NUM_CLASSES, one_hot, to_uint8
-from training.digits_detector import DEFAULT_CLASSIFIER, DEFAULT_REF, METRIC, DigitsDetector, confidence_score
+from training.data import NUM_CLASSES, to_uint8
+from metrics.digits import DEFAULT_CLASSIFIER, DEFAULT_REF, METRIC, DigitsDetector, confidence_score
 from utils.errors import exit_on_usage_error
 
 __all__ = ["sample_digits", "frechet_to_ref", "evaluate", "main"]
@@ -27,20 +27,19 @@ def sample_digits(denoise, num: int, seed: int = 0, num_steps: int = 32, label_d
                   resolution: int = 16, device="cpu", batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """``num`` samples (uint8 ``[N, 1, R, R]``) from ``denoise(x, sigma, labels)`` with EDM's Heun sampler.
 
-    Image ``i`` uses seed ``seed + i`` for its noise and class ``i % 10`` (balanced classes).
-    Returns the images and the requested classes.
+    Image ``i`` uses seed ``seed + i`` (the samplers' per-seed draw, :func:`sampling.seeds.draw_edm2`)
+    and class ``i % 10`` (balanced classes).  Returns the images and the requested classes.
     """
     from sampling.edm import edm_sampler
-    from sampling.seeds import StackedRandomGenerator
+    from sampling.seeds import draw_edm2
 
     classes = torch.arange(num) % NUM_CLASSES
     out = []
     for i in range(0, num, batch):
         seeds = list(range(seed + i, seed + min(i + batch, num)))
-        rnd = StackedRandomGenerator(device, seeds)
-        noise = rnd.randn([len(seeds), 1, resolution, resolution], device=device)
-        labels = one_hot(classes[i:i + len(seeds)]).to(device) if label_dim else None
-        x = edm_sampler(denoise, noise, labels, num_steps=num_steps, randn_like=rnd.randn_like)
+        draw = draw_edm2(seeds, [1, resolution, resolution], label_dim, device,
+                         classes=classes[i:i + len(seeds)].tolist())
+        x = edm_sampler(denoise, draw.noise, draw.labels, num_steps=num_steps, randn_like=draw.rnd.randn_like)
         out.append(to_uint8(x).cpu())
     return torch.cat(out), classes
 

@@ -3,7 +3,7 @@
     python -m training.train_classifier --out demo/models/digits-classifier.safetensors \\
         --refs-out demo/refs/digits-ref.pkl
 
-The classifier (:class:`training.digits_detector.DigitsClassifier`) is trained
+The classifier (:class:`metrics.digits.DigitsClassifier`) is trained
 on the training split of :mod:`training.data` (16x16, ``[-1, 1]``) with Adam and
 cross-entropy, with random integer shifts of up to one pixel and a little
 Gaussian pixel noise as augmentation, and is evaluated on the stratified
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from training.data import load_digits_images, to_uint8
-from training.digits_detector import METRIC, DigitsClassifier, DigitsDetector, save_classifier
+from metrics.digits import METRIC, DigitsClassifier, DigitsDetector, save_classifier
 from utils.atomic import write_bytes_atomic
 from utils.errors import UsageError, exit_on_usage_error
 

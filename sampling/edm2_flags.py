@@ -1,0 +1,100 @@
+"""The flags of ``sample_edm2.py``: click options -> :mod:`sampling.edm2_run` settings -> the run.
+
+``sample_edm2.py`` is only ``sys.exit(main())`` over this module; tools that take the
+sampler's flags (``search.optuna_search``) turn them into settings with
+:func:`settings`.  Errors name this command line's flags (:data:`FLAGS`,
+:func:`utils.cli.flag_names`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional, Sequence
+
+import click
+
+from utils.cli import CONTEXT, flag_names, option, run_command
+from utils.errors import exit_on_usage_error
+
+__all__ = ["cli", "main", "settings", "FLAGS"]
+
+# Library parameters whose flag is not simply --<name> (guidance's own names included).
+FLAGS = {"class_idx": "--class", "window_size": "--swg_sizes", "window_steps": "--swg_steps",
+         "weight": "--g_weight", "method": "--g_method", "neg_denoiser": "--net_neg_pkl",
+         "masked": "--scale_window_guide"}
+
+
+@click.command(context_settings=CONTEXT)
+@option("--preset", default=None, help="Named settings (networks, method, weights); --list_presets lists them.")
+@option("--list_presets", is_flag=True, help="Print the presets (models, methods, weights, scores) and exit.")
+@option("--net_pos_pkl", default=None, help="Positive network: path, URL, hf://, or model name.")
+@option("--net_neg_pkl", default=None, help="Negative network for cfg / wmg and their SWG combinations.")
+@option("--outdir", default=None, help="Output folder (created; finished images are never overwritten).")
+@option("--subdirs", is_flag=True, help="Per-1000-seed folders (000000/, 001000/, ...).")
+@option("--save_tar", is_flag=True, help="Write tar shards of PNGs instead of loose PNGs.")
+@option("--save_npz", is_flag=True, help="Also write <outdir>.npz (arr_0, uint8 NHWC) for the ADM evaluator.")
+@option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-49999 or 1,2,5-10.")
+@click.option("--class", "class_idx", type=int, default=None, help="Class label for all images [default: random].")
+@option("--batch", type=int, default=None, help="Maximum batch per GPU [default: 32].")
+@option("--steps", type=int, default=None, help="Sampler steps [default: 32].")
+@option("--sigma_min", type=float, default=None, help="Lowest noise level [default: 0.002].")
+@option("--sigma_max", type=float, default=None, help="Highest noise level [default: 80].")
+@option("--rho", type=float, default=None, help="Time step exponent [default: 7].")
+@option("--S_churn", type=float, default=None, help="Stochasticity strength [default: 0].")
+@option("--S_min", type=float, default=None, help="Stochastic min noise level [default: 0].")
+@option("--S_max", type=float, default=None, help="Stochastic max noise level [default: inf].")
+@option("--S_noise", type=float, default=None, help="Stochastic noise inflation [default: 1].")
+@option("--g_method", default=None, help="none | cfg | wmg | swg | wmg-swg | cfg-swg (cfg_swg accepted).")
+@option("--g_weight", default=None, help="Guidance weight w, or two (w_neg,w_swg) for combinations.")
+@option("--swg_sizes", default=None, help="Window size k in latent pixels (or kh,kw).")
+@option("--swg_steps", default=None, help="Windows per axis n (or nh,nw) [default: 2].")
+@option("--scale_window_guide", default=None, help="1 = masked SWG (M-SWG), 0 = plain SWG [default: 1].")
+@option("--g_interval", default="none", show_default=True,
+        help="Guide only at sampler steps first..last (inclusive), e.g. 4,20.")
+@option("--clean_combos", is_flag=True,
+        help="wmg-swg/cfg-swg: apply the mask and the labels as documented instead of the reference's behaviour.")
+@option("--max_window_batch", type=int, default=None, help="Cap on the batch of one window network call.")
+@option("--metrics", default=None,
+        help="Metrics after sampling: fid,fd_dinov2 (need --ref_path); fd_digits,conf_digits for the demo presets.")
+@option("--ref_path", default=None, help="Reference statistics (path or URL).")
+@option("--device", default=None, help="Torch device [default: cuda:<LOCAL_RANK> when available, else cpu].")
+@option("--use_wandb", type=int, default=0, show_default=True, help="Log to Weights & Biases (0/1).")
+@option("--wandb_group", default=None, help="W&B group.")
+@option("--wandb_runname", default=None, help="W&B run name.")
+@option("--prefetch", is_flag=True, help="Only download what this command needs into the cache, then exit.")
+@exit_on_usage_error
+@flag_names(FLAGS)
+def cli(prefetch: bool, list_presets: bool, **opts) -> None:
+    """Sample EDM2 with sliding window guidance; see the README for the methods."""
+    from sampling import edm2_run
+    from utils import dist
+
+    if list_presets:
+        from sampling.presets import format_presets
+
+        print(format_presets())
+        return
+    cfg = edm2_run.build_config(require_outdir=not prefetch, **opts)
+    if prefetch:
+        for path in edm2_run.prefetch(cfg):
+            dist.print0(f"cached: {path}")
+        return
+    summary = edm2_run.generate(cfg)
+    if summary["metrics"]:
+        dist.print0(json.dumps(summary["metrics"]))
+
+
+def settings(argv: Sequence[str]):
+    """The :class:`sampling.edm2_run.GenerateConfig` these flags give (validated, nothing run or written)."""
+    from sampling import edm2_run
+
+    params = dict(cli.make_context("sample_edm2.py", list(argv)).params)
+    prefetch = params.pop("prefetch")
+    params.pop("list_presets")
+    return flag_names(FLAGS)(edm2_run.build_config)(require_outdir=not prefetch, **params)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: usage errors (click's and the library's) become one line ``error: ...`` and status 2."""
+    return run_command(cli, argv, "sample_edm2.py")
