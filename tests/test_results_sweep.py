@@ -73,3 +73,25 @@ def test_bash_sweep_prints_a_valid_results_sweep_command(tmp_path):
     assert [sweep.parse_line(t) for t in params["lines"]] == [
         sweep.Line("M-SWG", "demo-digits", ["0.1", "0.3"]), sweep.Line("WMG+M-SWG", "demo-digits-rt-mswg", ["1.2,0.2"])]
     assert (params["offsets"], params["seeds"], params["metrics"]) == ("0,1000", "0-99", "fd_digits,saturation")
+
+
+def test_digits_sweep_end_to_end_resumes_without_sampling(tmp_path, monkeypatch):
+    """Two methods on the shipped digits models, two seed offsets, streaming: table, figure, rerun samples nothing."""
+    lines = [sweep.parse_line("M-SWG=demo-digits:0.3"), sweep.parse_line("WMG=demo-digits-rt:1.2")]
+    kw = dict(seeds=range(6), out=tmp_path, offsets=[0, 100], metrics="fd_digits,conf_digits,saturation",
+              device="cpu", progress=False, options={"steps": 2, "batch": 3})
+    rows = sweep.run_sweep(lines, **kw)
+    assert [(r["label"], r["offset"], r["num_images"]) for r in rows] == [
+        ("M-SWG", 0, 6), ("M-SWG", 100, 6), ("WMG", 0, 6), ("WMG", 100, 6)]
+    assert rows[0]["fd_digits"] != rows[1]["fd_digits"]  # other seeds, other images
+    point = tmp_path / "M-SWG" / "w0.3" / "o100"
+    assert not [p for p in point.rglob("*") if p.suffix == ".png"] and (point / "metrics.json").exists()
+
+    from sampling import edm2_run
+    calls = []
+    real = edm2_run.generate
+    monkeypatch.setattr(edm2_run, "generate", lambda cfg, **k: calls.append(real(cfg, **k)) or calls[-1])
+    assert sweep.run_sweep(lines, **kw) == rows  # finished points: same numbers, nothing sampled
+    assert [c["pending"] for c in calls] == [0, 0, 0, 0]
+    paths = sweep.write_sweep(rows, tmp_path / "report")
+    assert "| M-SWG | 0.3 | 6 | 2 |" in paths["markdown"].read_text()
