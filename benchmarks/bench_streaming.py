@@ -92,8 +92,8 @@ def main(preset, seeds, steps, batch, metrics, repeats, device, workdir):
               f"image bytes {img:>10d}  other bytes {other:>8d}")
     print(f"speed-up: {min(times['write-then-score']) / min(times['streaming']):.2f}x (target >= 1.3x)")
     keys = [k for k in results["write-then-score"] if k != "num_images"]
-    worst = max(abs(results["streaming"][k] - results["write-then-score"][k]) / abs(results["write-then-score"][k])
-                for k in keys)
+    worst = max(abs(results["streaming"][k] - results["write-then-score"][k])
+                / max(abs(results["write-then-score"][k]), 1e-300) for k in keys)
     print(f"metrics: {results['streaming']}  max relative difference {worst:.1e}")
 
 
