@@ -51,7 +51,7 @@ from .detectors import get_detector
 from .frechet import frechet_distance
 from .images import ImageSource, is_image_source, iterate_batches, open_images, select_indices
 from .refs import load_ref
-from .scores import inception_score, precision_recall, saturation_sum
+from .scores import inception_score, inception_score_from_sums, precision_recall, saturation_sum
 from .stats import FeatureStats
 
 __all__ = [
@@ -64,6 +64,8 @@ __all__ = [
     "needs_reference",
     "compute_stats",
     "calc_metrics_from_stats",
+    "check_stats_cover",
+    "is_stats_file",
     "calc_metrics",
     "write_metrics",
 ]
@@ -227,6 +229,33 @@ def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dino
     return result
 
 
+def _class_score(stats: Mapping[str, Any], kind: str, splits: int) -> tuple[float, float]:
+    """Inception-score formula from probability rows or, for streamed statistics, per-split sums."""
+    key = PROB_KEYS[kind]
+    if key in stats:
+        return inception_score(stats[key], splits)
+    sums = stats[f"{key}_splits"]
+    if np.asarray(sums["count"]).size != splits:
+        raise UsageError(f"the statistics hold {np.asarray(sums['count']).size} split(s) of '{key}', "
+                         f"the score needs {splits}")
+    return inception_score_from_sums(sums["count"], sums["sum"], sums["plogp"])
+
+
+def check_stats_cover(stats: Mapping[str, Any], metrics: Sequence[str], where: str) -> None:
+    """Refuse statistics (a ``--save_stats`` file) that lack what ``metrics`` need."""
+    for metric in parse_metrics(metrics):
+        kind, _, what = METRICS[metric]
+        need = {"fd": STAT_KEYS.get(kind), "pr": STAT_KEYS.get(kind), "saturation": "saturation"}.get(what)
+        if what in ("is", "conf"):
+            ok = PROB_KEYS[kind] in stats or f"{PROB_KEYS[kind]}_splits" in stats
+            need = f"{PROB_KEYS[kind]}_splits"
+        else:
+            ok = need in stats and (what != "pr" or stats[need].get("features") is not None)
+        if not ok:
+            raise UsageError(f"{where} has no '{need}' statistics needed for {metric}; drop {metric} from "
+                             f"--metrics or compute the statistics with it")
+
+
 def calc_metrics_from_stats(stats: Mapping[str, Any], ref: Optional[Mapping[str, Any]],
                             metrics: Sequence[str], device=None) -> Dict[str, float]:
     """Turn statistics (from :func:`compute_stats`) and a reference into metric values."""
@@ -238,9 +267,9 @@ def calc_metrics_from_stats(stats: Mapping[str, Any], ref: Optional[Mapping[str,
             a, b = stats[key], ref[key]
             results[metric] = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
         elif what == "is":
-            results["is"], results["is_std"] = inception_score(stats["probs"], IS_SPLITS)
+            results["is"], results["is_std"] = _class_score(stats, kind, IS_SPLITS)
         elif what == "conf":
-            results[metric] = inception_score(stats[PROB_KEYS[kind]], 1)[0]
+            results[metric] = _class_score(stats, kind, 1)[0]
         elif what == "saturation":
             results["saturation"] = stats["saturation"]
         elif what == "pr":
@@ -265,6 +294,12 @@ def _check_ref_covers(ref: Mapping[str, Any], metrics: Sequence[str], where: str
                              f"'python -m metrics ref --features 50000' or pass an image folder as --ref")
 
 
+def is_stats_file(path: Union[str, os.PathLike]) -> bool:
+    """True for a statistics pickle (``--save_stats`` / ``python -m metrics ref`` output) given as images."""
+    p = pathlib.Path(path)
+    return p.is_file() and p.name.lower().endswith(".pkl")
+
+
 def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "fd_dinov2"),
                  ref_path: Optional[Union[str, os.PathLike]] = None, num: Optional[int] = None,
                  batch: int = 64, device=None, *, seed: int = 0, ref: Optional[Mapping[str, Any]] = None,
@@ -275,6 +310,8 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
     ``ref_path``: an EDM2-format ``.pkl``, an FID-only ``.npz`` (``mu``/``sigma``), a URL
     (fetched into the cache), or an image folder/zip/tar/npz whose statistics are computed.
     ``num`` images are drawn with ``seed`` (all when None); fewer present is an error.
+    ``images`` may also be a statistics ``.pkl`` (``--save_stats``, :mod:`metrics.stream`):
+    then no detector runs and the metrics come from its sums.
     Returns ``{metric: value, ..., 'num_images': N}``; identical on every torchrun rank.
     """
     names = parse_metrics(metrics)
@@ -282,6 +319,21 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
     need_ref = [m for m in names if _needs_ref(m)]
     detectors = sorted({METRICS[m][0] for m in names if METRICS[m][0]}, key=_DETECTOR_ORDER.index)
     need_feats = any(METRICS[m][2] == "pr" for m in names)
+
+    if isinstance(images, (str, os.PathLike)) and is_stats_file(images):
+        if num is not None:
+            raise UsageError(f"{images} holds statistics, not images; --num cannot pick images from it, drop --num")
+        stats = load_ref(images)  # a --save_stats file: no detector runs
+        check_stats_cover(stats, names, str(images))
+        if need_ref and ref is None:
+            if ref_path is None:
+                raise UsageError(f"metrics {','.join(need_ref)} need reference statistics; pass --ref / ref_path")
+            ref = load_ref(ref_path) if not is_image_source(ref_path) else compute_stats(
+                ref_path, sorted({METRICS[m][0] for m in need_ref}, key=_DETECTOR_ORDER.index), batch=batch,
+                device=device, detector_kwargs=detector_kwargs, progress=progress, desc="reference images")
+        if need_ref:
+            _check_ref_covers(ref, need_ref, str(ref_path) if ref_path is not None else "the reference")
+        return calc_metrics_from_stats(stats, ref, names, device=device)
 
     # Validate cheap things (reference, image count) before loading any network.
     if isinstance(images, (str, os.PathLike)):

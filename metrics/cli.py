@@ -1,7 +1,9 @@
-"""Command line: ``python -m metrics calc`` and ``python -m metrics ref`` (torchrun-able).
+"""Command line: ``python -m metrics calc``, ``ref`` and ``combine`` (torchrun-able).
 
     python -m metrics calc --images samples/ --ref img512.pkl --metrics fid,fd_dinov2 [--num 50000]
+    python -m metrics calc --images run_stats.pkl --ref img512.pkl --metrics fid,is   # a --save_stats file
     python -m metrics ref  --images imagenet512/ --dest img512.pkl [--features 50000]
+    python -m metrics combine --stats a.pkl --stats b.pkl --dest ab.pkl
     torchrun --standalone --nproc_per_node=4 -m metrics calc ...
 """
 
@@ -118,3 +120,22 @@ def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, in
         path = save_ref(stats, dest, overwrite=overwrite)
         click.echo(f"wrote {path} ({stats['num_images']} images: {', '.join(STAT_KEYS[k] for k in kinds)})")
     dist.barrier()
+
+
+@main.command()
+@click.option("--stats", "stats", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="statistics .pkl of disjoint image sets (--save_stats or 'ref' output); repeat the option")
+@click.option("--dest", required=True, type=click.Path(dir_okay=False), help="output statistics pickle")
+@click.option("--overwrite", is_flag=True, help="replace an existing --dest")
+@exit_on_usage_error
+def combine(stats, dest, overwrite):
+    """Statistics of the union of the images behind several statistics files (FD blocks, saturation)."""
+    from .refs import load_ref
+    from .stream import combine_stats
+
+    if os.path.exists(dest) and not overwrite:
+        raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
+    merged = combine_stats([load_ref(p) for p in stats])
+    path = save_ref(merged, dest, overwrite=overwrite)
+    blocks = [k for k in merged if isinstance(merged[k], dict)]
+    click.echo(f"wrote {path} ({merged['num_images']} images: {', '.join(blocks)})")

@@ -26,7 +26,10 @@ softmax of ``W f`` without the bias, see :meth:`InceptionV3.forward`.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pathlib
+import re
 from typing import Optional
 
 import torch
@@ -39,6 +42,7 @@ __all__ = [
     "InceptionV3",
     "tf1_resize_bilinear",
     "load_inception",
+    "check_name_hash",
 ]
 
 INCEPTION_URL = (
@@ -283,11 +287,40 @@ class InceptionV3(nn.Module):
         return feats, F.linear(feats, self.fc.weight, bias)
 
 
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")  # torch.hub's convention: name-<sha256 prefix>.ext
+
+
+def check_name_hash(path: str | os.PathLike) -> None:
+    """Refuse a file whose name carries a sha256 prefix (``...-6726825d.pth``) that its bytes do not have.
+
+    As ``torch.hub``'s ``check_hash``: the hex digits after the last-matching
+    ``-`` and before a ``.`` must start the file's sha256.  Names without such
+    digits are not checked.
+    """
+    from utils.errors import UsageError
+
+    path = pathlib.Path(path)
+    match = _HASH_IN_NAME.search(path.name)
+    if not match or not match.group(1):
+        return
+    prefix = match.group(1)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    actual = digest.hexdigest()
+    if not actual.startswith(prefix):
+        raise UsageError(f"{path} has sha256 {actual[:len(prefix)]}..., not the {prefix}... its name promises; "
+                         f"the file is damaged or not these weights: delete it and fetch {INCEPTION_URL} again")
+
+
 def load_inception(weights: Optional[str | os.PathLike] = None, device=None) -> InceptionV3:
     """Build the detector and load the port's weights (fetched and cached when ``weights`` is None).
 
-    The file is a plain state dict, read with ``torch.load(weights_only=True)``.
-    A state dict whose keys or shapes do not match raises :class:`UsageError`.
+    A file named with a sha256 prefix (the port's ``...-6726825d.pth``) is
+    checked against it first (:func:`check_name_hash`).  The file is a plain
+    state dict, read with ``torch.load(weights_only=True)``.  A state dict whose
+    keys or shapes do not match raises :class:`UsageError`.
     """
     from utils.errors import UsageError
 
@@ -297,6 +330,10 @@ def load_inception(weights: Optional[str | os.PathLike] = None, device=None) -> 
         weights = fetch(INCEPTION_URL, desc="Inception-v3 (FID) weights")
     from utils.safe_load import load_weights
 
+    if not os.path.isfile(weights):
+        raise UsageError(f"Inception weights not found: {weights}; pass an existing file or leave the option "
+                         f"out to fetch {INCEPTION_URL}")
+    check_name_hash(weights)
     state = load_weights(weights, what="Inception weights", fix=f"use the file from {INCEPTION_URL}")
     model = InceptionV3()
     try:

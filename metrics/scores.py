@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["inception_score", "saturation_sum", "precision_recall", "knn_radii"]
+__all__ = ["inception_score", "inception_score_from_sums", "saturation_sum", "precision_recall", "knn_radii"]
 
 
 def inception_score(probs, splits: int = 10) -> tuple[float, float]:
@@ -41,6 +41,26 @@ def inception_score(probs, splits: int = 10) -> tuple[float, float]:
         ratio = np.divide(part, marginal, out=np.ones_like(part), where=part > 0)
         kl = (part * np.log(ratio)).sum(axis=1).mean()
         scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def inception_score_from_sums(count, prob_sum, plogp_sum) -> tuple[float, float]:
+    """Inception score from per-split sums, as kept while streaming (no probability rows).
+
+    For split ``P`` with ``n_P = count[P]`` images, ``s = prob_sum[P] = sum_x p(.|x)``
+    and ``h = plogp_sum[P] = sum_x sum_y p log p`` (0 log 0 = 0), the marginal is
+    ``q = s / n_P`` and ``mean_x KL(p(.|x) || q) = h / n_P - sum_y q_y log q_y``
+    (terms with ``p = 0`` vanish on both sides), so ``IS_P`` needs only these sums.
+    Returns the mean and std over splits, as :func:`inception_score`.
+    """
+    n = np.asarray(count, dtype=np.float64).reshape(-1)
+    s = np.asarray(prob_sum, dtype=np.float64).reshape(n.size, -1)
+    h = np.asarray(plogp_sum, dtype=np.float64).reshape(-1)
+    if (n < 1).any():
+        raise ValueError(f"every Inception-score split needs at least one image, got counts {n.tolist()}")
+    q = s / n[:, None]
+    qlogq = (q * np.log(np.where(q > 0, q, 1.0))).sum(axis=1)
+    scores = np.exp(h / n - qlogq)
     return float(np.mean(scores)), float(np.std(scores))
 
 

@@ -84,6 +84,12 @@ def _switch(*names, help):  # noqa: A002 - click's argument name
 @click.option("--tf32/--no-tf32", " /--no_tf32", "tf32", default=D["tf32"], show_default=True, help="TF32 matmuls on Ampere+ GPUs")
 @click.option("--save-tar/--no-save-tar", "--save_tar/--no_save_tar", "save_tar", default=D["save_tar"], show_default=True,
               help="Write tar shards of PNGs instead of single PNGs")
+@click.option("--save", type=click.Choice(["png", "tar", "none"]), default=D["save"],
+              help="Image output: png (default), tar (= --save-tar), or none: metrics while sampling, no image files")
+@click.option("--keep", type=click.IntRange(min=0), default=D["keep"], show_default=True,
+              help="With --save none: still write the first N images as PNGs")
+@click.option("--save-stats", "--save_stats", "save_stats", default=D["save_stats"],
+              help="With --save none: write the run's feature statistics (EDM2 pickle layout) to this file")
 @click.option("--save-npz/--no-save-npz", "--save_npz/--no_save_npz", "save_npz", default=D["save_npz"], show_default=True,
               help="Also write <run>/samples.npz (arr_0, uint8 NHWC) for the ADM evaluator")
 @click.option("--subdirs", is_flag=True, default=D["subdirs"], help="PNGs in per-1000 subfolders")

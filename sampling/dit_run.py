@@ -49,13 +49,15 @@ DEFAULTS = {
     "crop": 0, "mask": 0, "cfg_crop": 0, "uncond": 0, "vanila_cfg": 0,
     "window_size": None, "window_steps": 2, "cfg_channels": "reference", "pos_embed": "resize",
     "num_sampling_steps": "250", "global_seed": 0, "tf32": True, "save_tar": False, "save_npz": False,
+    "save": None, "keep": 0, "save_stats": None,
     "subdirs": False, "metrics": "fid,fd_dinov2", "ref_path": None, "max_window_batch": None,
     "device": None, "use_wandb": 0, "wandb_group": None, "wandb_runname": None,
 }
 # Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder).
 _FLOATS = ("g_scale", "crop_scale")
 _INTS = ("per_proc_batch_size", "num_fid_samples", "image_size", "num_classes", "crop", "mask", "cfg_crop",
-         "uncond", "vanila_cfg", "window_size", "window_steps", "global_seed", "max_window_batch", "use_wandb")
+         "uncond", "vanila_cfg", "window_size", "window_steps", "global_seed", "max_window_batch", "use_wandb",
+         "keep")
 _BOOLS = ("tf32", "save_tar", "save_npz", "subdirs")
 _KWARGS = {"hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob", "learn_sigma", "in_channels",
            "patch_size"}
@@ -235,7 +237,8 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
 
     cfg = DiTConfig(
         outdir=None, seeds=_seed_list(o["seeds"], o["num_fid_samples"]), batch=o["per_proc_batch_size"],
-        subdirs=o["subdirs"], save_tar=o["save_tar"], save_npz=o["save_npz"], metrics=metrics, ref_path=ref_path,
+        subdirs=o["subdirs"], save_tar=o["save_tar"], save_npz=o["save_npz"], save=o["save"] or "png",
+        keep=o["keep"], save_stats=o["save_stats"], metrics=metrics, ref_path=ref_path,
         require_reference=False, use_wandb=o["use_wandb"], wandb_group=o["wandb_group"],
         wandb_runname=o["wandb_runname"], device=o["device"],
         model=o["model"], model_kwargs=kwargs, ckpt=o["ckpt"], ckpt_source=ckpt_source, vae=o["vae"],

@@ -33,6 +33,11 @@ FLAGS = {"class_idx": "--class", "window_size": "--swg_sizes", "window_steps": "
 @option("--outdir", default=None, help="Output folder (created; finished images are never overwritten).")
 @option("--subdirs", is_flag=True, help="Per-1000-seed folders (000000/, 001000/, ...).")
 @option("--save_tar", is_flag=True, help="Write tar shards of PNGs instead of loose PNGs.")
+@option("--save", type=click.Choice(["png", "tar", "none"]), default=None,
+        help="Image output: png [default], tar (= --save_tar), or none: metrics while sampling, no image files.")
+@option("--keep", type=click.IntRange(min=0), default=None, help="With --save none: still write the first N images.")
+@option("--save_stats", default=None,
+        help="With --save none: write the run's feature statistics (EDM2 pickle layout) to this file.")
 @option("--save_npz", is_flag=True, help="Also write <outdir>.npz (arr_0, uint8 NHWC) for the ADM evaluator.")
 @option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-49999 or 1,2,5-10.")
 @click.option("--class", "class_idx", type=int, default=None, help="Class label for all images [default: random].")

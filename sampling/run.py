@@ -45,7 +45,7 @@ from utils.errors import UsageError
 __all__ = ["SETTINGS_FILE", "LEGACY_SETTINGS_FILES", "MAX_SEED", "RunSettings", "Backend", "Draw",
            "parse_seeds", "compact_seeds", "parse_metrics", "effective_metrics", "check_outdir", "probe_outdir", "check_reference", "check_run_settings",
            "resolve_device", "read_json", "read_saved_settings", "changed_setting", "check_saved_settings",
-           "write_settings", "pending_seeds", "split_batches", "open_sinks", "progress", "load_reference",
+           "write_settings", "pending_seeds", "split_batches", "open_sinks", "open_stream", "finish_stream", "progress", "load_reference",
            "load_detectors", "prefetch", "generate", "run_metrics", "write_npz"]
 
 SETTINGS_FILE = "settings.json"
@@ -71,6 +71,9 @@ class RunSettings:
     subdirs: bool = False                 # PNGs in per-1000 folders
     save_tar: bool = False                # tar shards of PNGs instead of loose PNGs
     save_npz: bool = False                # also <outdir>.npz (arr_0, uint8 NHWC) for the ADM evaluator
+    save: str = "png"                     # png | tar | none (none: metrics while sampling, no image files)
+    keep: int = 0                         # with save none: still write the first `keep` seeds' PNGs
+    save_stats: Optional[str] = None      # with save none: the run's feature statistics (EDM2 pickle layout)
     shard_size: int = 1000
     metrics: tuple = ()                   # names of metrics.api.METRICS
     ref_path: Optional[str] = None        # reference statistics (path or URL)
@@ -226,6 +229,7 @@ def check_run_settings(settings: RunSettings, *, require_outdir: bool = True) ->
         raise UsageError(f"`batch` must be >= 1, got {settings.batch}")
     if settings.shard_size < 1:
         raise UsageError(f"`shard_size` must be >= 1, got {settings.shard_size}")
+    _check_save(settings)
     if settings.save_tar and settings.subdirs:
         raise UsageError("`subdirs` applies to PNG folders; drop it when using `save_tar`")
     if settings.use_wandb not in (0, 1):
@@ -239,6 +243,39 @@ def check_run_settings(settings: RunSettings, *, require_outdir: bool = True) ->
     check_reference(settings)
     if settings.outdir:
         check_outdir(settings.outdir)
+
+
+SAVE_MODES = ("png", "tar", "none")
+
+
+def _check_save(settings: RunSettings) -> None:
+    """`save` png | tar | none, with `save_tar` as a synonym of tar; what streaming (none) needs and excludes."""
+    save = str(settings.save or "png").strip().lower()
+    if save not in SAVE_MODES:
+        raise UsageError(f"`save` {settings.save!r} is not one of {', '.join(SAVE_MODES)}")
+    if settings.save_tar and save == "none":
+        raise UsageError("`save_tar` and `save` none contradict each other; drop one")
+    settings.save = "tar" if settings.save_tar else save
+    settings.save_tar = settings.save == "tar"
+    if settings.keep < 0:
+        raise UsageError(f"`keep` must be >= 0, got {settings.keep}")
+    if settings.save != "none":
+        for name in ("keep", "save_stats"):
+            if getattr(settings, name):
+                raise UsageError(f"`{name}` applies to `save` none (metrics while sampling); drop it or pass "
+                                 f"`save` none")
+        return
+    if not effective_metrics(settings):
+        raise UsageError("`save` none writes no image, so it needs `metrics` (e.g. fid,fd_dinov2 with "
+                         "`ref_path`); or save png")
+    if settings.save_npz:
+        raise UsageError("`save_npz` needs the images; drop it or save png")
+    from metrics.stream import check_streamable
+
+    try:
+        check_streamable(settings.metrics)
+    except UsageError as exc:
+        raise UsageError(f"`metrics`: {exc}".replace("--metrics", "`metrics`").replace("--save png", "`save` png")) from None
 
 
 # ----------------------------------------------------------------------------
@@ -440,14 +477,94 @@ def prefetch(backend: Backend) -> list[str]:
 # ----------------------------------------------------------------------------
 # Outputs.
 
-def open_sinks(settings: RunSettings, outdir: pathlib.Path) -> list:
-    """Where decoded batches go: objects with ``write(seeds, uint8 NCHW)`` and ``close()``.
+def open_sinks(settings: RunSettings, outdir: pathlib.Path, stream=None) -> list:
+    """Where decoded batches go: objects with ``write(seeds, uint8 NCHW)`` and ``close()`` (context managers).
 
-    Today one :class:`sampling.writer.ImageWriter`; a streaming metrics accumulator is another sink.
+    `save` png/tar: one :class:`sampling.writer.ImageWriter`.  `save` none: the streaming
+    accumulator ``stream`` (:class:`metrics.stream.StreamingStats`), plus a writer of the
+    first `keep` seeds' PNGs when asked.
     """
     from sampling.writer import ImageWriter
 
-    return [ImageWriter(outdir, subdirs=settings.subdirs, tar=settings.save_tar, shard_size=settings.shard_size)]
+    if stream is None:
+        return [ImageWriter(outdir, subdirs=settings.subdirs, tar=settings.save_tar, shard_size=settings.shard_size)]
+    sinks = [stream]
+    if settings.keep:
+        sinks.append(_KeepFirst(ImageWriter(outdir, subdirs=settings.subdirs), settings.seeds[:settings.keep]))
+    return sinks
+
+
+class _KeepFirst:
+    """A sink that passes on only the images of ``seeds`` (`keep`: a few images to look at)."""
+
+    def __init__(self, writer, seeds: Sequence[int]):
+        self.writer, self.seeds = writer, set(int(s) for s in seeds)
+
+    def write(self, seeds: Sequence[int], images: torch.Tensor) -> None:
+        idx = [i for i, s in enumerate(seeds) if int(s) in self.seeds]
+        if idx:
+            self.writer.write([seeds[i] for i in idx], images[idx])
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def __enter__(self):
+        self.writer.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.__exit__(*exc)
+
+
+def open_stream(settings: RunSettings, outdir: pathlib.Path, record: Mapping[str, Any], keys: Sequence[str],
+                device) -> Any:
+    """The streaming accumulator of a `save` none run (None otherwise): detectors loaded, saved state read.
+
+    Its state lives in ``outdir/stream_state``, keyed by the settings ``keys`` of ``record``
+    (those that decide the pixels), so a resumed run with other settings is refused.
+    A `save_stats` file that already exists is refused unless the run is already finished.
+    """
+    if settings.save != "none":
+        return None
+    from metrics.stream import STATE_DIR, StreamingStats
+
+    identity = {k: _comparable(record.get(k)) for k in keys}
+    stream = StreamingStats(effective_metrics(settings), settings.seeds, state_dir=outdir / STATE_DIR,
+                            settings=identity, device=device)
+    if settings.save_stats and stream.pending_seeds() and pathlib.Path(settings.save_stats).expanduser().exists():
+        raise UsageError(f"`save_stats` {settings.save_stats} already exists; choose another path (finished "
+                         f"outputs are never overwritten)")
+    return stream
+
+
+def _reference_stats(settings: RunSettings, ref: Optional[dict], metrics: Sequence[str], device) -> Optional[dict]:
+    """The reference statistics for scoring streamed statistics (a reference image folder is read now)."""
+    from metrics.api import METRICS, _DETECTOR_ORDER, compute_stats, needs_reference
+
+    if ref is not None or not needs_reference(metrics):
+        return ref
+    kinds = sorted({METRICS[m][0] for m in metrics if METRICS[m][2] == "fd"}, key=_DETECTOR_ORDER.index)
+    return compute_stats(settings.ref_path, kinds, device=device, progress=False, desc="reference images")
+
+
+def finish_stream(stream, settings: RunSettings, outdir: pathlib.Path, ref: Optional[dict], metrics: Sequence[str],
+                  record: Mapping[str, Any], device) -> dict:
+    """All-reduce the streamed statistics, score them, write metrics (once) and `save_stats` on rank 0."""
+    from metrics.api import calc_metrics_from_stats, write_metrics
+    from metrics.refs import save_ref
+    from utils import dist
+
+    fresh = bool(stream.pending_seeds())
+    stats = stream.finish()
+    results = calc_metrics_from_stats(stats, ref, list(metrics), device=device)
+    if dist.get_rank() == 0:
+        if fresh or not (outdir / "metrics.json").exists():
+            write_metrics(outdir, results, dict(record))
+        if settings.save_stats and not pathlib.Path(settings.save_stats).expanduser().exists():
+            save_ref(stats, pathlib.Path(settings.save_stats).expanduser())
+            print(f"wrote {settings.save_stats}", file=sys.stderr)
+    dist.barrier()
+    return dict(results)
 
 
 def progress(total: int, enabled: bool, desc: str = "sampling"):
@@ -541,7 +658,11 @@ def generate(backend: Backend, *, progress_bar: bool = True, desc: str = "sampli
     skip_metrics = bool(settings.metrics) and not metrics
     load_detectors(metrics, device)
     backend.load(device)
-    check_saved_settings(outdir, record, ("sampler", *backend.identity_keys, "subdirs", "save_tar"))
+    keys = ("sampler", *backend.identity_keys, "subdirs", "save_tar")
+    check_saved_settings(outdir, record, keys)
+    stream = open_stream(settings, outdir, record, keys, device)  # save none: reads (and checks) its saved state
+    if stream is not None:
+        ref = _reference_stats(settings, ref, metrics, device)
     logger = WandbLogger(bool(settings.use_wandb), project=backend.wandb_project, config=record,
                          group=settings.wandb_group, name=settings.wandb_runname, rank=rank)
 
@@ -550,19 +671,27 @@ def generate(backend: Backend, *, progress_bar: bool = True, desc: str = "sampli
         write_settings(outdir, record)
         remove_stale_temps(outdir)
     dist.barrier()
-    pending = pending_seeds(settings.seeds, outdir, device)
-    batches = split_batches(pending, settings.batch, world, rank)
+    if stream is None:
+        pending = pending_seeds(settings.seeds, outdir, device)
+        batches = split_batches(pending, settings.batch, world, rank)
+    else:  # whole detector chunks per rank, so streamed statistics equal write-then-score
+        pending = stream.pending_seeds()
+        batches = stream.plan(settings.batch)
     if rank == 0:
         if pending:
             print(f"{backend.describe()}: {len(pending)} of {len(settings.seeds)} images to sample on {world} "
-                  f"process(es) -> {outdir}", file=sys.stderr)
+                  f"process(es) -> {outdir}" + (" (metrics while sampling, no image files)" if stream else ""),
+                  file=sys.stderr)
+        elif stream is not None:
+            print(f"the statistics of all {len(settings.seeds)} images are in {outdir}; nothing to sample",
+                  file=sys.stderr)
         else:
             print(f"all {len(settings.seeds)} images already exist in {outdir}", file=sys.stderr)
 
     t0 = time.perf_counter()
     written = 0
     with contextlib.ExitStack() as stack:
-        sinks = [stack.enter_context(s) for s in open_sinks(settings, outdir)]
+        sinks = [stack.enter_context(s) for s in open_sinks(settings, outdir, stream)]
         bar = stack.enter_context(progress(len(pending), progress_bar and rank == 0 and bool(pending), desc))
         for seeds in batches:
             images = backend.images(seeds, device)
@@ -580,6 +709,9 @@ def generate(backend: Backend, *, progress_bar: bool = True, desc: str = "sampli
     dist.barrier()
     if skip_metrics:
         dist.print0(f"metrics skipped: no reference statistics (pass `ref_path`)".replace("`", ""))
+    elif stream is not None:
+        with torch.no_grad():
+            summary["metrics"] = finish_stream(stream, settings, outdir, ref, metrics, record, device)
     elif metrics:
         total = len(done_seeds(outdir) & set(settings.seeds))
         if total < len(settings.seeds):

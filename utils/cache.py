@@ -24,6 +24,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -144,15 +145,44 @@ def _download_url(url: str, target: pathlib.Path, sha256: Optional[str], desc: s
     _atomic_write_text(_record_path(target), actual + "\n")
 
 
+def _probe(url: str, timeout: float) -> None:
+    """Open and close a TCP connection to ``url``'s host (or its proxy); ``OSError`` when unreachable."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    with socket.create_connection((parts.hostname, port), timeout=timeout):
+        pass
+
+
+def _check_hub_reachable(url: str, target: pathlib.Path, desc: str) -> None:
+    """Fail within seconds on a node that cannot reach the Hub.
+
+    Without ``HF_HUB_OFFLINE``, ``huggingface_hub`` retries an unreachable Hub
+    with back-off for about a minute per file before giving up; one short
+    connection attempt (``$SWG_CONNECT_TIMEOUT`` seconds, default 5) decides first.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return  # huggingface_hub itself fails at once
+    try:
+        _probe(constants.ENDPOINT, float(os.environ.get("SWG_CONNECT_TIMEOUT") or 5))
+    except (OSError, ValueError) as exc:
+        raise _offline(url, target, desc, f"cannot connect to {constants.ENDPOINT}: {exc}") from exc
+
+
 def _download_hf(source: str, target: pathlib.Path, desc: str) -> None:
     import huggingface_hub
 
     repo_id, filename = _split_hf(source)
     local_dir = cache_dir() / "hf" / repo_id
+    url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
+    _check_hub_reachable(url, target, desc)
     try:
         path = huggingface_hub.hf_hub_download(repo_id, filename, local_dir=str(local_dir))
     except Exception as exc:  # network, auth and missing-file errors all come through here
-        url = f"https://huggingface.co/{repo_id}/resolve/main/{filename}"
         raise _offline(url, target, desc, exc) from exc
     path = pathlib.Path(path)
     if path.resolve() != target.resolve():
@@ -233,6 +263,7 @@ def hf_snapshot(repo_id: str, subfolder: Optional[str] = None) -> pathlib.Path:
     def work() -> None:
         import huggingface_hub
 
+        _check_hub_reachable(f"https://huggingface.co/{repo_id}", target, repo_id)
         patterns = [f"{subfolder}/{p}" for p in _SNAPSHOT_PATTERNS] if subfolder else _SNAPSHOT_PATTERNS
         try:
             huggingface_hub.snapshot_download(repo_id, local_dir=str(local_dir), allow_patterns=patterns)

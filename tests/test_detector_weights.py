@@ -1,0 +1,94 @@
+"""Detector weights: the Inception file's name-embedded sha256 prefix is enforced; an unreachable Hub fails fast."""
+
+import hashlib
+import socket
+import time
+
+import huggingface_hub
+import numpy as np
+import PIL.Image
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import constants
+
+from metrics import dinov2, inception
+from metrics.cli import main as cli
+from utils import cache
+from utils.errors import UsageError
+
+NAME = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def test_inception_name_hash_mismatch_is_refused(tmp_path):
+    bad = tmp_path / NAME
+    bad.write_bytes(b"not the inception weights")
+    assert not hashlib.sha256(bad.read_bytes()).hexdigest().startswith("6726825d")
+    with pytest.raises(UsageError, match=r"sha256 [0-9a-f]{8}\.\.\., not the 6726825d") as err:
+        inception.load_inception(bad)
+    assert "\n" not in str(err.value)
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(10):
+        PIL.Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(folder / f"{i}.png")
+    res = CliRunner().invoke(cli, ["calc", "--images", str(folder), "--metrics", "is", "--inception_weights", str(bad)])
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "6726825d" in lines[0]
+
+
+def test_inception_name_hash_match_passes_the_check(tmp_path):
+    data = b"still not a state dict"
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    good = tmp_path / f"pt_inception-2015-12-05-{prefix}.pth"
+    good.write_bytes(data)
+    inception.check_name_hash(good)  # the name's digits match the content
+    with pytest.raises(UsageError, match="cannot read Inception weights"):  # refused later, for its content
+        inception.load_inception(good)
+    plain = tmp_path / "inception.pth"  # no digits in the name: nothing to check
+    plain.write_bytes(data)
+    inception.check_name_hash(plain)
+
+
+@pytest.fixture
+def online_mode(monkeypatch):
+    """As a compute node without HF_HUB_OFFLINE whose Hub endpoint cannot be reached (no real network)."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: calls.append(a) or time.sleep(30))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: calls.append(a) or time.sleep(30))
+    return calls
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dinov2_download_fails_fast_on_refused_endpoint(online_mode, monkeypatch):
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    start = time.monotonic()
+    with pytest.raises(cache.OfflineError, match="cannot connect to http://127.0.0.1") as err:
+        dinov2.load_dinov2()
+    assert time.monotonic() - start < 5 and online_mode == []
+    assert "place it at" in str(err.value) and "model.safetensors" in str(err.value)
+
+
+def test_hub_fails_fast_on_black_hole(online_mode, monkeypatch):
+    """A firewall that drops packets: the probe's short timeout ends it, not huggingface_hub's retries."""
+    seen = []
+
+    def hang(address, timeout=None, **kw):
+        seen.append(timeout)
+        raise socket.timeout("timed out")
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(socket, "create_connection", hang)
+    monkeypatch.setenv("SWG_CONNECT_TIMEOUT", "2")
+    with pytest.raises(cache.OfflineError, match="timed out"):
+        cache.fetch(dinov2.DINOV2_SOURCE)
+    with pytest.raises(cache.OfflineError, match="timed out"):
+        cache.hf_snapshot("stabilityai/sd-vae-ft-mse")
+    assert seen == [2.0, 2.0] and online_mode == []
