@@ -242,7 +242,9 @@ def test_two_ranks_with_resume_equal_one(tmp_path):
     a = api.calc_metrics_from_stats(multi, ref, api.parse_metrics(FAST))
     b = api.calc_metrics_from_stats(expect, ref, api.parse_metrics(FAST))
     for key in b:
-        assert rel(a[key], b[key]) <= 1e-9, key
+        # is_std is a spread of ten split scores: its rounding error scales with the scores, not with itself
+        scale = abs(b["is"]) if key == "is_std" else abs(b[key])
+        assert abs(a[key] - b[key]) <= 1e-9 * scale, key
     assert [p.name for p in (tmp_path / "state").iterdir()] == ["stream-g0003-r0000.pt"]
 
 

@@ -46,9 +46,9 @@ def test_edm2_s_snapshot_one_mswg_step_to_png(cache, tmp_path):
     del ckpt
 
     out = tmp_path / "out"
-    sample_edm2.cli(["--net_pos_pkl", str(snap), "--g_method", "swg", "--g_weight", "0.2", "--swg_sizes", "40",
-                     "--scale_window_guide", "1", "--outdir", str(out), "--seeds", "3", "--steps", "1",
-                     "--batch", "1"])
+    assert 0 == sample_edm2.main(["--net_pos_pkl", str(snap), "--g_method", "swg", "--g_weight", "0.2",
+                                  "--swg_sizes", "40", "--scale_window_guide", "1", "--outdir", str(out),
+                                  "--seeds", "3", "--steps", "1", "--batch", "1"])
     pngs = sorted(out.rglob("*.png"))
     assert [p.name for p in pngs] == ["0000003.png"]
     img = np.asarray(PIL.Image.open(pngs[0]))
