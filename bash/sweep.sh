@@ -9,7 +9,7 @@
 #       metrics=fd_digits,conf_digits,saturation nproc_per_node=1 out=./sweeps/digits bash bash/sweep.sh
 #   DRY_RUN=1 bash bash/sweep.sh                       # print the torchrun command only
 #
-# lines: methods separated by ';', each LABEL=PRESET:W1 W2 ... (presets: networks/presets.py;
+# lines: methods separated by ';', each LABEL=PRESET:W1 W2 ... (presets: sampling/presets.py;
 # a weight is 0.2, or 1.2,0.14 for two-weight methods whose last weight is swept).
 # A killed sweep is resumed by running the same command; finished points are not sampled again.
 # Shared switches (DRY_RUN, nproc_per_node, TORCHRUN_ARGS, poll, EXTRA_ARGS): bash/common.sh.

@@ -56,7 +56,7 @@ def streaming(options: dict, outdir: pathlib.Path, metrics: str, ref_path: str) 
 
 
 @click.command()
-@click.option("--preset", default="demo-digits", show_default=True, help="sampler preset (networks/presets.py)")
+@click.option("--preset", default="demo-digits", show_default=True, help="sampler preset (sampling/presets.py)")
 @click.option("--seeds", default="0-511", show_default=True)
 @click.option("--steps", default=16, show_default=True, type=int, help="sampler steps")
 @click.option("--batch", default=128, show_default=True, type=int, help="sampler batch")
@@ -65,7 +65,7 @@ def streaming(options: dict, outdir: pathlib.Path, metrics: str, ref_path: str) 
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--workdir", default=None, type=click.Path(file_okay=False), help="scratch folder (default: a temp dir)")
 def main(preset, seeds, steps, batch, metrics, repeats, device, workdir):
-    from networks import presets
+    from sampling import presets
 
     ref_path = presets.get_preset(preset).settings().get("ref_path")
     options = dict(preset=preset, seeds=seeds, steps=steps, batch=batch, device=device)

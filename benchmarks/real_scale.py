@@ -172,20 +172,21 @@ def write_detectors(seed: int = 0) -> dict:
 
 def edm2_models(sizes) -> dict:
     """``{name: (path in the cache, size, res, cond)}`` for the table's sizes and every preset's networks."""
-    from networks import presets as PR
+    from networks.zoo import MODELS
+    from sampling.presets import PRESETS
     from utils.cache import cache_path
 
     out = {}
     for size in sizes:
         if size == "img64-s":
-            out[size] = (cache_path(PR.PRESETS["edm2-img64-s-fid"].net_pos_pkl), "s", 64, True)
+            out[size] = (cache_path(PRESETS["edm2-img64-s-fid"].net_pos_pkl), "s", 64, True)
         else:
             run = {"s": "raw-img512-s", "xs": "raw-img512-xs-T16", "xxl": "raw-img512-xxl",
                    "m": "raw-img512-m"}.get(size, f"raw-img512-{size}")
-            out[size] = (cache_path(PR.MODELS[run]), size, 512, True)
+            out[size] = (cache_path(MODELS[run]), size, 512, True)
     for name, size, cond in (("raw-img512-s", "s", True), ("raw-img512-s-T16", "s", True),
                              ("raw-img512-xs-T16", "xs", True), ("raw-img512-xs-uncond", "xs", False)):
-        out.setdefault(name, (cache_path(PR.MODELS[name]), size, 512, cond))
+        out.setdefault(name, (cache_path(MODELS[name]), size, 512, cond))
     return out
 
 
@@ -319,12 +320,12 @@ def measure_in_child(kind: str, source: str, env: dict, **kwargs) -> dict:
 
 def edm2_cli_runs() -> list:
     """``(name, argv)`` for every ``swg-edm2-s-*`` preset and ``--g_method none`` (one image, one step)."""
-    from networks import presets as PR
+    from sampling.presets import PRESETS
 
     runs = []
-    for name in sorted(n for n in PR.PRESETS if n.startswith("swg-edm2-s-")):
+    for name in sorted(n for n in PRESETS if n.startswith("swg-edm2-s-")):
         argv = ["--preset", name]
-        if PR.PRESETS[name].g_weight is None:
+        if PRESETS[name].g_weight is None:
             argv += ["--g_weight", "1.2"]
         runs.append((name, argv))
     runs.append(("none", ["--net_pos_pkl", "raw-img512-s", "--g_method", "none"]))

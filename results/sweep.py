@@ -4,7 +4,7 @@
         --seeds 0-999 --offsets 0,100000,200000 --metrics fd_digits,conf_digits,saturation --out sweeps/digits
     torchrun --standalone --nproc_per_node=8 -m results.sweep --line "M-SWG=edm2-img512-s-mswg:0.1 0.2" ...
 
-A *line* is one method: a legend label, a sampler preset (:mod:`networks.presets`)
+A *line* is one method: a legend label, a sampler preset (:mod:`sampling.presets`)
 and the guidance weights to run (``0.2`` or, for two-weight methods, ``1.2,0.14``;
 the figure's x axis is the last weight).  Every (line, weight, seed offset) is
 one *point*: a sampling run of ``seeds + offset`` with ``save='none'`` (images go
