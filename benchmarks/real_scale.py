@@ -362,7 +362,8 @@ def count_pngs(folder: pathlib.Path) -> int:
 
 def offline_env(cache: pathlib.Path) -> dict:
     env = dict(os.environ, SWG_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+               WANDB_MODE="disabled", PYTHONPATH=str(ROOT),
+               SWG_SKIP_WEIGHT_HASH="1")  # random Inception weights under the official, hash-bearing name
     return env
 
 
@@ -396,7 +397,7 @@ def main(argv=None) -> int:
     work = pathlib.Path(args.keep) if args.keep else pathlib.Path(tempfile.mkdtemp(prefix="swg-real-"))
     cache = work / "cache"
     env = offline_env(cache)
-    os.environ.update(SWG_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    os.environ.update(SWG_CACHE=str(cache), HF_HUB_OFFLINE="1", SWG_SKIP_WEIGHT_HASH="1")
     start = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:

@@ -92,3 +92,12 @@ def test_hub_fails_fast_on_black_hole(online_mode, monkeypatch):
     with pytest.raises(cache.OfflineError, match="timed out"):
         cache.hf_snapshot("stabilityai/sd-vae-ft-mse")
     assert seen == [2.0, 2.0] and online_mode == []
+
+
+def test_hash_check_can_be_switched_off_for_random_weight_benchmarks(tmp_path, monkeypatch):
+    bad = tmp_path / NAME
+    bad.write_bytes(b"random benchmark weights")
+    with pytest.raises(UsageError, match="not the 6726825d"):
+        inception.check_name_hash(bad)
+    monkeypatch.setenv("SWG_SKIP_WEIGHT_HASH", "1")
+    inception.check_name_hash(bad)  # benchmarks/real_scale.py writes random weights under the official name
