@@ -41,6 +41,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from utils.ranges import compact_ranges
 from utils import dist
 from utils.atomic import atomic_path
 from utils.errors import UsageError
@@ -77,18 +78,6 @@ def check_streamable(metrics: Sequence[str]) -> list[str]:
     return names
 
 
-def _compact(seeds: Sequence[int]) -> str:
-    parts, start, prev = [], None, None
-    for s in seeds:
-        if start is not None and s == prev + 1:
-            prev = s
-            continue
-        if start is not None:
-            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-        start = prev = s
-    if start is not None:
-        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-    return ",".join(parts)
 
 
 def _plain_json(obj: Any) -> Any:
@@ -136,7 +125,7 @@ class StreamingStats:
         self.saturation = "saturation" in self.metrics
         kwargs = dict(detector_kwargs or {})
         self.settings = _plain_json({
-            "format": _FORMAT, "metrics": self.metrics, "seeds": _compact(self.seeds), "batch": self.batch,
+            "format": _FORMAT, "metrics": self.metrics, "seeds": compact_ranges(self.seeds), "batch": self.batch,
             "detectors": {k: kwargs.get(k, {}) for k in self.kinds}, "run": dict(settings or {})})
         self.state_dir = pathlib.Path(state_dir).expanduser() if state_dir is not None else None
 
@@ -234,7 +223,7 @@ class StreamingStats:
     def _state(self, complete: bool = False) -> dict:
         return {
             "format": _FORMAT, "settings": json.dumps(self.settings, sort_keys=True),
-            "chunks": sorted(self.covered), "seeds": _compact([s for k in sorted(self.covered) for s in self.chunks[k]]),
+            "chunks": sorted(self.covered), "seeds": compact_ranges([s for k in sorted(self.covered) for s in self.chunks[k]]),
             "num": self.num, "saturation": self.sat_sum, "complete": complete,
             "supersedes": list(self._absorbed) if dist.get_rank() == 0 else [],
             "features": {k: {"num": fs.num, "sum": fs.sum.cpu(), "sum_outer": fs.sum_outer.cpu()}

@@ -41,6 +41,7 @@ import torch
 from sampling.seeds import Draw
 from utils.atomic import atomic_path, write_json_atomic
 from utils.errors import UsageError
+from utils.ranges import compact_ranges
 
 __all__ = ["SETTINGS_FILE", "LEGACY_SETTINGS_FILES", "MAX_SEED", "RunSettings", "Backend", "Draw",
            "parse_seeds", "compact_seeds", "parse_metrics", "effective_metrics", "check_outdir", "probe_outdir", "check_reference", "check_run_settings",
@@ -103,17 +104,7 @@ def _plain(value):
 
 def compact_seeds(seeds: Sequence[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``'0-2,5'`` (order kept)."""
-    parts, start, prev = [], None, None
-    for s in seeds:
-        if start is not None and s == prev + 1:
-            prev = s
-            continue
-        if start is not None:
-            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-        start = prev = s
-    if start is not None:
-        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
-    return ",".join(parts)
+    return compact_ranges(seeds)
 
 
 def parse_seeds(text) -> list[int]:
