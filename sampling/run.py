@@ -25,6 +25,7 @@ line turns them into its own flag spelling (:func:`utils.cli.flag_names`).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import json
@@ -361,7 +362,7 @@ def split_batches(pending: Sequence[int], batch: int, world: int, rank: int) -> 
 # ----------------------------------------------------------------------------
 # Backends.
 
-class Backend:
+class Backend(abc.ABC):
     """What a model family adds to the lifecycle.  Subclasses set the attributes and implement the methods.
 
     ``settings`` is the backend's configuration (a :class:`RunSettings` subclass).
@@ -378,27 +379,28 @@ class Backend:
         """The settings saved beside the images and logged."""
         return {"sampler": self.name, **self.settings.to_json()}
 
+    @abc.abstractmethod
     def fetch(self) -> list:
         """Download the networks (and VAE) into the cache; return local paths."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load(self, device: torch.device) -> None:
         """Load the networks onto ``device`` and check them against the settings (:class:`UsageError`)."""
-        raise NotImplementedError
 
     def describe(self) -> str:
         return self.name
 
+    @abc.abstractmethod
     def draw(self, seeds: Sequence[int], device: torch.device, classes=None) -> Draw:
         """The per-seed draw of a batch (:mod:`sampling.seeds`); ``classes`` replaces the drawn classes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def sample(self, draw: Draw) -> torch.Tensor:
-        raise NotImplementedError
+        """The sampled latents (or pixels) of ``draw``."""
 
+    @abc.abstractmethod
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW images."""
-        raise NotImplementedError
 
     def images(self, seeds: Sequence[int], device: torch.device) -> torch.Tensor:
         """uint8 NCHW images of ``seeds`` (draw, sample, decode) without autograd."""
