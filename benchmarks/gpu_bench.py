@@ -101,7 +101,8 @@ class Reference:
 
     def dit_net(self, image_size: int, state: dict, device) -> torch.nn.Module:
         with torch.device(device):
-            net = self.dit.DiT_models["DiT-XL/2"](input_size=image_size // 8)
+            # As its sample_dit.py builds it: windows are smaller than the model's input size.
+            net = self.dit.DiT_models["DiT-XL/2"](input_size=image_size // 8, strict_img_size=False)
         net.load_state_dict(state, strict=True)
         return net.eval().requires_grad_(False)
 
@@ -289,6 +290,8 @@ def edm2_speed(size: str, ref: Reference, device, batches, steps: int, warmup: i
         for name, t in seconds.items():
             row[f"{name}_s_per_eval"] = t / evals
             row[f"{name}_img_per_s"] = batch / (t / evals * EDM2_EVALS_32)
+        for variant in variants:  # > 1: the variant is faster than our default path
+            row[f"ours+{variant}_vs_ours"] = seconds["ours"] / seconds[f"ours+{variant}"]
         if theirs is not None:
             row["speedup"] = row["ours_img_per_s"] / row["ref_img_per_s"]
         guided_eval = _one_eval(ours, noise, labels)
@@ -403,8 +406,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="EDM sampler steps per timed run (2*steps-1 evaluations)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", default="", help="extra timings of ours: nocache,channels_last,compile (EDM2-S only)")
-    ap.add_argument("--accuracy", type=int, default=1, help="1 = fp16 vs fp32 section (CUDA only)")
+    ap.add_argument("--variants", default="", help="extra timings of ours, after everything else: "
+                    "nocache,channels_last,compile (at the largest batch)")
+    ap.add_argument("--variants-model", default="s", help="EDM2 size the variants are timed on")
+    ap.add_argument("--accuracy", type=int, default=None,
+                    help="1/0: fp16 vs fp32 section on/off (default: on for CUDA; on the CPU the fp16 path is fp32)")
+    ap.add_argument("--accuracy-steps", type=int, default=8, help="M-SWG sampler steps of the PSNR runs")
+    ap.add_argument("--accuracy-batch", type=int, default=4)
     ap.add_argument("--peak-tflops", default=None, help="dense fp16 peak of the card (default: by its name)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--out", default="out/gpu_bench")
@@ -438,14 +446,13 @@ def main(argv=None) -> int:
         (out / "gpu_bench.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "gpu_bench.md").write_text(markdown(result))
 
-    if args.accuracy and device.type == "cuda":
-        result["accuracy"] = accuracy(ref, device, steps=8)
+    if args.accuracy if args.accuracy is not None else device.type == "cuda":
+        result["accuracy"] = accuracy(ref, device, steps=args.accuracy_steps, batch=args.accuracy_batch)
         print(json.dumps(result["accuracy"], indent=2), flush=True)
         save()
     for model in models:
         if model.startswith("edm2-"):
-            rows = edm2_speed(model[5:], ref, device, batches, args.steps, args.warmup, args.repeats, peak,
-                              variants if model == "edm2-s" else ())
+            rows = edm2_speed(model[5:], ref, device, batches, args.steps, args.warmup, args.repeats, peak)
         elif model == "dit-xl2":
             rows = dit_speed(ref, device, batches, args.warmup, args.repeats, peak)
         else:
@@ -455,6 +462,14 @@ def main(argv=None) -> int:
         result["speed"] += rows
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        save()
+    if variants:  # last: a slow compile must not cost the comparisons above their time
+        rows = edm2_speed(args.variants_model, None, device, [max(batches)], args.steps, args.warmup,
+                          args.repeats, peak, variants)
+        for row in rows:
+            row["model"] += " variants"
+            print(json.dumps(row), flush=True)
+        result["speed"] += rows
         save()
     s_rows = [r for r in result["speed"] if r["model"] == "EDM2-S"]
     if s_rows:

@@ -19,8 +19,10 @@ that the real weights would.  This script
 
 2. runs the real command lines: ``sample_edm2.py`` with every ``swg-edm2-s-*``
    preset and ``--g_method none``, ``sample_dit.py`` with SWG, M-SWG, CFG and
-   CFG+M-SWG at 256 and 512, ``python -m metrics ref`` on one run's images and
-   ``--metrics fid,fd_dinov2,is`` of another run against it;
+   CFG+M-SWG at 256 and 512, ``python -m metrics ref`` on some of their images and
+   ``--metrics fid,fd_dinov2,is`` of an img64 S M-SWG run against it; each command
+   line in a fresh process forked from a server that has imported torch and
+   diffusers once (:func:`run_cli`);
 
 3. measures each model in a fresh process (load time, seconds per denoiser
    evaluation per image plain and with M-SWG, peak RSS or CUDA memory) and prints
@@ -38,9 +40,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import pathlib
 import resource
+import runpy
 import shutil
 import subprocess
 import sys
@@ -77,7 +81,7 @@ def random_edm2(init_kwargs: dict, seed: int = 0) -> torch.nn.Module:
     Gains are random too (EDM2 initialises them to zero, which would make every
     guidance term vanish); Fourier buffers follow their own distributions.
     """
-    from tests.edm2_pickle_writer import make_precond
+    from benchmarks.edm2_snapshot import make_precond
 
     with torch.device("meta"):
         net = make_precond(**init_kwargs)
@@ -98,8 +102,8 @@ def random_edm2(init_kwargs: dict, seed: int = 0) -> torch.nn.Module:
 
 def write_edm2_snapshot(path: pathlib.Path, size: str, res: int = 512, cond: bool = True, seed: int = 0) -> int:
     """An EDM2 training snapshot at ``path`` (fp16 ``ema``, encoder, dataset and loss records); returns #params."""
-    from tests.edm2_pickle_writer import OfficialEDM2Loss, OfficialStabilityVAEEncoder, OfficialStandardRGBEncoder
-    from tests.edm2_pickle_writer import write_edm2_pickle
+    from benchmarks.edm2_snapshot import OfficialEDM2Loss, OfficialStabilityVAEEncoder, OfficialStandardRGBEncoder
+    from benchmarks.edm2_snapshot import write_edm2_pickle
 
     net = random_edm2(edm2_init_kwargs(size, res, cond), seed)
     n = sum(p.numel() for p in net.parameters())
@@ -187,6 +191,7 @@ def edm2_models(sizes) -> dict:
     for name, size, cond in (("raw-img512-s", "s", True), ("raw-img512-s-T16", "s", True),
                              ("raw-img512-xs-T16", "xs", True), ("raw-img512-xs-uncond", "xs", False)):
         out.setdefault(name, (cache_path(MODELS[name]), size, 512, cond))
+    out.setdefault("img64-s", (cache_path(PRESETS["edm2-img64-s-fid"].net_pos_pkl), "s", 64, True))  # metrics run
     return out
 
 
@@ -295,24 +300,80 @@ def measure(kind: str, source: str, device: str = "cpu", batch: int = 1, repeats
         swg = lambda: guided(x, t, y)  # noqa: E731
     params = sum(p.numel() for p in net.parameters())
     nan = float("nan")
+    # Warm-up, so that first-call costs (kernel selection, the weight cache) are not timed; skipped for
+    # EDM2 networks too large for the CPU weight cache (XXL), where a first call costs no more than the next.
+    from networks.edm2 import CPU_WEIGHT_CACHE_BYTES
+
+    warm = evaluate and (dev.type != "cpu" or kind != "edm2" or params * 4 <= CPU_WEIGHT_CACHE_BYTES)
     with torch.inference_mode():
-        if evaluate:
-            plain()  # warm-up: first-call costs (kernel selection, cached weights) are not timed
+        if warm:
+            plain()
         plain_s = _timed(plain, dev, repeats) / batch if evaluate else nan
         swg_s = _timed(swg, dev, repeats) / batch if evaluate else nan
     return {"params": params, "load_s": load_s, "plain_s": plain_s, "mswg_s": swg_s,
             "ratio": swg_s / plain_s, "peak_gib": _peak_memory(dev), "device": str(dev), "batch": batch}
 
 
-def measure_in_child(kind: str, source: str, env: dict, **kwargs) -> dict:
-    """:func:`measure` in a fresh interpreter, so that its peak memory is its own."""
-    code = ("import json, sys; sys.path.insert(0, %r); from benchmarks.real_scale import measure; "
-            "print('RESULT ' + json.dumps(measure(%r, %r, **%r)))" % (str(ROOT), kind, source, kwargs))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(ROOT), capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"measuring {source} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+# Fresh processes, forked from a server that has imported torch, diffusers and the project once:
+# each measurement and each command line has a process (and a peak memory) of its own, without
+# paying Python's start-up and these imports (about 5 s on two cores) every time.
+PRELOAD = ["torch", "diffusers.models.autoencoders.autoencoder_kl", "timm", "scipy.linalg", "PIL.Image", "click",
+           "sampling.edm2_run", "sampling.dit_run", "sampling.writer", "guidance", "metrics.api",
+           "metrics.detectors", "networks.edm2_pickle", "networks.dit"]
+_CONTEXT = None
+
+
+def process_context():
+    """The ``forkserver`` multiprocessing context (started on first use, with :data:`PRELOAD` imported)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            _CONTEXT = multiprocessing.get_context("forkserver")
+            _CONTEXT.set_forkserver_preload(PRELOAD)
+        else:  # Windows: every process imports for itself
+            _CONTEXT = multiprocessing.get_context("spawn")
+    return _CONTEXT
+
+
+def _measure_child(conn, kind, source, kwargs):
+    try:
+        conn.send(("ok", measure(kind, source, **kwargs)))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        import traceback
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"))
+    finally:
+        conn.close()
+
+
+def measure_in_child(kind: str, source: str, **kwargs) -> dict:
+    """:func:`measure` in a fresh process, so that its peak memory is its own."""
+    ctx = process_context()
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_measure_child, args=(child, kind, source, kwargs))
+    proc.start()
+    child.close()
+    try:
+        status, value = parent.recv()
+    except EOFError:
+        status, value = "error", "the process ended without a result"
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"measuring {source} failed (exit {proc.exitcode}): {value}")
+    return value
+
+
+def _cli_child(argv, log_path):
+    """Run one command line as ``python argv...`` would, output to ``log_path``; exits with its code."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    sys.stdout.flush(), sys.stderr.flush()
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    os.chdir(ROOT)
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
 
 
 # ----------------------------------------------------------------------------
@@ -341,14 +402,19 @@ def dit_cli_runs(sizes=(256, 512)) -> list:
     return [(f"dit{size}-{m}", ["--image-size", str(size)] + argv) for size in sizes for m, argv in modes.items()]
 
 
-def run_cli(argv: list, env: dict, log, failures: list) -> float:
-    """Run one command line; a failure is logged with its last lines and recorded (the others still run)."""
+def run_cli(argv: list, log, failures: list, logs: pathlib.Path) -> float:
+    """Run one command line in a fresh process; a failure is logged with its last lines and recorded."""
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{len(list(logs.iterdir())):02d}.log"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable] + argv, env=env, cwd=str(ROOT), capture_output=True, text=True)
+    proc = process_context().Process(target=_cli_child, args=(argv, str(log_path)))
+    proc.start()
+    proc.join()
     dt = time.perf_counter() - t0
-    if proc.returncode != 0:
+    if proc.exitcode != 0:
         failures.append(" ".join(argv))
-        log(f"  FAILED ({proc.returncode}) after {dt:.0f} s: {' '.join(argv)}\n{(proc.stdout + proc.stderr)[-2000:]}")
+        tail = log_path.read_text()[-2000:] if log_path.is_file() else "(no output)"
+        log(f"  FAILED ({proc.exitcode}) after {dt:.0f} s: {' '.join(argv)}\n{tail}")
         return float("nan")
     log(f"  {dt:6.1f} s  {' '.join(argv)}")
     return dt
@@ -361,10 +427,10 @@ def count_pngs(folder: pathlib.Path) -> int:
 # ----------------------------------------------------------------------------
 
 def offline_env(cache: pathlib.Path) -> dict:
-    env = dict(os.environ, SWG_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               WANDB_MODE="disabled", PYTHONPATH=str(ROOT),
-               SWG_SKIP_WEIGHT_HASH="1")  # random Inception weights under the official, hash-bearing name
-    return env
+    """The environment of every process: the temporary cache, offline, no run logging."""
+    return dict(SWG_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
+                PYTHONPATH=str(ROOT),
+                SWG_SKIP_WEIGHT_HASH="1")  # random Inception weights under the official, hash-bearing name
 
 
 def format_table(rows: list, note: str) -> str:
@@ -396,8 +462,7 @@ def main(argv=None) -> int:
     dit_sizes = tuple(int(s) for s in args.dit.split(",") if s)
     work = pathlib.Path(args.keep) if args.keep else pathlib.Path(tempfile.mkdtemp(prefix="swg-real-"))
     cache = work / "cache"
-    env = offline_env(cache)
-    os.environ.update(SWG_CACHE=str(cache), HF_HUB_OFFLINE="1", SWG_SKIP_WEIGHT_HASH="1")
+    os.environ.update(offline_env(cache))  # before the process server starts: it and its children inherit it
     start = time.perf_counter()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     try:
@@ -411,32 +476,34 @@ def main(argv=None) -> int:
         rows = []
         for name in ([] if args.skip_table else sizes):
             path = edm2_models(sizes)[name][0]
-            r = measure_in_child("edm2", str(path), env, device=args.device, evaluate=name in timed)
+            r = measure_in_child("edm2", str(path), device=args.device, evaluate=name in timed)
             label = f"EDM2-{name.upper()}" if name != "img64-s" else "EDM2-S img64"
             rows.append((label, r))
             log(f"  {label}: {json.dumps(r)}")
         for size in ([] if args.skip_table else dit_sizes):
             path = built[f"dit-xl2-{size}"]["path"]
-            r = measure_in_child("dit", path, env, device=args.device, image_size=size)
+            r = measure_in_child("dit", path, device=args.device, image_size=size)
             rows.append((f"DiT-XL/2 {size}", r))
             log(f"  DiT-XL/2 {size}: {json.dumps(r)}")
         results["table"] = dict(rows)
         print()
         print(format_table(rows, f"(measured by {time.perf_counter() - start:.0f} s)"), flush=True)
         if not args.skip_cli:
-            log("command lines:")
-            out = work / "out"
+            from sampling.presets import PRESETS
+
+            log("command lines (each in a fresh process; its output in logs/):")
+            out, logs = work / "out", work / "logs"
             for name, extra in edm2_cli_runs():
                 argv = ["sample_edm2.py", *extra, "--outdir", str(out / name), "--seeds", "0", "--steps", "1",
                         "--batch", "1"]
-                results["cli"][name] = run_cli(argv, env, log, failures)
+                results["cli"][name] = run_cli(argv, log, failures, logs)
                 if results["cli"][name] == results["cli"][name] and count_pngs(out / name) != 1:
                     failures.append(f"{name}: expected one PNG")
             for name, extra in dit_cli_runs(dit_sizes):
                 argv = ["sample_dit.py", "--model", "DiT-XL/2", *extra, "--sample-dir", str(out / name),
                         "--seeds", "0", "--num-sampling-steps", "1", "--per-proc-batch-size", "1",
                         "--metrics", "none", "--device", args.device]
-                results["cli"][name] = run_cli(argv, env, log, failures)
+                results["cli"][name] = run_cli(argv, log, failures, logs)
                 if results["cli"][name] == results["cli"][name] and count_pngs(out / name) != 1:
                     failures.append(f"{name}: expected one PNG")
             # Reference statistics from other outputs, then metrics of a fresh run against them.
@@ -447,11 +514,14 @@ def main(argv=None) -> int:
             ref = work / "ref.pkl"
             results["cli"]["metrics-ref"] = run_cli(
                 ["-m", "metrics", "ref", "--images", str(ref_imgs), "--dest", str(ref), "--metrics", "fid,fd_dinov2",
-                 "--batch", "2", "--device", args.device], env, log, failures)
-            argv = ["sample_edm2.py", "--preset", "swg-edm2-s-mswg-0.2", "--outdir", str(out / "metrics"),
-                    "--seeds", "0-9", "--steps", "1", "--batch", "5", "--metrics", "fid,fd_dinov2,is",  # IS: 10 splits
-                    "--ref_path", str(ref)]
-            results["cli"]["edm2-metrics"] = run_cli(argv, env, log, failures)
+                 "--batch", "2", "--device", args.device], log, failures, logs)
+            # Ten images (IS takes 10 splits) from the pixel-space img64 S with M-SWG: its command line
+            # runs here, and ten 512 px VAE decodes (17 s each on two cores) are not spent on the metrics.
+            argv = ["sample_edm2.py", "--net_pos_pkl", PRESETS["edm2-img64-s-fid"].net_pos_pkl, "--g_method", "swg",
+                    "--g_weight", "0.2", "--swg_sizes", "40", "--scale_window_guide", "1",
+                    "--outdir", str(out / "metrics"), "--seeds", "0-9", "--steps", "1", "--batch", "10",
+                    "--metrics", "fid,fd_dinov2,is", "--ref_path", str(ref)]
+            results["cli"]["edm2-metrics"] = run_cli(argv, log, failures, logs)
             found = list((out / "metrics").rglob("metrics*.json"))
             if found:
                 results["metrics"] = json.loads(found[0].read_text())

@@ -13,7 +13,7 @@ import torch
 import sample_edm2
 from metrics import api, detectors
 from metrics.refs import save_ref
-from tests import edm2_pickle_writer as WR
+from benchmarks import edm2_snapshot as WR
 from tests.test_metrics_api import TinyInception
 
 TINY = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, model_channels=8,

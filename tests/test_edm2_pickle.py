@@ -16,7 +16,7 @@ import torch
 
 from networks import edm2_pickle as P
 from networks.encoders import PixelEncoder, StabilityVAEEncoder
-from tests import edm2_pickle_writer as WR
+from benchmarks import edm2_snapshot as WR
 from utils.errors import UsageError
 
 TINY = dict(img_resolution=16, img_channels=4, label_dim=10, use_fp16=False, model_channels=16,

@@ -17,7 +17,7 @@ from networks.dit import create_dit
 from networks.edm2_pickle import load_checkpoint
 from sampling.edm import edm_sampler
 from sampling.gaussian_diffusion import create_diffusion
-from tests import edm2_pickle_writer as WR
+from benchmarks import edm2_snapshot as WR
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EDM2 = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, model_channels=8,

@@ -75,3 +75,23 @@ def test_dit_xl2_256_one_mswg_evaluation(tmp_path):
     alone = once[:, None] & once[None, :]
     assert torch.equal(guided[..., alone], plain[..., alone])
     assert (guided[..., ~alone] != plain[..., ~alone]).float().mean() > 0.9
+
+
+def test_command_lines_run_in_fresh_processes_with_exit_codes_and_logs(tmp_path, monkeypatch):
+    """The benchmark's runner: each command line in its own process, its output in a log, failures recorded."""
+    from benchmarks import real_scale
+
+    monkeypatch.setattr(real_scale, "PRELOAD", ["click"])  # the real list imports torch and diffusers (5 s)
+    monkeypatch.setattr(real_scale, "_CONTEXT", None)
+    lines, failures, logs = [], [], tmp_path / "logs"
+    ok = real_scale.run_cli(["sample_edm2.py", "--list_presets"], lines.append, failures, logs)
+    bad = real_scale.run_cli(["sample_edm2.py", "--seeds", "0", "--outdir", str(tmp_path / "o")], lines.append,
+                             failures, logs)
+    module = real_scale.run_cli(["-m", "metrics", "--help"], lines.append, failures, logs)
+    assert ok > 0 and module > 0 and bad != bad  # NaN: the failed run has no time
+    assert failures == [f"sample_edm2.py --seeds 0 --outdir {tmp_path / 'o'}"]
+    first, second, third = sorted(logs.iterdir())
+    assert "swg-edm2-s-mswg-0.2" in first.read_text()
+    assert "error: no positive network" in second.read_text() and "FAILED (2)" in lines[1]
+    assert "ref" in third.read_text()  # metrics' sub-commands
+    assert not (tmp_path / "o").exists()

@@ -16,7 +16,7 @@ import sample_edm2
 from metrics import detectors
 from metrics.refs import save_ref
 from sampling import dit_flags, edm2_flags, edm2_run, run
-from tests import edm2_pickle_writer as WR
+from benchmarks import edm2_snapshot as WR
 from tests.test_dit_cli import _base, assets  # noqa: F401  (module fixture: tiny DiT + VAE)
 from utils.cli import to_flags
 from utils.errors import UsageError

@@ -113,7 +113,7 @@ def test_a_complete_reference_asking_for_code_is_still_refused(tmp_path):
 def test_every_truncation_of_an_edm2_snapshot_says_corrupt(tmp_path):
     """The restricted unpickler of .pkl snapshots: a cut file is corrupt, never 'refusing ... could run code'."""
     from networks.edm2_pickle import CheckpointError, load_checkpoint
-    from tests import edm2_pickle_writer as WR
+    from benchmarks import edm2_snapshot as WR
 
     tiny = dict(img_resolution=8, img_channels=3, label_dim=0, use_fp16=False, model_channels=8,
                 channel_mult=[1, 1], num_blocks=1, attn_resolutions=[4], channels_per_head=8)

@@ -16,7 +16,7 @@ from metrics import detectors
 from metrics.detectors import Detector
 from metrics.refs import save_ref
 from search import optuna_search as S
-from tests import edm2_pickle_writer as WR
+from benchmarks import edm2_snapshot as WR
 from utils.errors import UsageError
 
 optuna = pytest.importorskip("optuna")

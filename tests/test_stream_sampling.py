@@ -12,7 +12,7 @@ import sample_edm2
 from metrics import api, detectors, stream
 from metrics.refs import save_ref
 from sampling import edm2_run
-from tests import edm2_pickle_writer as WR
+from benchmarks import edm2_snapshot as WR
 from tests.test_metrics_stream import TinyInception
 from utils.errors import UsageError
 

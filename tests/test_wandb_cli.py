@@ -7,7 +7,7 @@ import torch
 
 import sample_dit
 import sample_edm2
-from tests import edm2_pickle_writer as WR
+from benchmarks import edm2_snapshot as WR
 from tests.test_dit_cli import _base, assets  # noqa: F401  (module fixture: tiny DiT + VAE)
 from tests.test_wandb_log import wait_for_records
 

@@ -1,4 +1,4 @@
-"""Test-side writer of pickles in the layout of official EDM2 snapshots.
+"""Writer of pickles in the layout of official EDM2 snapshots (for the tests and the benchmarks).
 
 EDM2 pickles its networks with ``torch_utils.persistence``: a persistent object
 is saved as ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with
@@ -14,6 +14,9 @@ classes: it temporarily registers stand-in ``torch_utils.persistence`` and
 ``dnnlib.util`` modules so the pickle refers to the official global names.  The
 ``module_src`` it stores is code that would create a marker file if anybody
 executed it, which the tests use to prove the loader never does.
+
+``benchmarks/real_scale.py`` uses it to write random-weight snapshots at the
+published sizes; the tests use it for official-format files of tiny networks.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def _official_modules():
     tu, tup = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
     dn, dnu = types.ModuleType("dnnlib"), types.ModuleType("dnnlib.util")
 
-    def _reconstruct_persistent_obj(meta):  # never called: the tests only write with it
+    def _reconstruct_persistent_obj(meta):  # never called: this module only writes with it
         raise AssertionError("stand-in")
 
     _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"

@@ -1,0 +1,50 @@
+"""``benchmarks/gpu_bench.py`` runs end to end on the CPU (it has never had a GPU to itself).
+
+The script is meant for one short call on a lent GPU machine; a crash there would
+waste the call.  Here it runs its whole path at the smallest published size
+(EDM2-XS, batch 1, one sampler step) without the reference checkout, which the
+tests cannot fetch: accuracy section (with a narrow VAE), timing, FLOP counting,
+the variants pass and both output files.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import gpu_bench
+from benchmarks.real_scale import edm2_init_kwargs, random_edm2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cpu_run_writes_rows_and_accuracy(tmp_path, monkeypatch):
+    # The SD VAE's layout with 32 channels per level: the same 8x decode, 40 times cheaper than the real one.
+    config = json.loads(gpu_bench.VAE_CONFIG.read_text())
+    config.update(block_out_channels=[32, 32, 32, 32], layers_per_block=1)
+    (tmp_path / "vae.json").write_text(json.dumps(config))
+    monkeypatch.setattr(gpu_bench, "VAE_CONFIG", tmp_path / "vae.json")
+    out = tmp_path / "bench"
+    assert gpu_bench.main(["--refcode", "none", "--device", "cpu", "--models", "edm2-xs", "--batches", "1",
+                           "--steps", "1", "--warmup", "0", "--repeats", "1", "--accuracy", "1",
+                           "--accuracy-steps", "1", "--accuracy-batch", "1", "--variants", "nocache",
+                           "--variants-model", "xs", "--out", str(out)]) == 0
+    result = json.loads((out / "gpu_bench.json").read_text())
+    main_row, variant_row = result["speed"]
+    assert main_row["model"] == "EDM2-XS" and variant_row["model"] == "EDM2-XS variants"
+    assert main_row["params"] == 124_713_253  # EDM2-XS as published
+    assert main_row["ours_img_per_s"] > 0 and main_row["tflop_per_eval"] > 0
+    assert variant_row["ours+nocache_vs_ours"] > 0
+    # One M-SWG evaluation = the plain one at 64x64 + 2x2 windows of 40x40 (4 * 40^2 / 64^2 = 1.56 plain).
+    net = random_edm2(edm2_init_kwargs("xs"), seed=1).float()
+    noise, labels = gpu_bench.edm2_inputs(net, 1, torch.device("cpu"))
+    with torch.no_grad():
+        plain = gpu_bench.count_flops(lambda: net(noise, torch.full((1,), 2.5), labels))
+    assert 2.3 < main_row["tflop_per_eval"] * 1e12 / plain < 2.7
+    # On the CPU the U-Net's fp16 path is its fp32 path: the two agree exactly.
+    errs = result["accuracy"]["denoiser_rel_err"]
+    assert set(errs) == {"sigma=80", "sigma=5", "sigma=0.5", "sigma=0.05"}
+    assert all(row["ours_fp16_vs_fp32"] == 0 for row in errs.values())
+    assert result["accuracy"]["psnr_db"]["ours_fp16_vs_fp32"] == float("inf")  # identical decoded images
+    assert "EDM2-XS" in (out / "gpu_bench.md").read_text()
