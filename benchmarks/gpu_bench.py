@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.real_scale import VAE_CONFIG, edm2_init_kwargs, random_dit, random_edm2  # noqa: E402
 
+VARIANTS = ("nocache", "channels_last", "compile", "cudagraphs")  # see _variant
 EDM2_EVALS_32 = 63    # Heun, 32 steps: 2 * 32 - 1 evaluations
 DIT_STEPS = 250       # DDPM steps of the DiT evaluation protocol
 # Dense fp16/bf16 tensor-core peaks (no sparsity), TFLOP/s.
@@ -283,15 +284,21 @@ def edm2_speed(size: str, ref: Reference, device, batches, steps: int, warmup: i
         codes = {"ours": ours_mswg_sampler(ours, steps)}
         if theirs is not None:
             codes["ref"] = ref_mswg_sampler(ref, theirs, steps)
-        for variant in variants:
-            codes[f"ours+{variant}"] = _variant(ours, variant, steps)
+        for variant in variants:  # a variant that fails here (no compiler, ...) is reported, not fatal
+            try:
+                fn = _variant(ours, variant, steps)
+                fn(noise, labels)  # compiles, captures graphs
+                codes[f"ours+{variant}"] = fn
+            except Exception as exc:  # noqa: BLE001
+                row[f"ours+{variant}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         seconds = timed_many({name: (lambda fn=fn: fn(noise, labels)) for name, fn in codes.items()}, device,
                              warmup, repeats)
         for name, t in seconds.items():
             row[f"{name}_s_per_eval"] = t / evals
             row[f"{name}_img_per_s"] = batch / (t / evals * EDM2_EVALS_32)
         for variant in variants:  # > 1: the variant is faster than our default path
-            row[f"ours+{variant}_vs_ours"] = seconds["ours"] / seconds[f"ours+{variant}"]
+            if f"ours+{variant}" in seconds:
+                row[f"ours+{variant}_vs_ours"] = seconds["ours"] / seconds[f"ours+{variant}"]
         if theirs is not None:
             row["speedup"] = row["ours_img_per_s"] / row["ref_img_per_s"]
         guided_eval = _one_eval(ours, noise, labels)
@@ -315,7 +322,7 @@ def _one_eval(net, noise, labels):
 
 def _variant(net, variant: str, steps: int):
     """Optional variants of our code: ``nocache`` (weights re-normalised every call), ``channels_last``
-    inputs, ``compile`` (torch.compile of the U-Net)."""
+    inputs, ``compile`` (torch.compile of the U-Net), ``cudagraphs`` (compiled, ``reduce-overhead``)."""
     from guidance import guide
     from sampling.edm import edm_sampler
 
@@ -331,13 +338,14 @@ def _variant(net, variant: str, steps: int):
             finally:
                 ours_edm2.WEIGHT_CACHE = True
         return run
-    if variant == "compile":
+    if variant in ("compile", "cudagraphs"):  # cudagraphs: compiled and replayed as CUDA graphs
         fast = copy.deepcopy(net)  # a copy: setting .unet on a shallow copy would change net too
-        fast.unet = torch.compile(fast.unet, dynamic=False)
+        mode = "reduce-overhead" if variant == "cudagraphs" else None
+        fast.unet = torch.compile(fast.unet, dynamic=False, mode=mode)
     elif variant == "channels_last":
         fast = copy.deepcopy(net).to(memory_format=torch.channels_last)
     else:
-        raise SystemExit(f"error: unknown variant {variant!r}; use nocache, channels_last or compile")
+        raise SystemExit(f"error: unknown variant {variant!r}; use nocache, channels_last, compile or cudagraphs")
     guided = guide(fast, "swg", 0.2, window_size=40, window_steps=2, masked=True)
     if variant == "channels_last":
         return lambda noise, labels: edm_sampler(guided, noise.contiguous(memory_format=torch.channels_last),
@@ -407,7 +415,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="", help="extra timings of ours, after everything else: "
-                    "nocache,channels_last,compile (at the largest batch)")
+                    "nocache,channels_last,compile,cudagraphs (at the largest batch)")
     ap.add_argument("--variants-model", default="s", help="EDM2 size the variants are timed on")
     ap.add_argument("--accuracy", type=int, default=None,
                     help="1/0: fp16 vs fp32 section on/off (default: on for CUDA; on the CPU the fp16 path is fp32)")
@@ -428,6 +436,9 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
     models = [m for m in args.models.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:  # before any network is built
+        raise SystemExit(f"error: unknown variant {unknown[0]!r}; use {', '.join(VARIANTS)}")
     peak = peak_tflops(device, args.peak_tflops)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

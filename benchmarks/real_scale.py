@@ -448,8 +448,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", default="xs,s,m,l,xl,xxl,img64-s",
                     help="EDM2 sizes to build, load and time (img64-s = the 64 px S)")
-    ap.add_argument("--time-sizes", default="xs,s,xxl,img64-s",
-                    help="of those, the ones whose evaluations are timed (the others are built and loaded)")
+    ap.add_argument("--time-sizes", default="xs,s,m,l,xl,xxl,img64-s",
+                    help="of those, the ones whose evaluations are timed (the others are only built and loaded)")
     ap.add_argument("--dit", default="256,512", help="DiT-XL/2 image sizes")
     ap.add_argument("--skip-cli", action="store_true", help="only build, load and time")
     ap.add_argument("--skip-table", action="store_true", help="only build and run the command lines")

@@ -48,3 +48,12 @@ def test_cpu_run_writes_rows_and_accuracy(tmp_path, monkeypatch):
     assert all(row["ours_fp16_vs_fp32"] == 0 for row in errs.values())
     assert result["accuracy"]["psnr_db"]["ours_fp16_vs_fp32"] == float("inf")  # identical decoded images
     assert "EDM2-XS" in (out / "gpu_bench.md").read_text()
+
+
+def test_unknown_variant_is_refused_before_any_network(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(gpu_bench, "edm2_pair", lambda *a, **k: built.append(a))
+    with pytest.raises(SystemExit, match="unknown variant 'compiled'; use nocache, channels_last, compile"):
+        gpu_bench.main(["--refcode", "none", "--device", "cpu", "--variants", "compile,compiled",
+                        "--out", str(tmp_path)])
+    assert built == []
