@@ -37,7 +37,8 @@ demo-long-range: $(VENV)/.installed
 	$(PY) demo/long_range.py --outdir out/demo-long-range
 
 # The whole pipeline at the published sizes (EDM2 XS..XXL, DiT-XL/2, SD VAE, Inception, DINOv2) with
-# random weights, offline in a temporary cache: every CLI once, then one table (benchmarks/real_scale.py).
+# random weights, offline in a temporary cache: one table of every model, then every CLI once
+# (benchmarks/real_scale.py; 12 min on 2 CPU cores).
 real-scale: $(VENV)/.installed
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) benchmarks/real_scale.py
 
