@@ -39,8 +39,10 @@ demo-long-range: $(VENV)/.installed
 # The whole pipeline at the published sizes (EDM2 XS..XXL, DiT-XL/2, SD VAE, Inception, DINOv2) with
 # random weights, offline in a temporary cache: one table of every model, then every CLI once
 # (benchmarks/real_scale.py; 12 min on 2 CPU cores).
+# Writes about 16 GB into $TMPDIR; REAL_SCALE_ARGS="--keep DIR" keeps the files and each command's log.
+REAL_SCALE_ARGS ?=
 real-scale: $(VENV)/.installed
-	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) benchmarks/real_scale.py
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(PY) benchmarks/real_scale.py $(REAL_SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

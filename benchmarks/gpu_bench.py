@@ -31,6 +31,7 @@ import copy
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import platform
 import statistics
@@ -45,7 +46,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.real_scale import VAE_CONFIG, edm2_init_kwargs, random_dit, random_edm2  # noqa: E402
+from benchmarks.real_scale import EDM2_SIZES, VAE_CONFIG, edm2_init_kwargs, random_dit, random_edm2  # noqa: E402
 
 VARIANTS = ("nocache", "channels_last", "compile", "cudagraphs")  # see _variant
 EDM2_EVALS_32 = 63    # Heun, 32 steps: 2 * 32 - 1 evaluations
@@ -85,6 +86,8 @@ class Reference:
         if not (root / "training" / "networks_edm2.py").is_file():
             raise SystemExit(f"error: {refcode} holds no edm2/training/networks_edm2.py; run "
                              f"benchmarks/prep_refcode.sh first (it fills .refcode/)")
+        commit = pathlib.Path(refcode) / "COMMIT"  # written by prep_refcode.sh
+        self.commit = commit.read_text().strip() if commit.is_file() else "unknown"
         sys.path.append(str(root))  # for its own 'torch_utils' and 'dnnlib' (appended: ours win on clashes)
         self.edm2 = _load_file("swg_reference_networks_edm2", root / "training" / "networks_edm2.py")
         fns = _functions_from(root / "sample_edm2.py", ["edges", "swg_guidance", "edm_sampler"],
@@ -212,7 +215,19 @@ def ref_mswg_sampler(ref: Reference, net, steps: int, weight: float = 0.2):
 
 @torch.no_grad()
 def accuracy(ref: Reference, device, steps: int, batch: int = 4) -> dict:
-    """fp16 vs fp32 (same weights and noise): denoiser relative error and PSNR of decoded images."""
+    """fp16 vs fp32 (same weights and noise): denoiser relative error and PSNR of decoded images.
+
+    The fp32 side is true fp32: TF32 matmuls and convolutions are off for this section.
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _accuracy(ref, device, steps, batch)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _accuracy(ref: Reference, device, steps: int, batch: int) -> dict:
     from networks.encoders import StabilityVAEEncoder
 
     ours, theirs = edm2_pair("s", ref, device)
@@ -232,8 +247,9 @@ def accuracy(ref: Reference, device, steps: int, batch: int = 4) -> dict:
     # Short M-SWG runs in both precisions, decoded by the same fp32 VAE.
     try:
         from diffusers import AutoencoderKL
-    except ImportError:
-        out["psnr"] = "skipped: diffusers is not installed here (carry its wheel, see benchmarks/run_gpu_bench.sh)"
+    except Exception as exc:  # noqa: BLE001 - not installed, or a wheel that does not fit this torch / hub
+        out["psnr"] = (f"skipped: diffusers does not import here ({type(exc).__name__}: {exc}"[:300] +
+                       "); carry its wheel, see benchmarks/run_gpu_bench.sh")
         return out
     config = {k: v for k, v in json.loads(VAE_CONFIG.read_text()).items() if not k.startswith("_")}
     torch.manual_seed(0)
@@ -339,7 +355,19 @@ def _variant(net, variant: str, steps: int):
                 ours_edm2.WEIGHT_CACHE = True
         return run
     if variant in ("compile", "cudagraphs"):  # cudagraphs: compiled and replayed as CUDA graphs
+        import torch._inductor.config as inductor_config
+
+        from networks import edm2 as ours_edm2
+
         fast = copy.deepcopy(net)  # a copy: setting .unet on a shallow copy would change net too
+        # The weight cache's bookkeeping (ids, data pointers) breaks the graph at every layer; without
+        # it, one graph per input shape, and inductor's freezing folds the weight normalisation into
+        # constants (the compiled form of the cache).
+        fast._choose_weight_cache(next(fast.parameters()).device)
+        for m in fast.unet.modules():
+            if isinstance(m, ours_edm2.MPConv):
+                m.cache_weights = False
+        inductor_config.freezing = True
         mode = "reduce-overhead" if variant == "cudagraphs" else None
         fast.unet = torch.compile(fast.unet, dynamic=False, mode=mode)
     elif variant == "channels_last":
@@ -389,11 +417,14 @@ def dit_speed(ref: Reference, device, batches, warmup: int, repeats: int, peak: 
 
 def markdown(result: dict) -> str:
     lines = [f"# gpu_bench: {result['device_name']}", "", result["note"], ""]
-    lines += ["| model | batch | ours img/s | ref img/s | ours / ref | ours s/eval | TFLOP/eval | MFU |",
+    lines += ["img/s: full runs extrapolated (EDM2 32 steps, DiT 250); s/eval: one M-SWG evaluation of the whole "
+              "batch; MFU: of the card's dense fp16 peak (DiT, in fp32/TF32: of the TF32 peak, half of it).", "",
+              "| model | batch | ours img/s | ref img/s | ours / ref | ours s/eval | TFLOP/eval | MFU |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["speed"]:
-        extra = "".join(f" {k[:-len('_img_per_s')]}: {r[k]:.3g} img/s;" for k in r if k.startswith("ours+") and
-                        k.endswith("_img_per_s"))
+        extra = "".join(f" {k[:-len('_img_per_s')]}: {r[k]:.3g} img/s ({r[k[:-len('_img_per_s')] + '_vs_ours']:.2f}x);"
+                        for k in r if k.startswith("ours+") and k.endswith("_img_per_s"))
+        extra += "".join(f" {k[:-len('_error')]} failed: {r[k]};" for k in r if k.endswith("_error"))
         lines.append(f"| {r['model']}{extra} | {r['batch']} | {r['ours_img_per_s']:.3f} | "
                      f"{r.get('ref_img_per_s', float('nan')):.3f} | {r.get('speedup', float('nan')):.2f} | "
                      f"{r['ours_s_per_eval']:.4f} | {r['tflop_per_eval']:.2f} | {r['mfu']:.1%} |")
@@ -444,49 +475,64 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}"
     result = {"device_name": name, "torch": torch.__version__, "peak_tflops": peak, "speed": [],
-              "args": vars(args), "threads": torch.get_num_threads()}
+              "args": vars(args), "threads": torch.get_num_threads(),
+              "reference_commit": ref.commit if ref is not None else None}
     t_start = time.perf_counter()
 
     def save():
         result["seconds"] = time.perf_counter() - t_start
-        load = ", load average %.2f" % __import__("os").getloadavg()[0] if device.type == "cpu" else ""
+        load = ", load average %.2f" % os.getloadavg()[0] if device.type == "cpu" else ""
         result["note"] = (f"{name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads{load}; random "
                           f"weights at the published shapes; EDM2 in fp16 on CUDA (fp32 on CPU), DiT in fp32/TF32; "
                           f"img/s extrapolated to 32 EDM steps (63 evaluations) / 250 DiT steps; "
                           f"{result['seconds']:.0f} s in all")
-        (out / "gpu_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "gpu_bench.md").write_text(markdown(result))
+        for path, text in ((out / "gpu_bench.json", json.dumps(result, indent=2) + "\n"),
+                           (out / "gpu_bench.md", markdown(result))):
+            tmp = path.with_name(path.name + ".tmp")  # a kill mid-write leaves the previous file whole
+            tmp.write_text(text)
+            os.replace(tmp, path)
 
-    if args.accuracy if args.accuracy is not None else device.type == "cuda":
-        result["accuracy"] = accuracy(ref, device, steps=args.accuracy_steps, batch=args.accuracy_batch)
-        print(json.dumps(result["accuracy"], indent=2), flush=True)
-        save()
+    if ref is not None and min(args.steps, args.accuracy_steps) < 2:
+        raise SystemExit("error: --steps and --accuracy-steps must be >= 2 with the reference: its step "
+                         "formula divides by steps - 1 (give --refcode none to time ours alone)")
+    for model in models:  # before any network is built
+        if not (model == "dit-xl2" or (model.startswith("edm2-") and model[5:] in EDM2_SIZES)):
+            raise SystemExit(f"error: unknown model {model!r}; use edm2-<{'|'.join(EDM2_SIZES)}> or dit-xl2")
+
+    # The comparisons first, each model's rows saved as they finish; the accuracy section next; the
+    # variants of our code last (compile time included), one saved row each: a time limit costs the end.
     for model in models:
         if model.startswith("edm2-"):
             rows = edm2_speed(model[5:], ref, device, batches, args.steps, args.warmup, args.repeats, peak)
-        elif model == "dit-xl2":
-            rows = dit_speed(ref, device, batches, args.warmup, args.repeats, peak)
         else:
-            raise SystemExit(f"error: unknown model {model!r}; use edm2-<size> or dit-xl2")
+            rows = dit_speed(ref, device, batches, args.warmup, args.repeats, peak / 2)  # fp32/TF32: half the fp16 peak
         for row in rows:
+            print(json.dumps(row), flush=True)
+        result["speed"] += rows
+        if model == "edm2-s":
+            best = max(rows, key=lambda r: r["batch"])
+            result["hours_batch"] = best["batch"]
+            result["hours_50k_edm2_s_mswg"] = 50000 / best["ours_img_per_s"] / 3600
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save()
+    if args.accuracy if args.accuracy is not None else device.type == "cuda":
+        try:
+            result["accuracy"] = accuracy(ref, device, steps=args.accuracy_steps, batch=args.accuracy_batch)
+        except Exception as exc:  # noqa: BLE001 - reported; the variants still run
+            result["accuracy"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(json.dumps(result["accuracy"], indent=2), flush=True)
+        save()
+    for variant in variants:
+        rows = edm2_speed(args.variants_model, None, device, [max(batches)], args.steps, args.warmup,
+                          args.repeats, peak, [variant])
+        for row in rows:
+            row["model"] += f" variant {variant}"
             print(json.dumps(row), flush=True)
         result["speed"] += rows
         if device.type == "cuda":
             torch.cuda.empty_cache()
         save()
-    if variants:  # last: a slow compile must not cost the comparisons above their time
-        rows = edm2_speed(args.variants_model, None, device, [max(batches)], args.steps, args.warmup,
-                          args.repeats, peak, variants)
-        for row in rows:
-            row["model"] += " variants"
-            print(json.dumps(row), flush=True)
-        result["speed"] += rows
-        save()
-    s_rows = [r for r in result["speed"] if r["model"] == "EDM2-S"]
-    if s_rows:
-        best = max(s_rows, key=lambda r: r["batch"])
-        result["hours_batch"] = best["batch"]
-        result["hours_50k_edm2_s_mswg"] = 50000 / best["ours_img_per_s"] / 3600
     save()
     print(markdown(result))
     return 0

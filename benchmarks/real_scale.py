@@ -17,21 +17,24 @@ that the real weights would.  This script
      folders built from ``benchmarks/sd_vae_config.json`` (configuration only);
    * Inception-v3 (FID, IS) and DINOv2 ViT-L/14 (FD-DINOv2) weight files;
 
-2. runs the real command lines: ``sample_edm2.py`` with every ``swg-edm2-s-*``
+2. measures each model in a fresh process (load time, seconds per denoiser
+   evaluation per image plain and with M-SWG, peak RSS or CUDA memory) and prints
+   one table;
+
+3. runs the real command lines: ``sample_edm2.py`` with every ``swg-edm2-s-*``
    preset and ``--g_method none``, ``sample_dit.py`` with SWG, M-SWG, CFG and
    CFG+M-SWG at 256 and 512, ``python -m metrics ref`` on some of their images and
    ``--metrics fid,fd_dinov2,is`` of an img64 S M-SWG run against it; each command
    line in a fresh process forked from a server that has imported torch and
-   diffusers once (:func:`run_cli`);
+   diffusers once (:func:`run_cli`), its output in ``logs/`` of the work folder.
 
-3. measures each model in a fresh process (load time, seconds per denoiser
-   evaluation per image plain and with M-SWG, peak RSS or CUDA memory) and prints
-   one table.
+    python benchmarks/real_scale.py [--device cpu] [--sizes xs,s,xxl] [--time-sizes s] [--dit 256]
+                                    [--skip-cli | --skip-table] [--keep DIR] [--json FILE]
 
-    python benchmarks/real_scale.py [--device cpu] [--sizes xs,s,xxl] [--skip-cli] [--keep DIR]
+It writes about 16 GB into a temporary folder (``$TMPDIR``; ``--keep DIR`` keeps it).
 
-Every CLI run uses one or two images and one sampler step: enough to run every
-line (sampling, decoding, PNG writing, metrics) at the real shapes.  Numbers on
+Every command line makes one image (the metrics run ten) with one sampler step:
+enough to run every line (sampling, decoding, PNG writing, metrics) at the real shapes.  Numbers on
 random weights are only timings and memory; the images are noise.
 """
 
@@ -300,14 +303,16 @@ def measure(kind: str, source: str, device: str = "cpu", batch: int = 1, repeats
         swg = lambda: guided(x, t, y)  # noqa: E731
     params = sum(p.numel() for p in net.parameters())
     nan = float("nan")
-    # Warm-up, so that first-call costs (kernel selection, the weight cache) are not timed; skipped for
-    # EDM2 networks too large for the CPU weight cache (XXL), where a first call costs no more than the next.
+    # Warm-up of both calls, so that first-call costs (kernel selection, the weight cache, the first read
+    # of memory-mapped weights) are not timed; skipped for EDM2 networks too large for the CPU weight
+    # cache (L, XL, XXL), where a first call costs no more than the next (and XXL's takes 40 s).
     from networks.edm2 import CPU_WEIGHT_CACHE_BYTES
 
     warm = evaluate and (dev.type != "cpu" or kind != "edm2" or params * 4 <= CPU_WEIGHT_CACHE_BYTES)
     with torch.inference_mode():
         if warm:
             plain()
+            swg()
         plain_s = _timed(plain, dev, repeats) / batch if evaluate else nan
         swg_s = _timed(swg, dev, repeats) / batch if evaluate else nan
     return {"params": params, "load_s": load_s, "plain_s": plain_s, "mswg_s": swg_s,
@@ -316,7 +321,7 @@ def measure(kind: str, source: str, device: str = "cpu", batch: int = 1, repeats
 
 # Fresh processes, forked from a server that has imported torch, diffusers and the project once:
 # each measurement and each command line has a process (and a peak memory) of its own, without
-# paying Python's start-up and these imports (about 5 s on two cores) every time.
+# paying Python's start-up and these imports every time (8-11 s less per command line on two cores).
 PRELOAD = ["torch", "diffusers.models.autoencoders.autoencoder_kl", "timm", "scipy.linalg", "PIL.Image", "click",
            "sampling.edm2_run", "sampling.dit_run", "sampling.writer", "guidance", "metrics.api",
            "metrics.detectors", "networks.edm2_pickle", "networks.dit"]

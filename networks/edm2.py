@@ -131,8 +131,8 @@ class MPConv(torch.nn.Module):
 
 
 WEIGHT_CACHE = True  # module switch: False re-normalises every weight on every call (the reference's way)
-# On the CPU the cache holds a float32 copy of every weight; networks larger than this (XL, XXL:
-# 4.5-6 GB of weights) are not cached there, so that XXL stays within 24 GB of RAM with M-SWG.
+# On the CPU the cache holds a float32 copy of every weight; networks larger than this (L, XL, XXL:
+# 3.1-6.1 GB of weights) are not cached there, so that XXL stays within 24 GB of RAM with M-SWG.
 CPU_WEIGHT_CACHE_BYTES = 2 << 30
 
 
