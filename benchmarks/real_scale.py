@@ -49,7 +49,6 @@ import pathlib
 import resource
 import runpy
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
