@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from utils import errors
-from utils.errors import OutputError, UsageError, describe_os_error, exit_on_usage_error
+from utils.errors import INTERRUPTED_RESTART, OutputError, UsageError, describe_os_error, exit_on_usage_error
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -85,6 +85,20 @@ def test_ctrl_c_is_one_line_exit_130(capsys):
         raise KeyboardInterrupt
 
     assert _call(cli, capsys) == (130, ["interrupted; rerun the same command to resume"])
+
+
+def test_ctrl_c_of_a_command_that_cannot_resume_says_so(capsys, monkeypatch, tmp_path):
+    """Training starts over on a rerun: its Ctrl-C line must not promise a resume."""
+    from training import train_classifier
+
+    def interrupted_training(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_classifier, "train_classifier", interrupted_training)
+    cli = lambda: train_classifier.main(["--out", str(tmp_path / "c.safetensors")])  # noqa: E731
+    assert _call(cli, capsys) == (130, [INTERRUPTED_RESTART])
+    assert INTERRUPTED_RESTART == "interrupted; this command does not resume: rerun it to start over"
+    assert not list(tmp_path.iterdir())
 
 
 def test_ctrl_c_printed_by_rank_0_only(monkeypatch, capsys):

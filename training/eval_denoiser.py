@@ -17,7 +17,7 @@ import torch
 
 from training.data import NUM_CLASSES, to_uint8
 from metrics.digits import DEFAULT_CLASSIFIER, DEFAULT_REF, METRIC, DigitsDetector, confidence_score
-from utils.errors import exit_on_usage_error
+from utils.errors import INTERRUPTED_RESTART, exit_on_usage_error
 
 __all__ = ["sample_digits", "frechet_to_ref", "evaluate", "main"]
 
@@ -77,7 +77,7 @@ def evaluate(images: torch.Tensor, classes: torch.Tensor, detector: DigitsDetect
 @click.option("--steps", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@exit_on_usage_error
+@exit_on_usage_error(interrupted=INTERRUPTED_RESTART)
 def main(checkpoints, num, steps, seed, device):
     """Print FD / confidence / class match of unguided samples for each checkpoint."""
     from networks.edm2_pickle import load_checkpoint

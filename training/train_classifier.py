@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from training.data import load_digits_images, to_uint8
 from metrics.digits import METRIC, DigitsClassifier, DigitsDetector, save_classifier
 from utils.atomic import write_bytes_atomic
-from utils.errors import UsageError, exit_on_usage_error
+from utils.errors import INTERRUPTED_RESTART, UsageError, exit_on_usage_error
 
 __all__ = ["train_classifier", "accuracy", "reference_stats", "write_ref", "main"]
 
@@ -101,7 +101,7 @@ def write_ref(ref: dict, path: str | pathlib.Path) -> None:
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
-@exit_on_usage_error
+@exit_on_usage_error(interrupted=INTERRUPTED_RESTART)
 def main(out, refs_out, epochs, batch, lr, seed, threads):
     """Train the digit classifier used as the demo's feature detector."""
     out = pathlib.Path(out)

@@ -51,7 +51,7 @@ import torch
 
 from networks.edm2_pickle import PLAIN_FORMAT, write_plain
 from training.data import NUM_CLASSES, load_digits_images, load_quad_digits, one_hot
-from utils.errors import UsageError, exit_on_usage_error
+from utils.errors import INTERRUPTED_RESTART, UsageError, exit_on_usage_error
 
 __all__ = ["TrainConfig", "edm2_loss", "learning_rate", "ema_exponent", "PowerEMA", "build_net", "train",
            "save_checkpoint", "main"]
@@ -298,7 +298,7 @@ def _snapshot_specs(specs: Sequence[str], steps: int) -> dict[int, str]:
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage dtype of the saved weights.")
 @click.option("--snapshot", "snapshot", multiple=True, help="STEP:PATH, also save the EMA after STEP steps (RT negative).")
-@exit_on_usage_error
+@exit_on_usage_error(interrupted=INTERRUPTED_RESTART)
 def main(out, uncond, data, num_images, data_seed, resolution, model_channels, channel_mult, num_blocks, attn_resolutions, batch, steps, ref_lr,
          ref_batches, rampup_kimg, P_mean, P_std, ema_std, seed, threads, device, dtype, snapshot):
     """Train a tiny EDM2 model on scikit-learn's digits with EDM2's loss, schedule and EMA."""

@@ -2,7 +2,8 @@
 
 * :class:`UsageError` (bad input)            -> ``error: <message>``, exit 2;
 * :class:`OutputError` / :class:`OSError`     -> ``error: cannot write <path>: <cause> (errno N); <fix>``, exit 2;
-* ``KeyboardInterrupt`` (Ctrl-C)              -> ``interrupted; rerun the same command to resume``, exit 130.
+* ``KeyboardInterrupt`` (Ctrl-C)              -> ``interrupted; rerun the same command to resume``, exit 130
+  (commands that cannot resume, such as training, say so instead).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) a usage or output error is printed once
 for the whole job: by rank 0 when it fails too, else by the failing rank, whose
@@ -156,13 +157,19 @@ def _ignore_sigint() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def exit_on_usage_error(fn):
+INTERRUPTED_RESTART = "interrupted; this command does not resume: rerun it to start over"
+
+
+def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED):
     """Decorator for CLI entry points: user-fixable errors become one line on stderr (see the module docstring).
 
-    :class:`UsageError` and :class:`OSError` exit 2, Ctrl-C exits 130 (printed
-    by rank 0 only, as every rank receives it).  Other exceptions are bugs and
-    keep their traceback.
+    :class:`UsageError` and :class:`OSError` exit 2, Ctrl-C exits 130 with the
+    line ``interrupted`` (printed by rank 0 only, as every rank receives it;
+    commands that cannot resume pass :data:`INTERRUPTED_RESTART`).  Other
+    exceptions are bugs and keep their traceback.
     """
+    if fn is None:
+        return functools.partial(exit_on_usage_error, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -178,7 +185,7 @@ def exit_on_usage_error(fn):
             _ignore_sigint()  # torchrun forwards the terminal's Ctrl-C: a second one must not print a traceback
             _close_progress_bars()
             if _env_int("RANK", 0) == 0:
-                print(INTERRUPTED, file=sys.stderr, flush=True)
+                print(interrupted, file=sys.stderr, flush=True)
             sys.exit(130)
 
     return wrapper
