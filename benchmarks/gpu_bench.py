@@ -357,16 +357,9 @@ def _variant(net, variant: str, steps: int):
     if variant in ("compile", "cudagraphs"):  # cudagraphs: compiled and replayed as CUDA graphs
         import torch._inductor.config as inductor_config
 
-        from networks import edm2 as ours_edm2
-
         fast = copy.deepcopy(net)  # a copy: setting .unet on a shallow copy would change net too
-        # The weight cache's bookkeeping (ids, data pointers) breaks the graph at every layer; without
-        # it, one graph per input shape, and inductor's freezing folds the weight normalisation into
-        # constants (the compiled form of the cache).
-        fast._choose_weight_cache(next(fast.parameters()).device)
-        for m in fast.unet.modules():
-            if isinstance(m, ours_edm2.MPConv):
-                m.cache_weights = False
+        # Traced, the network skips its weight cache (networks/edm2.py: one graph per input shape);
+        # inductor's freezing folds the weight normalisation into constants, the compiled form of the cache.
         inductor_config.freezing = True
         mode = "reduce-overhead" if variant == "cudagraphs" else None
         fast.unet = torch.compile(fast.unet, dynamic=False, mode=mode)

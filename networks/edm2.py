@@ -121,7 +121,10 @@ class MPConv(torch.nn.Module):
         if self.training:
             with torch.no_grad():
                 self.weight.copy_(normalize(self.weight.to(torch.float32)))  # forced weight normalisation
-        if self.cache_weights and WEIGHT_CACHE and not self.training and not torch.is_grad_enabled():
+        # Not while torch.compile traces: the cache's bookkeeping (ids, data pointers) would break the graph
+        # at every layer; traced, the normalisation is part of the graph (constants under inductor freezing).
+        if (self.cache_weights and WEIGHT_CACHE and not self.training and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             w = self._inference_weight(gain, x.dtype)
         else:
             w = self._scaled_weight(gain, x.dtype)
