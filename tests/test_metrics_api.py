@@ -1,5 +1,6 @@
 """metrics.api and the ``python -m metrics`` CLI on synthetic images with tiny detectors."""
 
+import functools
 import io
 import json
 import os
@@ -12,29 +13,17 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 
 from metrics import api, detectors, dinov2
 from metrics.cli import main as cli
-from metrics.detectors import Detector, DINOv2Detector
+from metrics.detectors import DINOv2Detector
 from metrics.scores import saturation_sum
+from tests.tiny_detectors import TinyInception as InceptionStandIn
 
 
-class TinyInception(Detector):
-    """Stand-in with the Inception detector's outputs (64-d features to keep FD cheap, 1008 probabilities)."""
-
-    name = "inception"
-    feature_dim = 64
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.proj = torch.randn(48, 64, generator=g)
-        self.cls = torch.randn(48, 1008, generator=g)
-
-    def __call__(self, x):
-        p = F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
-        return {"features": p @ self.proj, "probs": torch.softmax((p @ self.cls).double() * 4, dim=1)}
+# Inception stand-in: 64-d features (cheap FD), 1008 probabilities.
+TinyInception = functools.partial(InceptionStandIn, dim=64, seed=0, sharpness=4)
 
 
 def tiny_dinov2():

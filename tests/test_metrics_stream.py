@@ -1,5 +1,6 @@
 """metrics.stream: streamed statistics equal write-then-score, survive interruptions, and load as stats files."""
 
+import functools
 import json
 import os
 import pathlib
@@ -13,37 +14,23 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 
 from metrics import api, detectors, dinov2
 from metrics.cli import main as cli
-from metrics.detectors import Detector, DINOv2Detector
+from metrics.detectors import DINOv2Detector
 from metrics.refs import save_ref
 from metrics.scores import inception_score, inception_score_from_sums
 from metrics.stream import StreamingStats
 from utils.errors import UsageError
+from tests.tiny_detectors import TinyInception as InceptionStandIn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DIGITS_REF = ROOT / "demo" / "refs" / "digits-ref.pkl"
 
 
-class TinyInception(Detector):
-    """Inception stand-in: 24-d features and 1008 probabilities (some exactly 0) from 4x4 pooled pixels."""
-
-    name = "inception"
-    feature_dim = 24
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(1)
-        self.proj = torch.randn(48, 24, generator=g)
-        self.cls = torch.randn(48, 1008, generator=g)
-
-    def __call__(self, x):
-        p = F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
-        logits = (p @ self.cls).double() * 3
-        logits[:, 500:] = -torch.inf  # zero probabilities exercise 0 log 0
-        return {"features": p @ self.proj, "probs": torch.softmax(logits, dim=1)}
+# Inception stand-in: 24-d features, 1008 probabilities of which some are exactly 0 (0 log 0).
+TinyInception = functools.partial(InceptionStandIn, dim=24, seed=1, sharpness=3, zero_from=500)
 
 
 def tiny_dinov2():

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
 
 from metrics import api as metrics_api
 from metrics import detectors
-from metrics.detectors import Detector
 from metrics.refs import save_ref
 from search import optuna_search as S
 from benchmarks import edm2_snapshot as WR
 from utils.errors import UsageError
+from tests.tiny_detectors import TinyInception as InceptionStandIn
 
 optuna = pytest.importorskip("optuna")
 
@@ -25,20 +25,8 @@ TINY = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, mod
             channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
 
 
-class TinyInception(Detector):
-    """A random projection with the Inception detector's interface (8-d features, 1008 probabilities)."""
-
-    name = "inception"
-    feature_dim = 8
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.proj = torch.randn(48, 8, generator=g)
-        self.cls = torch.randn(48, 1008, generator=g)
-
-    def __call__(self, x):
-        p = F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)
-        return {"features": p @ self.proj, "probs": torch.softmax((p @ self.cls).double(), dim=1)}
+# Inception stand-in: 8-d features, 1008 probabilities.
+TinyInception = functools.partial(InceptionStandIn, dim=8, seed=0)
 
 
 @pytest.fixture()
