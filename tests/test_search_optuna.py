@@ -167,7 +167,7 @@ def test_two_ranks_share_one_study(setup):
                            str(script), "--sampler", "edm2", "--outdir", str(out), "--weight", "0:1", "--step", "0.5",
                            "--n_trials", "2", "--objective", "fid", "--seed", "3", "--", *base],
                           env=env, capture_output=True, text=True, timeout=240, cwd=str(root))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-30000:]
     study = optuna.load_study(study_name="ranks", storage=f"sqlite:///{out / 'optuna.db'}")
     trials = study.get_trials()
     assert len(trials) == 2  # one trial per ask, not one per rank
