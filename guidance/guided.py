@@ -10,29 +10,11 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from utils.errors import UsageError
-
-from .methods import METHODS, Evaluation, Guider
+from .methods import Evaluation, Guider
+from .table import NEGATIVES, GuidanceError, method_names, method_spec
 from .windows import WindowError
 
 __all__ = ["GuidanceError", "GuidedDenoiser", "guide", "method_names"]
-
-_ALIASES = {"cfg_swg": "cfg-swg", "wmg_swg": "wmg-swg", "mswg": "swg", "autoguidance": "wmg"}
-
-
-class GuidanceError(UsageError, ValueError):
-    """A guidance configuration that cannot work (wrong weight count, missing negative, ...)."""
-
-
-def method_names() -> list[str]:
-    return list(METHODS)
-
-
-def _canonical(method: str) -> str:
-    name = _ALIASES.get(method, method)
-    if name not in METHODS:
-        raise GuidanceError(f"unknown guidance method {method!r}; choose one of {', '.join(METHODS)}")
-    return name
 
 
 class GuidedDenoiser:
@@ -84,18 +66,6 @@ class GuidedDenoiser:
         return out
 
 
-def _weights(method: str, weight, n: int) -> Tuple[float, ...]:
-    if weight is None:
-        weight = ()
-    ws = tuple(float(w) for w in weight) if isinstance(weight, (list, tuple)) else (float(weight),)
-    if n == 0:
-        return ()
-    if len(ws) != n:
-        example = "`weight` (1.2, 0.25)" if n == 2 else "`weight` 0.2"
-        raise GuidanceError(f"method {method!r} takes {n} weight(s), got {len(ws)} ({weight!r}); e.g. {example}")
-    return ws
-
-
 def guide(
     denoiser:           Callable,                       # D_pos(x, sigma, labels).
     method:             str = "swg",                    # none | cfg | wmg | swg | wmg-swg | cfg-swg.
@@ -125,13 +95,18 @@ def guide(
     windows overlap.  ``reference_quirks=True`` reproduces the EDM2 reference code in the
     combined methods (mask never applied; ``cfg-swg`` windows without labels).
     """
-    name = _canonical(method)
-    cls = METHODS[name]
-    ws = _weights(name, weight, cls.num_weights)
-    if cls.needs_neg and neg_denoiser is None:
-        hint = "an unconditional model" if "cfg" in name else "a weaker model"
-        raise GuidanceError(f"method {name!r} needs a negative network ({hint}); pass `neg_denoiser`")
-    if cls.uses_windows:
+    spec = method_spec(method)
+    name = spec.name
+    if weight is None:
+        weight = ()
+    ws = tuple(weight) if isinstance(weight, (list, tuple)) else (weight,)
+    if spec.num_weights == 0:
+        ws = ()
+    guider = spec.make(ws, masked=masked, reference_quirks=reference_quirks)
+    if spec.needs_neg and neg_denoiser is None:
+        raise GuidanceError(f"method {name!r} needs a negative network ({NEGATIVES[spec.negative]}); "
+                            f"pass `neg_denoiser`")
+    if spec.windows:
         if window_size is None:
             raise GuidanceError(f"method {name!r} needs a window size; pass `window_size`")
         # Validate the numbers early (sizes are checked against the input at call time).
@@ -144,14 +119,5 @@ def guide(
     for lo_hi, what in ((steps, "steps"), (sigma_range, "sigma_range")):
         if lo_hi is not None and (len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]):
             raise GuidanceError(f"{what} interval must be (first, last) with first <= last, got {lo_hi!r}")
-
-    kwargs = {}
-    if name == "swg":
-        kwargs = dict(w=ws[0], masked=masked)
-    elif name in ("cfg", "wmg"):
-        kwargs = dict(w=ws[0])
-    elif name in ("wmg-swg", "cfg-swg"):
-        kwargs = dict(w_neg=ws[0], w_swg=ws[1], masked=masked, reference_quirks=reference_quirks)
-    guider = cls(**kwargs)
-    return GuidedDenoiser(denoiser, guider, neg_denoiser if cls.needs_neg else None, window_size, window_steps,
+    return GuidedDenoiser(denoiser, guider, neg_denoiser if spec.needs_neg else None, window_size, window_steps,
                           steps, sigma_range, channels, max_window_batch)

@@ -14,13 +14,13 @@ guided output channels.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .windows import WindowGrid, sliding_window_predict
 
-__all__ = ["Evaluation", "Guider", "NoGuidance", "CFG", "WMG", "SWG", "WMGSWG", "CFGSWG", "METHODS"]
+__all__ = ["Evaluation", "Guider", "NoGuidance", "CFG", "WMG", "SWG", "NegSWG"]
 
 
 class Evaluation:
@@ -74,23 +74,20 @@ def _mask(count: torch.Tensor, masked: bool) -> torch.Tensor:
 
 @dataclasses.dataclass
 class Guider:
-    """Base class. ``weights`` holds one weight per guidance term."""
+    """Base class: a guidance equation over the predictions of an :class:`Evaluation`.
 
-    name: ClassVar[str] = ""
-    needs_neg: ClassVar[bool] = False
-    uses_windows: ClassVar[bool] = False
-    num_weights: ClassVar[int] = 1
+    What each method is called, how many weights it takes and which networks it needs is
+    declared once, in :data:`guidance.table.METHODS`.
+    """
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:  # pragma: no cover - abstract
-        raise TypeError("Guider is abstract; use one of METHODS")
+        raise TypeError("Guider is abstract; see guidance.table.METHODS")
 
 
 @dataclasses.dataclass
 class NoGuidance(Guider):
     """``D = D_pos``."""
 
-    name: ClassVar[str] = "none"
-    num_weights: ClassVar[int] = 0
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         return ev.pos()
@@ -101,8 +98,6 @@ class CFG(Guider):
     """Classifier-free guidance: ``D = D_pos + w (D_pos - D_neg(x; sigma))`` with an unconditional negative."""
 
     w: float = 0.0
-    name: ClassVar[str] = "cfg"
-    needs_neg: ClassVar[bool] = True
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         pos = ev.pos()
@@ -114,8 +109,6 @@ class WMG(Guider):
     """Weak-model guidance (autoguidance): ``D = D_pos + w (D_pos - D_weak(x; sigma, c))``."""
 
     w: float = 0.0
-    name: ClassVar[str] = "wmg"
-    needs_neg: ClassVar[bool] = True
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         pos = ev.pos()
@@ -132,8 +125,6 @@ class SWG(Guider):
 
     w: float = 0.0
     masked: bool = True
-    name: ClassVar[str] = "swg"
-    uses_windows: ClassVar[bool] = True
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         pos = ev.pos()
@@ -142,50 +133,24 @@ class SWG(Guider):
 
 
 @dataclasses.dataclass
-class WMGSWG(Guider):
-    """Weak model plus SWG: ``D = D_pos + w1 (D_pos - D_weak(c)) + w2 m (D_pos - D_win)``.
+class NegSWG(Guider):
+    """A negative network plus SWG: ``D = D_pos + w1 (D_pos - D_neg) + w2 m (D_pos - D_win)``.
 
-    ``reference_quirks`` reproduces the EDM2 reference code, which never applies the mask here (``m = 1``).
+    ``D_neg`` is the weaker network with the labels (``wmg-swg``) or the unconditional
+    network (``cfg-swg``, ``neg_labels=False``).  ``reference_quirks`` reproduces the EDM2
+    reference code: the mask is never applied (``m = 1``) and, for ``cfg-swg``, the windows
+    are evaluated without class labels.
     """
 
     w_neg: float = 0.0
     w_swg: float = 0.0
     masked: bool = True
     reference_quirks: bool = False
-    name: ClassVar[str] = "wmg-swg"
-    needs_neg: ClassVar[bool] = True
-    uses_windows: ClassVar[bool] = True
-    num_weights: ClassVar[int] = 2
+    neg_labels: bool = True
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:
         pos = ev.pos()
-        win, count = ev.windows(labels=True)
+        win, count = ev.windows(labels=self.neg_labels or not self.reference_quirks)
         m = _mask(count, self.masked and not self.reference_quirks)
-        return pos + self.w_neg * ev.term(pos - ev.neg(labels=True)) + self.w_swg * ev.term(m * (pos - win))
-
-
-@dataclasses.dataclass
-class CFGSWG(Guider):
-    """CFG plus SWG: ``D = D_pos + w1 (D_pos - D_uncond) + w2 m (D_pos - D_win)``.
-
-    ``reference_quirks`` reproduces the EDM2 reference code: no mask (``m = 1``) and the
-    windows are evaluated without class labels.
-    """
-
-    w_neg: float = 0.0
-    w_swg: float = 0.0
-    masked: bool = True
-    reference_quirks: bool = False
-    name: ClassVar[str] = "cfg-swg"
-    needs_neg: ClassVar[bool] = True
-    uses_windows: ClassVar[bool] = True
-    num_weights: ClassVar[int] = 2
-
-    def __call__(self, ev: Evaluation) -> torch.Tensor:
-        pos = ev.pos()
-        win, count = ev.windows(labels=not self.reference_quirks)
-        m = _mask(count, self.masked and not self.reference_quirks)
-        return pos + self.w_neg * ev.term(pos - ev.neg(labels=False)) + self.w_swg * ev.term(m * (pos - win))
-
-
-METHODS: Dict[str, type] = {cls.name: cls for cls in (NoGuidance, CFG, WMG, SWG, WMGSWG, CFGSWG)}
+        return (pos + self.w_neg * ev.term(pos - ev.neg(labels=self.neg_labels))
+                + self.w_swg * ev.term(m * (pos - win)))

@@ -50,6 +50,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import click
 
+from guidance import METHODS
 from utils.atomic import atomic_path, ensure_dir
 from utils.errors import UsageError, exit_on_usage_error
 
@@ -68,7 +69,6 @@ DEMO_SETTINGS = "demo_settings.json"  # the record demo/run_demo.py keeps beside
 _DEMO_SCORES = {"fd_digits": ("fd_digits", "fd"), "conf_digits": ("conf_digits", "confidence"),
                 "class_match": ("class_match",)}  # our name <- the demo table's column(s)
 _METRICS_NAME = re.compile(r"^metrics(?:-(\d+))?\.(json|csv)$")
-_SWG_METHODS = {"swg", "wmg-swg", "cfg-swg"}
 
 
 # ----------------------------------------------------------------------------
@@ -176,10 +176,14 @@ def _fmt_num(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _windows(method: str) -> bool:
+    return method in METHODS and METHODS[method].windows
+
+
 def _label(method: str, masked: bool) -> str:
-    swg = "M-SWG" if masked else "SWG"
-    return {"none": "no guidance", "uncond": "unconditional", "cfg": "CFG", "wmg": "WMG", "swg": swg,
-            "wmg-swg": f"WMG+{swg}", "cfg-swg": f"CFG+{swg}"}.get(method, method)
+    if method == "uncond":  # DiT's --uncond 1: the null class, no guidance
+        return "unconditional"
+    return METHODS[method].display(masked) if method in METHODS else method
 
 
 def _describe(args: Mapping[str, Any]) -> dict:
@@ -188,7 +192,7 @@ def _describe(args: Mapping[str, Any]) -> dict:
         method = str(args.get("g_method") or "none").replace("_", "-")
         weights = [float(w) for w in _as_list(args.get("g_weight"))]
         mask = str(args.get("scale_window_guide", 1)) in ("1", "True", "true")
-        if method in ("wmg-swg", "cfg-swg") and not args.get("clean_combos", False):
+        if _windows(method) and METHODS[method].needs_neg and not args.get("clean_combos", False):
             mask = False  # the reference's combined methods never apply the mask
         model = args.get("preset") or pathlib.PurePosixPath(str(args.get("net_pos_pkl") or "?")).name
         model = re.sub(r"\.(pkl|pt|safetensors)$", "", model)
@@ -206,9 +210,9 @@ def _describe(args: Mapping[str, Any]) -> dict:
             model += f" ({re.sub(r'[.](pt|pth|safetensors)$', '', pathlib.PurePosixPath(str(args['ckpt'])).name)})"
         sizes, steps = _as_list(args.get("window_size")), _as_list(args.get("window_steps")) or [2]
         sampler = "dit"
-    masked = bool(mask) and method in _SWG_METHODS
+    masked = bool(mask) and _windows(method)
     windows = ""
-    if method in _SWG_METHODS and sizes:
+    if _windows(method) and sizes:
         windows = f"k={'x'.join(map(str, sizes))},n={'x'.join(map(str, steps))}"
     return {"sampler": sampler, "model": model, "method": method, "masked": int(masked),
             "label": _label(method, masked), "weights": ",".join(_fmt_num(w) for w in weights),

@@ -29,13 +29,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from guidance import method_spec
+from guidance.table import NEGATIVES
 from utils.atomic import atomic_path
 from utils.errors import UsageError
 
 __all__ = ["Column", "Grid", "parse_columns", "edm2_grid", "dit_grid", "draw_grid", "save_mosaic", "default_device"]
 
 _SPEC = re.compile(r"^(none|cfg|wmg|swg|m-swg|wmg-swg|wmg-m-swg|cfg-swg|cfg-m-swg)(?::([^:]+))?$")
-_NUM_WEIGHTS = {"none": 0, "cfg": 1, "wmg": 1, "swg": 1, "wmg-swg": 2, "cfg-swg": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +49,7 @@ class Column:
 
     @property
     def label(self) -> str:
-        swg = "M-SWG" if self.masked else "SWG"
-        name = {"none": "no guidance", "cfg": "CFG", "wmg": "WMG", "swg": swg, "wmg-swg": f"WMG+{swg}",
-                "cfg-swg": f"CFG+{swg}"}[self.method]
+        name = method_spec(self.method).display(self.masked)
         return name if not self.weights else f"{name}\nw={','.join(f'{w:g}' for w in self.weights)}"
 
 
@@ -82,8 +81,9 @@ def parse_columns(specs: Sequence) -> list[Column]:
             weights = tuple(float(w) for w in text.split(",")) if text else ()
         except ValueError:
             raise UsageError(f"column {spec!r}: weights must be numbers, e.g. 'cfg-m-swg:0.3,0.3'") from None
-        if len(weights) != _NUM_WEIGHTS[method]:
-            raise UsageError(f"column {spec!r}: {method} takes {_NUM_WEIGHTS[method]} weight(s), "
+        n = method_spec(method).num_weights
+        if len(weights) != n:
+            raise UsageError(f"column {spec!r}: {method} takes {n} weight(s), "
                              f"got {len(weights)}")
         out.append(Column(method, weights, masked))
     if not out:
@@ -138,11 +138,11 @@ def edm2_grid(net_pos: str, columns: Sequence, seeds: Sequence[int], classes: Op
 
     images, drawn = [], None
     for col in cols:
-        neg = net_uncond if col.method.startswith("cfg") else net_neg if col.method.startswith("wmg") else None
-        if col.method in ("cfg", "cfg-swg", "wmg", "wmg-swg") and not neg:
-            what = "net_uncond (an unconditional network)" if col.method.startswith("cfg") else \
-                "net_neg (a weaker network)"
-            raise UsageError(f"column {col.label.splitlines()[0]} needs {what}")
+        negative = method_spec(col.method).negative
+        neg = {"uncond": net_uncond, "weak": net_neg}.get(negative)
+        if negative and not neg:
+            flag = "net_uncond" if negative == "uncond" else "net_neg"
+            raise UsageError(f"column {col.label.splitlines()[0]} needs {flag} ({NEGATIVES[negative]})")
         cfg = edm2_run.build_config(
             net_pos_pkl=net_pos, net_neg_pkl=neg, outdir=None, require_outdir=False, seeds="0",
             g_method=col.method, g_weight=",".join(map(str, col.weights)) or None,

@@ -28,7 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from guidance import guide
+from guidance import guide, method_spec
+from guidance.table import NEGATIVES
 from guidance.windows import WindowError, WindowGrid
 from networks import zoo
 from networks.edm2_pickle import EDM2Checkpoint, load_checkpoint
@@ -41,14 +42,9 @@ from sampling.seeds import draw_edm2, make_labels
 from utils import cache
 from utils.errors import UsageError
 
-__all__ = ["METHODS", "GenerateConfig", "EDM2Backend", "build_config", "load_networks", "check_networks",
+__all__ = ["GenerateConfig", "EDM2Backend", "build_config", "load_networks", "check_networks",
            "make_guided", "prefetch", "generate", "split_batches"]
 
-METHODS = ("none", "cfg", "wmg", "swg", "wmg-swg", "cfg-swg")
-_ALIASES = {"cfg_swg": "cfg-swg", "wmg_swg": "wmg-swg"}
-_NUM_WEIGHTS = {"none": 0, "cfg": 1, "wmg": 1, "swg": 1, "wmg-swg": 2, "cfg-swg": 2}
-_NEEDS_NEG = {"cfg", "wmg", "wmg-swg", "cfg-swg"}
-_USES_WINDOWS = {"swg", "wmg-swg", "cfg-swg"}
 # Settings that determine the pixels of an image; a resumed run must agree on them.
 IDENTITY_KEYS = ("net_pos_pkl", "net_neg_pkl", "class_idx", "steps", "sigma_min", "sigma_max", "rho", "S_churn",
                  "S_min", "S_max", "S_noise", "g_method", "g_weight", "swg_sizes", "swg_steps",
@@ -156,30 +152,25 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     if not pos:
         raise UsageError("no positive network; pass `net_pos_pkl` (path, URL or model name) or `preset`")
 
-    method = str(given["g_method"] or "none").strip().lower()
-    method = _ALIASES.get(method, method)
-    if method not in METHODS:
-        raise UsageError(f"unknown `g_method` {given['g_method']!r}; choose one of {', '.join(METHODS)} "
-                         f"(cfg_swg is accepted for cfg-swg)")
-    n = _NUM_WEIGHTS[method]
+    spec = method_spec(given["g_method"] or "none", "g_method")
+    method, n = spec.name, spec.num_weights
     weights = () if given["g_weight"] is None else _floats(given["g_weight"], "g_weight")
     if n == 0 and weights:
         raise UsageError("`g_weight` was given but `g_method` is none; choose a guidance method, "
                          "e.g. `g_method` swg")
     if n and len(weights) != n:
-        example = "1.2,0.14" if n == 2 else "0.2"
         raise UsageError(f"`g_method` {method} takes {n} weight(s), got {len(weights)} "
-                         f"({given['g_weight']!r}); e.g. `g_weight` {example}")
-    if method in _NEEDS_NEG and not neg:
-        what = "an unconditional network" if method.startswith("cfg") else "a weaker network"
-        raise UsageError(f"`g_method` {method} needs a negative network ({what}); pass `net_neg_pkl`")
-    if neg and method not in _NEEDS_NEG:
+                         f"({given['g_weight']!r}); e.g. `g_weight` {spec.example_text()}")
+    if spec.needs_neg and not neg:
+        raise UsageError(f"`g_method` {method} needs a negative network ({NEGATIVES[spec.negative]}); "
+                         f"pass `net_neg_pkl`")
+    if neg and not spec.needs_neg:
         print(f"warning: the negative network is not used by guidance method {method}; ignoring it",
               file=sys.stderr)
         neg = None
     sizes = None if given["swg_sizes"] is None else _ints(given["swg_sizes"], "swg_sizes")
     steps_win = _ints(given["swg_steps"] if given["swg_steps"] is not None else 2, "swg_steps")
-    if method in _USES_WINDOWS and sizes is None:
+    if spec.windows and sizes is None:
         raise UsageError(f"`g_method` {method} needs a window size; pass `swg_sizes` (e.g. 40 for 512px EDM2)")
     sw = given["scale_window_guide"]
     sw = 1 if sw is None else sw
@@ -249,7 +240,7 @@ def check_networks(cfg: GenerateConfig, pos: EDM2Checkpoint, neg: Optional[EDM2C
     if cfg.class_idx is not None and not (0 <= cfg.class_idx < max(label_dim, 0)):
         raise UsageError(f"`class_idx` {cfg.class_idx} is out of range: the network has {label_dim} classes"
                          + ("" if label_dim else " (it is unconditional; drop `class_idx`)"))
-    if cfg.g_method in _USES_WINDOWS:
+    if method_spec(cfg.g_method).windows:
         try:
             WindowGrid.create(h, w, cfg.swg_sizes, cfg.swg_steps)
         except WindowError as exc:
@@ -269,7 +260,7 @@ def _denoiser(net: torch.nn.Module):
 
 def make_guided(cfg: GenerateConfig, pos_net, neg_net):
     """The guided denoiser ``D(x, sigma, labels)`` for ``cfg``."""
-    swg = cfg.g_method in _USES_WINDOWS
+    swg = method_spec(cfg.g_method).windows
     return guide(_denoiser(pos_net), method=cfg.g_method, weight=cfg.g_weight or None,
                  neg_denoiser=_denoiser(neg_net) if neg_net is not None else None,
                  window_size=cfg.swg_sizes if swg else None, window_steps=cfg.swg_steps,

@@ -163,7 +163,7 @@ def test_max_window_batch_caps_calls():
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(method="mswg2", weight=0.1), GuidanceError, "unknown guidance method"),
+    (dict(method="mswg2", weight=0.1), GuidanceError, "unknown `method` 'mswg2'; did you mean swg"),
     (dict(method="wmg-swg", weight=0.1, neg_denoiser=weak, window_size=8), GuidanceError, "2 weight"),
     (dict(method="swg", weight=(0.1, 0.2), window_size=8), GuidanceError, "1 weight"),
     (dict(method="wmg", weight=0.1), GuidanceError, "negative network"),
