@@ -16,8 +16,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from metrics.api import (METRICS, STAT_KEYS, _DETECTOR_ORDER, calc_metrics, calc_metrics_from_stats, compute_stats,
-                         needs_reference, write_metrics)
+from metrics.api import (METRICS, calc_metrics, calc_metrics_from_stats, compute_stats, detectors_for, needs_reference,
+                         write_metrics)
 from metrics.detectors import get_detector
 from metrics.images import is_image_source
 from metrics.refs import load_ref, save_ref
@@ -29,7 +29,7 @@ from utils import dist
 from utils.atomic import atomic_path
 from utils.errors import UsageError
 
-__all__ = ["load_reference", "detector_kinds", "load_detectors", "open_sinks", "open_stream", "reference_stats", "finish_stream",
+__all__ = ["load_reference", "load_detectors", "open_sinks", "open_stream", "reference_stats", "finish_stream",
            "write_npz", "run_metrics"]
 
 
@@ -46,21 +46,15 @@ def load_reference(settings: RunSettings) -> Optional[dict]:
                              f"{reference_hint(settings.metrics)}) or build one with 'python -m metrics ref'")
     ref = load_ref(settings.ref_path)
     for m in settings.metrics:
-        kind = METRICS[m][0]
-        if METRICS[m][2] in ("fd", "pr") and STAT_KEYS.get(kind) not in ref:
-            raise UsageError(f"`ref_path` {settings.ref_path} has no '{STAT_KEYS.get(kind)}' statistics for {m}; "
+        if METRICS[m].needs_reference and METRICS[m].block not in ref:
+            raise UsageError(f"`ref_path` {settings.ref_path} has no '{METRICS[m].block}' statistics for {m}; "
                              f"use a reference with them (e.g. {reference_hint([m])}) or drop {m} from `metrics`")
     return ref
 
 
-def detector_kinds(metrics: Sequence[str]) -> list[str]:
-    """The detectors ``metrics`` use, sorted."""
-    return sorted({METRICS[m][0] for m in metrics if METRICS[m][0]})
-
-
 def load_detectors(metrics: Sequence[str], device) -> list:
     """Load (and cache) the feature detectors ``metrics`` use, so missing weights fail before sampling."""
-    return [get_detector(kind, device) for kind in detector_kinds(metrics)]
+    return [get_detector(kind, device) for kind in detectors_for(metrics)]
 
 
 def open_sinks(settings: RunSettings, outdir: pathlib.Path, stream=None) -> list:
@@ -123,7 +117,7 @@ def reference_stats(settings: RunSettings, ref: Optional[dict], metrics: Sequenc
     """The reference statistics for scoring streamed statistics (a reference image folder is read now)."""
     if ref is not None or not needs_reference(metrics):
         return ref
-    kinds = sorted({METRICS[m][0] for m in metrics if METRICS[m][2] == "fd"}, key=_DETECTOR_ORDER.index)
+    kinds = detectors_for(metrics, reference_only=True)
     return compute_stats(settings.ref_path, kinds, device=device, progress=False, desc="reference images")
 
 

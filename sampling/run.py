@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from metrics.api import detectors_for
 from metrics.detectors import prefetch as fetch_detectors
+from sampling.outputs import (finish_stream, load_detectors, load_reference, open_sinks, open_stream, reference_stats,
+                              run_metrics, write_npz)
 from sampling.run_folder import check_saved_settings, pending_seeds, probe_outdir, write_settings
-from sampling.outputs import (detector_kinds, finish_stream, load_detectors, load_reference, open_sinks, open_stream,
-                              reference_stats, run_metrics, write_npz)
 from sampling.run_settings import RunSettings, effective_metrics, resolve_device
 from sampling.seeds import Draw
 from sampling.wandb_log import WandbLogger
@@ -113,7 +114,7 @@ def prefetch(backend: Backend) -> list[str]:
         local = pathlib.Path(settings.ref_path).expanduser()
         paths.append(str(local) if local.is_dir() else str(cache.fetch(str(settings.ref_path),
                                                                        desc="reference statistics")))
-    paths.extend(str(p) for p in fetch_detectors(detector_kinds(settings.metrics)))
+    paths.extend(str(p) for p in fetch_detectors(detectors_for(settings.metrics)))
     return paths
 
 
