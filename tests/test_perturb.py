@@ -311,3 +311,20 @@ def test_network_refuses_bad_edits_itself(dit, edm2):
         dit(x, t, y, edit=Perturbation("pag", (3,)))
     with pytest.raises(ValueError, match="unknown block edit"):
         edm2.edit_blocks("mean")
+
+
+def test_edm2_weight_cache_serves_the_perturbed_pass(edm2):
+    """The perturbed pass uses the cached inference weights of the plain pass (no re-normalisation), and the
+    plain pass after it is the same, bit for bit."""
+    from networks.edm2 import MPConv
+
+    plain = _edm2_call(edm2)
+    cached = {name: m._wcache[torch.float32][1] for name, m in edm2.named_modules()
+              if isinstance(m, MPConv) and torch.float32 in m._wcache}
+    assert len(cached) > 10
+    for kind in ("pag", "seg", "slg"):
+        _edm2_call(edm2, Perturbation(kind).resolve(edm2))
+    after = {name: m._wcache[torch.float32][1] for name, m in edm2.named_modules()
+             if isinstance(m, MPConv) and torch.float32 in m._wcache}
+    assert after.keys() == cached.keys() and all(after[k] is cached[k] for k in cached)
+    assert torch.equal(_edm2_call(edm2), plain)
