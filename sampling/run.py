@@ -51,6 +51,7 @@ __all__ = ["SETTINGS_FILE", "LEGACY_SETTINGS_FILES", "MAX_SEED", "RunSettings", 
            "load_detectors", "prefetch", "generate", "run_metrics", "write_npz"]
 
 SETTINGS_FILE = "settings.json"
+EVALS_FILE = "evals.json"  # network evaluations per image per step / call, counted while sampling
 # Names earlier versions used (sample_edm2.py, sample_dit.py); read so that existing folders resume.
 LEGACY_SETTINGS_FILES = ("generate_args.json", "args.json")
 MAX_SEED = 9_999_999  # image files are named by a 7-digit seed
@@ -390,6 +391,10 @@ class Backend(abc.ABC):
     def describe(self) -> str:
         return self.name
 
+    def cost(self) -> Optional[dict]:
+        """Counted network evaluations per image (``evals_per_step`` ...), when the guided denoiser counts them."""
+        return None
+
     @abc.abstractmethod
     def draw(self, seeds: Sequence[int], device: torch.device, classes=None) -> Draw:
         """The per-seed draw of a batch (:mod:`sampling.seeds`); ``classes`` replaces the drawn classes."""
@@ -693,7 +698,10 @@ def generate(backend: Backend, *, progress_bar: bool = True, desc: str = "sampli
             bar.update(min(len(seeds) * world, bar.total - bar.n))
     dist.barrier()
     summary = {"outdir": str(outdir), "requested": len(settings.seeds), "pending": len(pending),
-               "written": written, "seconds": time.perf_counter() - t0, "metrics": None, "npz": None}
+               "written": written, "seconds": time.perf_counter() - t0, "metrics": None, "npz": None,
+               "evals": backend.cost() if written else None}
+    if summary["evals"] and rank == 0:  # counted, not declared: results.collect shows it
+        write_json_atomic(outdir / EVALS_FILE, summary["evals"], indent=2)
 
     if settings.save_npz and rank == 0:
         summary["npz"] = str(write_npz(outdir, settings.seeds))
