@@ -53,7 +53,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import click
 
 from guidance import METHODS
-from sampling.run import EVALS_FILE
+from sampling.run_folder import EVALS_FILE
 from utils.atomic import atomic_path, ensure_dir
 from utils.errors import UsageError, exit_on_usage_error
 
@@ -61,7 +61,7 @@ __all__ = ["ARGS_FILES", "MAIN_COLUMNS", "PLOT_METRICS", "TABLE_METRICS", "DEMO_
            "is_demo_run", "read_demo_run", "collect", "to_csv", "to_markdown", "plot_metrics", "default_out",
            "write_report", "main"]
 
-ARGS_FILES = ("settings.json", "generate_args.json", "args.json")  # sampling.run.SETTINGS_FILE, then older names
+ARGS_FILES = ("settings.json", "generate_args.json", "args.json")  # sampling.run_folder.SETTINGS_FILE, then older names
 MAIN_COLUMNS = ("method", "weights", "windows", "model", "N", "fid", "fd_dinov2", "is", "saturation")
 PLOT_METRICS = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "is": "Inception score", "saturation": "Saturation",
                 "fd_digits": "FD (digits)", "conf_digits": "Confidence (digits)"}
