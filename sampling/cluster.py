@@ -52,16 +52,21 @@ def hold_folder(outdir: pathlib.Path, what: str = "`outdir`") -> Optional[Folder
     return lock
 
 
-def set_aside_damaged(outdir: pathlib.Path) -> list[str]:
-    """Rank 0: rename damaged finished images to ``*.damaged`` and say so (their seeds become pending)."""
-    from sampling.writer import set_aside_damaged as move
+def set_aside_damaged(outdir: pathlib.Path) -> Optional[set]:
+    """Rank 0: rename damaged finished images to ``*.damaged`` and say so (their seeds become pending).
 
-    moved = move(outdir) if dist.get_rank() == 0 else []
+    Returns the seeds finished intact (rank 0; None elsewhere), for :func:`sampling.run_folder.pending_seeds`.
+    """
+    from sampling.writer import finished_seeds
+
+    if dist.get_rank() != 0:
+        return None
+    done, moved = finished_seeds(outdir)
     if moved:
         shown = ", ".join(pathlib.Path(p).name for p in moved[:3]) + (" ..." if len(moved) > 3 else "")
         print(f"warning: {len(moved)} damaged image file(s) in {outdir} ({shown}) renamed to *.damaged; "
               f"their seeds are sampled again", file=sys.stderr, flush=True)
-    return moved
+    return done
 
 
 def sample_batches(backend, batches: Sequence[Sequence[int]], sinks: Sequence, device, preemption: Preemption,

@@ -184,8 +184,8 @@ def _generate(backend: Backend, guard: RunGuard, *, progress_bar: bool, desc: st
     guard.created = None  # the folder is the run's now
     dist.barrier()
     if stream is None:
-        set_aside_damaged(outdir)  # rank 0: damaged finished images are drawn again
-        pending = pending_seeds(settings.seeds, outdir, device)
+        done = set_aside_damaged(outdir)  # rank 0: damaged finished images are drawn again
+        pending = pending_seeds(settings.seeds, outdir, device, done=done)
         batches = split_batches(pending, settings.batch, world, rank)
     else:  # whole detector chunks per rank, so streamed statistics equal write-then-score
         pending = stream.pending_seeds()

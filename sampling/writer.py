@@ -50,7 +50,7 @@ import PIL.Image
 from utils.atomic import create_temp
 from utils.errors import OutputError, UsageError
 
-__all__ = ["png_relpath", "done_seeds", "scan_outputs", "set_aside_damaged", "remove_stale_temps", "ImageWriter",
+__all__ = ["png_relpath", "done_seeds", "scan_outputs", "set_aside_damaged", "finished_seeds", "remove_stale_temps", "ImageWriter",
            "ImageIndex", "DAMAGED_SUFFIX"]
 
 _PNG_RE = re.compile(r"^(\d+)\.png$")
@@ -204,8 +204,14 @@ def set_aside_damaged(outdir: os.PathLike | str) -> list[str]:
     Call on one rank before listing the pending seeds; the renamed files are kept
     for inspection and ignored from then on.
     """
+    return finished_seeds(outdir)[1]
+
+
+def finished_seeds(outdir: os.PathLike | str) -> tuple[set[int], list[str]]:
+    """``(done seeds, damaged files set aside)``: :func:`done_seeds` and :func:`set_aside_damaged` in one scan."""
+    done, damaged = scan_outputs(outdir)
     moved = []
-    for path in scan_outputs(outdir)[1]:
+    for path in damaged:
         target = path + DAMAGED_SUFFIX
         n = 1
         while os.path.lexists(target):
@@ -217,7 +223,7 @@ def set_aside_damaged(outdir: os.PathLike | str) -> list[str]:
         except OSError as exc:
             raise OutputError(path, exc, "--outdir") from exc
         moved.append(path)
-    return moved
+    return done, moved
 
 
 def remove_stale_temps(outdir: os.PathLike | str) -> int:
@@ -332,9 +338,13 @@ class ImageWriter:
                 continue  # drain so the producer never blocks forever
             try:
                 seeds, images = item
-                pngs = list(self._pool.map(_encode_png, list(images)))
-                for seed, data in zip(seeds, pngs):
-                    self._store(seed, data)
+                if self.tar:  # one shard at a time, members in seed order
+                    pngs = list(self._pool.map(_encode_png, list(images)))
+                    for seed, data in zip(seeds, pngs):
+                        self._store(seed, data)
+                else:  # encode, write and fsync each PNG in the pool: the fsyncs overlap
+                    list(self._pool.map(lambda pair: self._store(pair[0], _encode_png(pair[1])),
+                                        zip(seeds, list(images))))
             except BaseException as exc:  # reported to the producer
                 self._error = exc
         try:

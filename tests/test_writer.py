@@ -227,12 +227,15 @@ def test_disk_full_png_keeps_finished_files_and_removes_temps(tmp_path, monkeypa
     with pytest.raises(W.OutputError) as info:
         w.close()
     msg = str(info.value)
-    third = tmp_path / W.png_relpath(3, subdirs)
-    assert msg == (f"cannot write {third}: {os.strerror(errno.ENOSPC)} (errno {errno.ENOSPC}); "
-                   "free space or choose another --outdir")
-    assert W.done_seeds(tmp_path) == {0, 1, 2} and sorted(w.written) == [0, 1, 2]
-    for s, img in zip(seeds[:3], _images(seeds[:3])):
-        np.testing.assert_array_equal(_read_png(tmp_path / W.png_relpath(s, subdirs)), img)
+    done = W.done_seeds(tmp_path)  # PNGs are written by several threads: which three fit may vary
+    assert len(done) == 3 and sorted(w.written) == sorted(done)
+    failed = [s for s in seeds if str(tmp_path / W.png_relpath(s, subdirs)) in msg]
+    assert len(failed) == 1 and failed[0] not in done
+    assert msg.endswith(f": {os.strerror(errno.ENOSPC)} (errno {errno.ENOSPC}); free space or choose another "
+                        "--outdir") and msg.startswith("cannot write ")
+    for s, img in zip(seeds, _images(seeds)):
+        if s in done:
+            np.testing.assert_array_equal(_read_png(tmp_path / W.png_relpath(s, subdirs)), img)
     assert not [p for p in _listing(tmp_path) if ".tmp" in p]
 
 

@@ -73,7 +73,15 @@ def init() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(get_local_rank())
-    torch_dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s()))
+    timeout = datetime.timedelta(seconds=timeout_s())
+    # torchrun's rendezvous keeps one key-value store for all restarts of the group (--max-restarts), so a
+    # restarted group could read the addresses its predecessor published and fail to connect: the keys of
+    # each attempt get their own prefix.
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world = next(rendezvous("env://", timeout=timeout))
+    store = torch_dist.PrefixStore(f"swg-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    torch_dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def is_initialized() -> bool:
