@@ -186,7 +186,7 @@ def test_preemption_handler_drops_work_but_never_cuts_a_deferred_block():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-@pytest.mark.parametrize("mode", ["subdirs", "tar", "none"])
+@pytest.mark.parametrize("mode", ["tar", "none"])  # PNG on two nodes: the lost-node test
 def test_sigusr1_in_one_process_then_two_nodes_finish(assets, mode, tmp_path, monkeypatch, capsys):
     """World size 1 -> 2 (two launchers, --nnodes 2, c10d at 127.0.0.1): the images of one process."""
     out = tmp_path / "run"
@@ -201,7 +201,7 @@ def test_sigusr1_in_one_process_then_two_nodes_finish(assets, mode, tmp_path, mo
     assert all(outputs(out)[name] == digest for name, digest in first.items())  # finished images kept
 
 
-@pytest.mark.parametrize("mode,hook", [("png", "term-launcher@3"), ("none", "term-in-save"),
+@pytest.mark.parametrize("mode,hook", [("subdirs", "term-launcher@3"), ("none", "term-in-save"),
                                        ("tar", "term-in-metrics")])
 def test_sigterm_on_two_ranks_stops_cleanly_and_resumes_on_one(assets, mode, hook, tmp_path, capsys):
     """SIGTERM to torchrun (forwarded to both ranks) during sampling, a streaming save, the final metrics;
@@ -214,7 +214,7 @@ def test_sigterm_on_two_ranks_stops_cleanly_and_resumes_on_one(assets, mode, hoo
     assert "SIGTERM received" in line and "rerun the same command to resume" in line, line
     assert not [p for p in out.rglob("*") if ".tmp" in p.name] and W.scan_outputs(out)[1] == []
     assert not (out / L.LOCK_NAME).exists() and not (out / "metrics.json").exists()
-    if mode == "png":
+    if mode == "subdirs":
         assert 0 < len(W.done_seeds(out)) < 40
     if mode == "none":
         assert any((out / stream.STATE_DIR).glob("stream-*.pt"))
@@ -229,11 +229,13 @@ def test_sigterm_on_two_ranks_stops_cleanly_and_resumes_on_one(assets, mode, hoo
 # Two nodes, one lost; torchrun restarts.
 
 def test_a_lost_node_stops_the_other_within_the_timeout_and_one_node_finishes(assets, tmp_path, capsys):
+    """Two launchers (PNG); node 1 vanishes; node 0 stops with one line; a rerun on one node completes."""
     out = tmp_path / "run"
     ready = tmp_path / "ready"
-    procs = two_nodes(args(assets, "tar", out), JOB_DELAY=0.3, JOB_READY=ready, SWG_DIST_TIMEOUT=10)
+    procs = two_nodes(args(assets, "png", out), JOB_DELAY=0.3, JOB_READY=ready, SWG_DIST_TIMEOUT=10)
     deadline = time.monotonic() + 120
-    while not all(pathlib.Path(f"{ready}.{r}").exists() for r in (0, 1)) and time.monotonic() < deadline:
+    while not (pathlib.Path(f"{ready}.1").exists() and (out / "0000002.png").exists()) \
+            and time.monotonic() < deadline:  # node 1 has published an image
         time.sleep(0.1)
     worker = int(pathlib.Path(f"{ready}.1").read_text())
     os.kill(worker, signal.SIGKILL)  # node 1 goes away: its worker and its launcher
@@ -245,10 +247,12 @@ def test_a_lost_node_stops_the_other_within_the_timeout_and_one_node_finishes(as
     assert code != 0
     (line,) = stop_lines(err)
     assert "lost contact with the other processes" in line and "rerun the same command to resume" in line
-    assert "exitcode  : 75" in err
+    # (torchrun's own report varies: node 1's launcher may have hosted the rendezvous store)
+    done = W.done_seeds(out)
+    assert 0 < len(done) < 40 and any(s // 2 % 2 for s in done)  # node 1 (batches 2-3, 6-7, ...) wrote too
     capsys.readouterr()
-    assert sample_edm2.main(args(assets, "tar", out)) == 0  # the rerun on one node
-    assert_same_as_reference(assets, "tar", out)
+    assert sample_edm2.main(args(assets, "png", out)) == 0  # the rerun on one node
+    assert_same_as_reference(assets, "png", out)
 
 
 @pytest.mark.parametrize("mode", ["tar", "none"])
