@@ -292,7 +292,8 @@ def write_results(table: list[dict], chosen: Sequence[Row], outdir: pathlib.Path
     write_text_atomic(outdir / "results.csv", csv_text(table))
     plot(table, outdir / "results.png")
     grid = [(row.name, outdir / folder_name(row)) for row in chosen]
-    sample_grid(grid, list(range(min(GRID_SEEDS, num))), outdir / "samples.png")
+    sample_grid(grid, list(range(min(GRID_SEEDS, num))), outdir / "samples.png",
+                title=f"Long-range demo samples: one row per method, the same seeds in each ({steps} Heun steps)")
     write_text_atomic(outdir / "results.md", md)
     return md
 
@@ -342,7 +343,8 @@ def plot(table: list[dict], path: pathlib.Path) -> None:
         ax_f.set_ylim(0, top * 1.08)
         ax_f.set_ylabel("FD of the quadrants")
         ax_f.set_title(f"positive: {pos}  (lower is better)")
-        ax_f.legend(fontsize=7, ncol=2, loc="upper left")
+        for ax in (ax_c, ax_f):  # the same lines in both panels: each panel names them
+            ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     save_figure(fig, path)
 
