@@ -320,18 +320,27 @@ def _cell(v, digits: int) -> str:
     return str(v).replace("|", "\\|")
 
 
+def _run_name(row: Mapping[str, Any]) -> str:
+    run, k = str(row.get("run") or ""), row.get("evaluation") or 0
+    return f"{run} (metrics-{k})" if k else run
+
+
 def to_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
-    """A Markdown table: method (display name), weights, windows, model, N, then the metrics any row has.
+    """A Markdown table: method (display name), weights, windows, model, N, the metrics any row has, run.
 
     The metrics are those of :data:`TABLE_METRICS` (FID, FDD, IS, saturation, and the digits
-    demo's FD-digits, confidence and class match); a column no row has is left out.
+    demo's FD-digits, confidence and class match); a column no row has is left out.  The last
+    column is the run folder (relative to the collected root; ``(metrics-k)`` for a re-evaluation),
+    so that rows with the same settings can be told apart.
     """
     present = [k for k in TABLE_METRICS if any(isinstance(r.get(k), (int, float)) for r in rows)]
-    head = ["method", "weights", "windows", "model", "N", *(TABLE_METRICS[k] for k in present)]
+    head = ["method", "weights", "windows", "model", "N", *(TABLE_METRICS[k] for k in present), "run"]
     keys = ["label", "weights", "windows", "model", "N", *present]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 4 else "---:" for i in range(len(head))) + "|"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i < 4 or i == len(head) - 1 else "---:" for i in range(len(head))) + "|"]
     for r in rows:
         cells = [_cell(r.get(k), 3 if k in ("saturation", "conf_digits", "class_match") else digits) for k in keys]
+        cells.append(_cell(_run_name(r), digits))
         lines.append("| " + " | ".join(c if c else " " for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
