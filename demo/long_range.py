@@ -52,7 +52,6 @@ if str(REPO) not in sys.path:
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from demo.common import (Timings, check_outdir, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
                          requested_classes, sample_grid, sample_row, save_figure, write_settings)
@@ -391,7 +390,6 @@ def main(outdir, full, num, steps, windows, weights, positives, batch, no_progre
         raise UsageError(f"--windows {','.join(map(str, bad))}: window sizes must lie in 4..32 and be divisible "
                          f"by 4 (the U-Net halves 32x32 twice)")
     chosen = rows(sweep, windows, weights, [k for k in base["swg_windows"] if k in windows], probe, base["probe_at"])
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     run_long_range(outdir, num if num is not None else base["num"], steps if steps is not None else base["steps"],
                    batch, chosen, progress=not no_progress)
 

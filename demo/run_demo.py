@@ -50,7 +50,6 @@ if str(REPO) not in sys.path:
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from demo.common import (Timings, check_outdir, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
                          requested_classes, network_shape, sample_grid, sample_row, save_figure, write_settings)
@@ -295,7 +294,6 @@ def _clock(seconds: float) -> str:
 def main(outdir, full, num, steps, batch, methods, no_progress):
     """Run every guidance method on the shipped digits models and tabulate demo FD / confidence."""
     base = FULL if full else DEFAULT
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     run_demo(outdir, num if num is not None else base["num"], steps if steps is not None else base["steps"], batch,
              methods.split(",") if methods else None, progress=not no_progress)
 
