@@ -6,12 +6,14 @@ callable; see :mod:`guidance.methods` for the equations and
 """
 
 from .guided import GuidanceError, GuidedDenoiser, guide, method_names
-from .methods import CFG, SWG, WMG, Evaluation, Guider, NegSWG, NoGuidance
+from .methods import (CFG, FDG, SWG, TCFG, WMG, APGuidance, CFGZeroStar, Composite, Evaluation, Guider, NegSWG,
+                      NoGuidance, PlusSWG, Term)
 from .table import METHODS, MethodSpec, method_spec
 from .windows import WindowError, WindowGrid, sliding_window_predict, window_origins
 
 __all__ = [
     "guide", "GuidedDenoiser", "GuidanceError", "method_names",
-    "Guider", "NoGuidance", "CFG", "WMG", "SWG", "NegSWG", "Evaluation", "METHODS", "MethodSpec", "method_spec",
+    "Guider", "Composite", "Term", "NoGuidance", "CFG", "WMG", "SWG", "NegSWG", "APGuidance", "CFGZeroStar",
+    "FDG", "TCFG", "PlusSWG", "Evaluation", "METHODS", "MethodSpec", "method_spec",
     "WindowGrid", "WindowError", "window_origins", "sliding_window_predict",
 ]

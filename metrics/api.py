@@ -32,6 +32,7 @@ results.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import io
 import json
@@ -55,7 +56,11 @@ from .scores import inception_score, inception_score_from_sums, precision_recall
 from .stats import FeatureStats
 
 __all__ = [
+    "MetricSpec",
     "METRICS",
+    "DETECTOR_ORDER",
+    "IS_SPLITS",
+    "detectors_for",
     "STAT_KEYS",
     "PROB_KEYS",
     "parse_metrics",
@@ -70,30 +75,73 @@ __all__ = [
     "write_metrics",
 ]
 
-# metric -> (detector, detector output, what is computed)
-METRICS: Dict[str, tuple] = {
-    "fid": ("inception", "features", "fd"),
-    "fd_dinov2": ("dinov2", "features", "fd"),
-    "is": ("inception", "probs", "is"),
-    "saturation": (None, None, "saturation"),
-    "pr_inception": ("inception", "features", "pr"),
-    "pr_dinov2": ("dinov2", "features", "pr"),
-    "fd_digits": ("digits", "features", "fd"),
-    "conf_digits": ("digits", "probs", "conf"),
+@dataclasses.dataclass(frozen=True)
+class MetricSpec:
+    """What one metric reads and computes.
+
+    ``detector``: the detector it runs (a name of :data:`metrics.detectors.LOADERS`), None for pixel
+    statistics; ``output``: which output of the detector it reads (``'features'``, ``'probs'``);
+    ``kind``: what is computed from it (``'fd'`` Fréchet distance, ``'is'`` Inception score,
+    ``'conf'`` one-split score, ``'saturation'``, ``'pr'`` precision/recall); ``min_images``:
+    the fewest images it can be computed from.
+    """
+
+    detector: Optional[str]
+    output: Optional[str]
+    kind: str
+    min_images: int
+
+    @property
+    def needs_reference(self) -> bool:
+        """Compares against reference statistics (FD, precision/recall)."""
+        return self.kind in ("fd", "pr")
+
+    @property
+    def block(self) -> Optional[str]:
+        """Name of the statistics block it reads in a reference or statistics dict (``'fid'``, ...)."""
+        return STAT_KEYS.get(self.detector) if self.output == "features" else None
+
+    @property
+    def needs_rows(self) -> bool:
+        """Needs every feature row, not only running sums (precision/recall)."""
+        return self.kind == "pr"
+
+
+IS_SPLITS = 10
+METRICS: Dict[str, MetricSpec] = {
+    "fid": MetricSpec("inception", "features", "fd", 2),
+    "fd_dinov2": MetricSpec("dinov2", "features", "fd", 2),
+    "is": MetricSpec("inception", "probs", "is", IS_SPLITS),
+    "saturation": MetricSpec(None, None, "saturation", 2),
+    "pr_inception": MetricSpec("inception", "features", "pr", 4),
+    "pr_dinov2": MetricSpec("dinov2", "features", "pr", 4),
+    "fd_digits": MetricSpec("digits", "features", "fd", 2),
+    "conf_digits": MetricSpec("digits", "probs", "conf", 2),
 }
 # detector -> name of its statistics block in a reference (EDM2's names; 'fd_digits' for the demo)
 STAT_KEYS = {"inception": "fid", "dinov2": "fd_dinov2", "digits": "fd_digits"}
 # detector -> key of its class probabilities in compute_stats' result
 PROB_KEYS = {"inception": "probs", "digits": "probs_digits"}
-_DETECTOR_ORDER = list(STAT_KEYS)
-IS_SPLITS = 10
+# the order detectors run in (and are listed in)
+DETECTOR_ORDER = tuple(STAT_KEYS)
 
 Images = Union[str, os.PathLike, ImageSource, Iterable]
 
 
+def detectors_for(metrics: Sequence[str], *, reference_only: bool = False) -> list[str]:
+    """The detectors the metrics ``metrics`` run, in :data:`DETECTOR_ORDER`, each once.
+
+    ``reference_only``: only those of the metrics that compare against a reference
+    (what a reference's statistics must hold).
+    """
+    kinds = {METRICS[m].detector for m in metrics
+             if METRICS[m].detector and (not reference_only or METRICS[m].needs_reference)}
+    return sorted(kinds, key=DETECTOR_ORDER.index)
+
+
 def minimum_images(names: Sequence[str]) -> int:
     """Fewest images the metrics ``names`` can be computed from (IS: one per split; P/R: 4; FD: 2)."""
-    return max([IS_SPLITS if m == "is" else 4 if METRICS[m][2] == "pr" else 2 for m in names] or [0])
+    return max([METRICS[m].min_images for m in names] or [0])
 
 
 def check_image_count(names: Sequence[str], n: int) -> None:
@@ -119,13 +167,9 @@ def parse_metrics(metrics: Union[str, Sequence[str]]) -> list[str]:
     return out
 
 
-def _needs_ref(metric: str) -> bool:
-    return METRICS[metric][2] in ("fd", "pr")
-
-
 def needs_reference(metrics: Sequence[str]) -> bool:
     """Whether any of ``metrics`` compares against reference statistics (FD, precision/recall)."""
-    return any(_needs_ref(m) for m in metrics)
+    return any(METRICS[m].needs_reference for m in metrics)
 
 
 def _default_device() -> torch.device:
@@ -244,7 +288,7 @@ def _class_score(stats: Mapping[str, Any], kind: str, splits: int) -> tuple[floa
 def check_stats_cover(stats: Mapping[str, Any], metrics: Sequence[str], where: str) -> None:
     """Refuse statistics (a ``--save_stats`` file) that lack what ``metrics`` need."""
     for metric in parse_metrics(metrics):
-        kind, _, what = METRICS[metric]
+        kind, what = METRICS[metric].detector, METRICS[metric].kind
         need = {"fd": STAT_KEYS.get(kind), "pr": STAT_KEYS.get(kind), "saturation": "saturation"}.get(what)
         if what in ("is", "conf"):
             ok = PROB_KEYS[kind] in stats or f"{PROB_KEYS[kind]}_splits" in stats
@@ -261,7 +305,7 @@ def calc_metrics_from_stats(stats: Mapping[str, Any], ref: Optional[Mapping[str,
     """Turn statistics (from :func:`compute_stats`) and a reference into metric values."""
     results: Dict[str, float] = {}
     for metric in parse_metrics(metrics):
-        kind, _, what = METRICS[metric]
+        kind, what = METRICS[metric].detector, METRICS[metric].kind
         if what == "fd":
             key = STAT_KEYS[kind]
             a, b = stats[key], ref[key]
@@ -282,8 +326,8 @@ def calc_metrics_from_stats(stats: Mapping[str, Any], ref: Optional[Mapping[str,
 
 def _check_ref_covers(ref: Mapping[str, Any], metrics: Sequence[str], where: str) -> None:
     for metric in metrics:
-        kind, _, what = METRICS[metric]
-        if what not in ("fd", "pr"):
+        kind, what = METRICS[metric].detector, METRICS[metric].kind
+        if not METRICS[metric].needs_reference:
             continue
         key = STAT_KEYS[kind]
         if key not in ref:
@@ -316,9 +360,9 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
     """
     names = parse_metrics(metrics)
     device = torch.device(device) if device is not None else _default_device()
-    need_ref = [m for m in names if _needs_ref(m)]
-    detectors = sorted({METRICS[m][0] for m in names if METRICS[m][0]}, key=_DETECTOR_ORDER.index)
-    need_feats = any(METRICS[m][2] == "pr" for m in names)
+    need_ref = [m for m in names if METRICS[m].needs_reference]
+    detectors = detectors_for(names)
+    need_feats = any(METRICS[m].needs_rows for m in names)
 
     if isinstance(images, (str, os.PathLike)) and is_stats_file(images):
         if num is not None:
@@ -329,7 +373,7 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
             if ref_path is None:
                 raise UsageError(f"metrics {','.join(need_ref)} need reference statistics; pass --ref / ref_path")
             ref = load_ref(ref_path) if not is_image_source(ref_path) else compute_stats(
-                ref_path, sorted({METRICS[m][0] for m in need_ref}, key=_DETECTOR_ORDER.index), batch=batch,
+                ref_path, detectors_for(need_ref), batch=batch,
                 device=device, detector_kwargs=detector_kwargs, progress=progress, desc="reference images")
         if need_ref:
             _check_ref_covers(ref, need_ref, str(ref_path) if ref_path is not None else "the reference")
@@ -348,8 +392,7 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
         if ref_path is None:
             raise UsageError(f"metrics {','.join(need_ref)} need reference statistics; pass --ref / ref_path")
         if is_image_source(ref_path):
-            ref_kinds = sorted({METRICS[m][0] for m in need_ref}, key=_DETECTOR_ORDER.index)
-            ref = compute_stats(ref_path, ref_kinds, keep_features=need_feats, batch=batch, device=device,
+            ref = compute_stats(ref_path, detectors_for(need_ref), keep_features=need_feats, batch=batch, device=device,
                                 detector_kwargs=detector_kwargs, progress=progress, desc="reference images")
         else:
             ref = load_ref(ref_path)
@@ -360,14 +403,14 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
     for kind in detectors:  # loads (and caches) the networks
         det = get_detector(kind, device, **kwargs.get(kind, {}))
         key = STAT_KEYS[kind]
-        if ref is not None and key in ref and any(METRICS[m][0] == kind for m in need_ref):
+        if ref is not None and key in ref and kind in detectors_for(need_ref):
             dim = np.asarray(ref[key]["mu"]).reshape(-1).shape[0]
             if dim != det.feature_dim:
                 raise UsageError(f"{where}: '{key}' statistics have {dim} features but the {kind} detector "
                                  f"gives {det.feature_dim}; use a reference made with this detector "
                                  f"('python -m metrics ref')")
 
-    prob_kinds = [METRICS[m][0] for m in names if METRICS[m][2] in ("is", "conf")]
+    prob_kinds = [METRICS[m].detector for m in names if METRICS[m].kind in ("is", "conf")]
     stats = compute_stats(images, detectors, probs=prob_kinds, saturation="saturation" in names,
                           keep_features=need_feats, num=num, batch=batch, seed=seed, device=device,
                           detector_kwargs=detector_kwargs, progress=progress)

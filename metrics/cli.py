@@ -95,7 +95,7 @@ def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, in
     names = parse_metrics(metrics)
     kinds = []
     for name in names:
-        kind, _, what = METRICS[name]
+        kind, what = METRICS[name].detector, METRICS[name].kind
         if what != "fd":
             raise UsageError(f"'ref' stores Fréchet statistics only ({','.join(STAT_KEYS.values())}); drop {name}")
         kinds.append(kind)

@@ -46,7 +46,7 @@ from utils import dist
 from utils.atomic import atomic_path
 from utils.errors import UsageError
 
-from .api import IS_SPLITS, METRICS, PROB_KEYS, STAT_KEYS, _DETECTOR_ORDER, parse_metrics
+from .api import IS_SPLITS, METRICS, PROB_KEYS, STAT_KEYS, detectors_for, minimum_images, parse_metrics
 from .detectors import get_detector
 from .scores import saturation_sum
 from .stats import FeatureStats
@@ -71,7 +71,7 @@ def split_sums_key(kind: str) -> str:
 def check_streamable(metrics: Sequence[str]) -> list[str]:
     """Validated metric names that can be computed from running sums (all but precision/recall)."""
     names = parse_metrics(metrics)
-    rows = [m for m in names if METRICS[m][2] == "pr"]
+    rows = [m for m in names if METRICS[m].needs_rows]
     if rows:
         raise UsageError(f"{','.join(rows)} need every feature row, which streaming does not keep; "
                          f"drop them from --metrics or sample with --save png and run 'python -m metrics calc'")
@@ -107,7 +107,7 @@ class StreamingStats:
         self.metrics = check_streamable(metrics)
         self.seeds = sorted({int(s) for s in seeds})
         n = len(self.seeds)
-        minimum = IS_SPLITS if "is" in self.metrics else 2
+        minimum = minimum_images(self.metrics)
         if n < minimum:
             raise UsageError(f"{','.join(self.metrics)} need at least {minimum} images, the run has {n}; "
                              f"give more --seeds")
@@ -119,9 +119,8 @@ class StreamingStats:
         self.device = torch.device(device) if device is not None else dist.device()
         self.position = {s: i for i, s in enumerate(self.seeds)}
         self.chunks = [self.seeds[i:i + self.batch] for i in range(0, n, self.batch)]
-        kinds = {METRICS[m][0] for m in self.metrics if METRICS[m][0]}
-        self.kinds = sorted(kinds, key=_DETECTOR_ORDER.index)
-        self.prob_kinds = [METRICS[m][0] for m in self.metrics if METRICS[m][2] in ("is", "conf")]
+        self.kinds = detectors_for(self.metrics)
+        self.prob_kinds = [METRICS[m].detector for m in self.metrics if METRICS[m].kind in ("is", "conf")]
         self.saturation = "saturation" in self.metrics
         kwargs = dict(detector_kwargs or {})
         self.settings = _plain_json({

@@ -413,7 +413,7 @@ class Backend(abc.ABC):
 
 def load_reference(settings: RunSettings) -> Optional[dict]:
     """The reference statistics the metrics need (loaded now, so a bad reference fails before sampling)."""
-    from metrics.api import METRICS, STAT_KEYS, needs_reference
+    from metrics.api import METRICS, needs_reference
     from metrics.images import is_image_source
     from metrics.refs import load_ref
 
@@ -428,17 +428,16 @@ def load_reference(settings: RunSettings) -> Optional[dict]:
                              f"{_reference_hint(settings.metrics)}) or build one with 'python -m metrics ref'")
     ref = load_ref(settings.ref_path)
     for m in settings.metrics:
-        kind = METRICS[m][0]
-        if METRICS[m][2] in ("fd", "pr") and STAT_KEYS.get(kind) not in ref:
-            raise UsageError(f"`ref_path` {settings.ref_path} has no '{STAT_KEYS.get(kind)}' statistics for {m}; "
+        if METRICS[m].needs_reference and METRICS[m].block not in ref:
+            raise UsageError(f"`ref_path` {settings.ref_path} has no '{METRICS[m].block}' statistics for {m}; "
                              f"use a reference with them (e.g. {_reference_hint([m])}) or drop {m} from `metrics`")
     return ref
 
 
 def _detector_kinds(metrics: Sequence[str]) -> list[str]:
-    from metrics.api import METRICS
+    from metrics.api import detectors_for
 
-    return sorted({METRICS[m][0] for m in metrics if METRICS[m][0]})
+    return detectors_for(metrics)
 
 
 def load_detectors(metrics: Sequence[str], device) -> list:
@@ -532,11 +531,11 @@ def open_stream(settings: RunSettings, outdir: pathlib.Path, record: Mapping[str
 
 def _reference_stats(settings: RunSettings, ref: Optional[dict], metrics: Sequence[str], device) -> Optional[dict]:
     """The reference statistics for scoring streamed statistics (a reference image folder is read now)."""
-    from metrics.api import METRICS, _DETECTOR_ORDER, compute_stats, needs_reference
+    from metrics.api import compute_stats, detectors_for, needs_reference
 
     if ref is not None or not needs_reference(metrics):
         return ref
-    kinds = sorted({METRICS[m][0] for m in metrics if METRICS[m][2] == "fd"}, key=_DETECTOR_ORDER.index)
+    kinds = detectors_for(metrics, reference_only=True)
     return compute_stats(settings.ref_path, kinds, device=device, progress=False, desc="reference images")
 
 

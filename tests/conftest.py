@@ -12,6 +12,8 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "tests") not in sys.path:  # tests/ is a package (tests/__init__.py); some modules import conftest
+    sys.path.append(str(ROOT / "tests"))
 
 # Tests never touch the network.
 os.environ.setdefault("WANDB_MODE", "disabled")

@@ -34,7 +34,7 @@ def test_loader_registers_the_shipped_classifier():
     det = D.get_detector("digits", "cpu")
     assert isinstance(det, DigitsDetector) and det.feature_dim == 128 and det.name == "digits"
     assert D.get_detector("digits", "cpu") is det  # cached
-    assert api.METRICS["fd_digits"] == ("digits", "features", "fd") and api.STAT_KEYS["digits"] == "fd_digits"
+    assert api.METRICS["fd_digits"] == api.MetricSpec("digits", "features", "fd", 2) and api.STAT_KEYS["digits"] == "fd_digits"
     with pytest.raises(UsageError, match="digit classifier not found"):
         D.get_detector("digits", "cpu", weights="/nonexistent/classifier.safetensors")
 
