@@ -269,6 +269,21 @@ def test_wrapper_looks_like_the_model(sdxl_unet):
     assert torch.equal(out.sample, tup[0])
     with pytest.raises(UsageError):
         SlidingWindowGuided(wrapped, weight=0.1)
+    # Writes: the model's attributes are set on the model; SWG settings live in .swg (a plain attribute would
+    # be ignored silently, so it is refused).
+    with pytest.raises(UsageError, match=r"swg\.weight"):
+        wrapped.weight = 0.0
+    wrapped.swg.weight = 0.0
+    with torch.no_grad():
+        assert torch.equal(wrapped(x, 10, **_sdxl_inputs(1)).sample, sdxl_unet(x, 10, **_sdxl_inputs(1)).sample)
+    embedding = sdxl_unet.add_embedding
+    wrapped.add_embedding = torch.nn.Identity()
+    assert isinstance(sdxl_unet.add_embedding, torch.nn.Identity) and "add_embedding" not in wrapped._modules
+    wrapped.add_embedding = embedding
+    wrapped.eval()
+    assert not wrapped.training and not sdxl_unet.training
+    with pytest.raises(UsageError, match="pos_embed"):
+        SlidingWindowGuidance(pos_embed="bicubic")
 
 
 def test_bad_windows_and_inputs_are_refused(unet):

@@ -116,10 +116,14 @@ def is_dit(model) -> bool:
         _config(model).get("norm_type") == "ada_norm_zero" and _patch_embed(model) is not None)
 
 
-def resolve_policy(model, policy: str) -> str:
-    """The position-table rule ``pos_embed=policy`` means for ``model`` (``"auto"`` resolved), or a UsageError."""
+def check_policy_name(policy: str) -> None:
     if policy not in POS_EMBED_POLICIES:
         raise UsageError(f"unknown pos_embed policy {policy!r}; use one of {', '.join(POS_EMBED_POLICIES)}")
+
+
+def resolve_policy(model, policy: str) -> str:
+    """The position-table rule ``pos_embed=policy`` means for ``model`` (``"auto"`` resolved), or a UsageError."""
+    check_policy_name(policy)
     pe = _patch_embed(model)
     if pe is None or pe.pos_embed is None:
         if policy not in ("auto", "native"):

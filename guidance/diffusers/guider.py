@@ -12,7 +12,8 @@ from utils.errors import UsageError
 from ..methods import Evaluation
 from ..table import method_spec
 from ..windows import WindowGrid, sliding_window_predict
-from .adapter import DiffusersDenoiser, bind_call, check_window_size, pack_output, resolve_policy, window_grid
+from .adapter import (DiffusersDenoiser, bind_call, check_policy_name, check_window_size, pack_output,
+                      window_grid)
 
 try:  # diffusers >= 0.35 has guiders; older versions refuse to build this one
     from diffusers.configuration_utils import register_to_config
@@ -97,6 +98,7 @@ class SlidingWindowGuidance(BaseGuidance):
                  enabled: bool = True):
         super().__init__(start, stop, enabled)
         check_window_size(window_size)
+        check_policy_name(pos_embed)
         self.guidance_scale, self.swg_scale = float(guidance_scale), float(swg_scale)
         self.window_size = tuple(window_size) if isinstance(window_size, list) else window_size
         self.window_steps = tuple(window_steps) if isinstance(window_steps, list) else window_steps
@@ -151,7 +153,6 @@ class SlidingWindowGuidance(BaseGuidance):
 
     # -- the window call ---------------------------------------------------
     def grid(self, model, height: int, width: int) -> WindowGrid:
-        resolve_policy(model, self.pos_embed)
         self._grid = window_grid(model, height, width, self.window_size, self.window_steps)
         return self._grid
 

@@ -80,6 +80,8 @@ def _calling_pipeline(frame) -> Tuple[Optional[DiffusionPipeline], dict]:
     return None, {}
 
 
+_SETTINGS = frozenset(field.name for field in dataclasses.fields(SWGSettings))
+
 # Names diffusers' ModelMixin defines (methods, properties, class facts such as `_no_split_modules`): on the
 # wrapper they read the wrapped model's, so the wrapper's ModelMixin base shadows nothing of the model.
 _OWN = {"save_pretrained", "to", "cuda", "half", "float"}
@@ -154,6 +156,16 @@ class SlidingWindowGuided(ModelMixin):
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
         return getattr(modules["model"], name)
 
+    def __setattr__(self, name: str, value) -> None:
+        """Attributes of the model are set on the model; an SWG setting set here would be silently ignored."""
+        model = self.__dict__.get("_modules", {}).get("model")
+        if model is not None and name not in self.__dict__ and name not in ("model", "swg"):
+            if hasattr(model, name):
+                return setattr(model, name, value)
+            if name in _SETTINGS:
+                raise UsageError(f"`{name}` is an SWG setting: set .swg.{name} (e.g. pipe.unet.swg.{name} = ...)")
+        super().__setattr__(name, value)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save the wrapped model; inside ``pipe.save_pretrained`` also record its class in ``model_index.json``."""
         self.model.save_pretrained(save_directory, *args, **kwargs)
@@ -171,7 +183,7 @@ class SlidingWindowGuided(ModelMixin):
         n = x.shape[0]
         doubled = self.swg.cfg_batch
         if doubled is None:
-            pipe, local = _calling_pipeline(inspect.currentframe().f_back.f_back)
+            pipe, local = _calling_pipeline(inspect.currentframe())
             latents = local.get("latents")
             if pipe is not None and not torch.is_tensor(latents):
                 raise UsageError(f"cannot tell whether {type(pipe).__name__} batches CFG (no `latents` in its "
