@@ -144,6 +144,9 @@ def guide(
         raise GuidanceError(f"method {name!r} has no parameter {', '.join(unknown)} (its parameters: {known})")
     guider = spec.make(ws, masked=masked, reference_quirks=reference_quirks, sigma_interval=sigma_interval,
                        swg_sigma_interval=swg_sigma_interval, **params)
+    if spec.perturbation and perturb is None:
+        raise GuidanceError(f"method {name!r} runs the positive network perturbed ({spec.perturbation}); pass "
+                            f"`perturb` (guidance.perturb.perturber(denoiser, net, [{spec.perturbation!r}]))")
     if spec.needs_neg and neg_denoiser is None:
         raise GuidanceError(f"method {name!r} needs a negative network ({NEGATIVES[spec.negative]}); "
                             f"pass `neg_denoiser`")

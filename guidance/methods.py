@@ -31,7 +31,8 @@ from .rules import APG, HighPass, Linear, LowPass, Rule, Tangential, ZeroStar
 from .windows import WindowGrid, sliding_window_predict
 
 __all__ = ["Evaluation", "Guider", "Composite", "Term", "Uncond", "Weak", "Windows", "Perturbed",
-           "NoGuidance", "CFG", "WMG", "SWG", "NegSWG", "APGuidance", "CFGZeroStar", "FDG", "TCFG", "PlusSWG"]
+           "NoGuidance", "CFG", "WMG", "SWG", "NegSWG", "APGuidance", "CFGZeroStar", "FDG", "TCFG", "PlusSWG",
+           "PerturbedGuidance"]
 
 
 class Evaluation:
@@ -371,6 +372,21 @@ class TCFG(Composite):
 
     def build(self):
         return (Term(self.w, Uncond(), Tangential()),)
+
+
+@dataclasses.dataclass
+class PerturbedGuidance(Composite):
+    """PAG, SEG, SLG: ``D = D_pos + w (D_pos - D_pert)``, ``D_pert`` the positive network perturbed.
+
+    ``kind`` names the perturbed pass (:mod:`guidance.perturb`: ``pag`` identity self-attention,
+    ``seg`` blurred queries, ``slg`` skipped blocks); the guided denoiser's ``perturb`` runs it.
+    """
+
+    w: float = 0.0
+    kind: str = "pag"
+
+    def build(self):
+        return (Term(self.w, Perturbed(self.kind)),)
 
 
 @dataclasses.dataclass

@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from utils.errors import UsageError
 
-from .methods import CFG, FDG, SWG, TCFG, WMG, APGuidance, CFGZeroStar, Guider, NegSWG, NoGuidance, PlusSWG
+from .methods import (CFG, FDG, SWG, TCFG, WMG, APGuidance, CFGZeroStar, Guider, NegSWG, NoGuidance,
+                      PerturbedGuidance, PlusSWG)
 
 __all__ = ["GuidanceError", "MethodSpec", "Param", "METHODS", "method_spec", "method_names", "NEGATIVES",
            "check_sigma_interval"]
@@ -80,6 +81,7 @@ class MethodSpec:
     params: Tuple[Param, ...] = ()              # method parameters besides the weights
     paper: str = ""                             # where the method comes from
     base: str = ""                              # for "X-swg" pairings: the method X
+    perturbation: Optional[str] = None          # a perturbed pass of the positive network (guidance.perturb.KINDS)
 
     @property
     def num_weights(self) -> int:
@@ -155,7 +157,7 @@ def _swg_pair(spec: "MethodSpec", example_swg: float) -> "MethodSpec":
                       build, negative=spec.negative, windows=True, options=("masked",),
                       aliases=tuple(f"{a}-swg" for a in spec.aliases if "_" not in a) + (f"{spec.name}_swg",),
                       example=(*spec.example, example_swg), label=f"{spec.label}+SWG", params=spec.params,
-                      paper=spec.paper, base=spec.name)
+                      paper=spec.paper, base=spec.name, perturbation=spec.perturbation)
 
 
 _NEW = (
@@ -175,6 +177,20 @@ _NEW = (
     MethodSpec("tcfg", "D = D_pos + w (D_pos - P D_uncond), P: first right singular vector of [D_pos; D_uncond]",
                ("w",), lambda ws: TCFG(w=ws[0]), negative="uncond", example=(0.4,), label="TCFG",
                paper="Kwon et al. 2025, TCFG: tangential damping classifier-free guidance"),
+)
+
+# The positive network run once more with chosen blocks changed (guidance/perturb.py: blocks, seg_sigma).
+_PERTURBED = (
+    MethodSpec("pag", "D = D_pos + w (D_pos - D_pag), D_pag: identity self-attention maps in the chosen blocks",
+               ("w",), lambda ws: PerturbedGuidance(w=ws[0], kind="pag"), perturbation="pag", example=(3.0,),
+               label="PAG", paper="Ahn et al. 2024, Self-rectifying diffusion sampling with perturbed-attention guidance"),
+    MethodSpec("seg", "D = D_pos + w (D_pos - D_seg), D_seg: self-attention queries blurred (Gaussian of width "
+               "seg_sigma, inf = mean query) in the chosen blocks", ("w",),
+               lambda ws: PerturbedGuidance(w=ws[0], kind="seg"), perturbation="seg", example=(3.0,), label="SEG",
+               paper="Hong 2024, Smoothed energy guidance"),
+    MethodSpec("slg", "D = D_pos + w (D_pos - D_slg), D_slg: the chosen blocks skipped", ("w",),
+               lambda ws: PerturbedGuidance(w=ws[0], kind="slg"), perturbation="slg", example=(2.8,), label="SLG",
+               paper="Stability AI 2024, skip-layer guidance (SD 3.5)"),
 )
 
 METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in (
@@ -199,6 +215,7 @@ METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in (
                negative="uncond", windows=True, options=("masked", "reference_quirks"), aliases=("cfg_swg",),
                example=(0.3, 0.5), label="CFG+SWG", base="cfg"),
     *(entry for spec in _NEW for entry in (spec, _swg_pair(spec, 0.2))),
+    *(entry for spec in _PERTURBED for entry in (spec, _swg_pair(spec, 0.2))),
 )}
 
 _LOOKUP: Dict[str, str] = {**{n: n for n in METHODS}, **{a: s.name for s in METHODS.values() for a in s.aliases}}

@@ -58,7 +58,7 @@ __all__ = ["ARGS_FILES", "MAIN_COLUMNS", "PLOT_METRICS", "TABLE_METRICS", "DEMO_
            "is_demo_run", "read_demo_run", "collect", "to_csv", "to_markdown", "plot_metrics", "default_out",
            "write_report", "main"]
 
-ARGS_FILES = ("settings.json", "generate_args.json", "args.json")  # sampling.run.SETTINGS_FILE, then older names
+ARGS_FILES = ("settings.json", "generate_args.json", "args.json")  # sampling.run_folder.SETTINGS_FILE, then older names
 MAIN_COLUMNS = ("method", "weights", "windows", "model", "N", "fid", "fd_dinov2", "is", "saturation")
 PLOT_METRICS = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "is": "Inception score", "saturation": "Saturation",
                 "fd_digits": "FD (digits)", "conf_digits": "Confidence (digits)"}

@@ -7,7 +7,7 @@
 
 The lifecycle (folder, saved settings, pending seeds, ranks, writing, metrics,
 logging) is :mod:`sampling.run`'s; this module says what is EDM2's own:
-:class:`GenerateConfig` (the common :class:`sampling.run.RunSettings` plus the
+:class:`GenerateConfig` (the common :class:`sampling.run_settings.RunSettings` plus the
 sampler, guidance and network settings), :func:`build_config` (preset applied,
 every check that needs no network), :class:`EDM2Backend` (load and check the
 networks, draw, sample with :func:`sampling.edm.edm_sampler`, decode).
@@ -35,15 +35,14 @@ from networks import zoo
 from networks.edm2_pickle import EDM2Checkpoint, load_checkpoint
 from networks.encoders import StabilityVAEEncoder
 from sampling import presets as PR
-from sampling import run
+from sampling import run, run_settings
 from sampling.edm import edm_sampler
-from sampling.run import split_batches  # noqa: F401  (EDM2's rule, also this module's name for it)
 from sampling.seeds import draw_edm2, make_labels
 from utils import cache
 from utils.errors import UsageError
 
 __all__ = ["GenerateConfig", "EDM2Backend", "build_config", "load_networks", "check_networks",
-           "make_guided", "prefetch", "generate", "split_batches"]
+           "make_guided", "prefetch", "generate"]
 
 # Settings that determine the pixels of an image; a resumed run must agree on them.
 IDENTITY_KEYS = ("net_pos_pkl", "net_neg_pkl", "class_idx", "steps", "sigma_min", "sigma_max", "rho", "S_churn",
@@ -52,7 +51,7 @@ IDENTITY_KEYS = ("net_pos_pkl", "net_neg_pkl", "class_idx", "steps", "sigma_min"
 
 
 @dataclasses.dataclass
-class GenerateConfig(run.RunSettings):
+class GenerateConfig(run_settings.RunSettings):
     """Resolved, validated EDM2 sampling settings (what ``settings.json`` records)."""
 
     net_pos_pkl: Optional[str] = None
@@ -181,12 +180,12 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(GenerateConfig)})
     if unknown:
         raise TypeError(f"build_config() got unknown option(s) {', '.join(unknown)}")
-    cfg = GenerateConfig(net_pos_pkl=pos, net_neg_pkl=neg, outdir=outdir, seeds=run.parse_seeds(seeds),
+    cfg = GenerateConfig(net_pos_pkl=pos, net_neg_pkl=neg, outdir=outdir, seeds=run_settings.parse_seeds(seeds),
                          preset=preset, g_method=method, g_weight=weights, swg_sizes=sizes, swg_steps=steps_win,
                          scale_window_guide=int(sw), g_interval=_interval(g_interval),
-                         ref_path=given["ref_path"], metrics=run.parse_metrics(given["metrics"]), **kwargs)
+                         ref_path=given["ref_path"], metrics=run_settings.parse_metrics(given["metrics"]), **kwargs)
     _check_numbers(cfg)
-    run.check_run_settings(cfg, require_outdir=require_outdir)
+    run_settings.check_run_settings(cfg, require_outdir=require_outdir)
     return cfg
 
 
