@@ -1,4 +1,4 @@
-"""SWG / M-SWG for diffusers models (guidance/diffusers.py) on tiny random models built from configs.
+"""SWG / M-SWG for diffusers models (guidance/diffusers/) on tiny random models built from configs.
 
 Independent expectations: guide() on the adapter, the toolkit's own DiT
 (networks/dit.py) and guidance.dit, per-window single-sample model calls, the

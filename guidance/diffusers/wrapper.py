@@ -123,8 +123,9 @@ class SlidingWindowGuided(ModelMixin):
     transformer windows (:mod:`guidance.diffusers.adapter`).
 
     Every attribute of the wrapped model shows through unchanged (``config``,
-    ``pos_embed``, ``add_embedding``, its methods, ``dtype``, ``device``); the wrapper
-    adds ``.model`` (the model itself) and ``.swg`` (:class:`SWGSettings`).
+    ``pos_embed``, ``add_embedding``, its methods, ``dtype``, ``device``), and setting
+    one sets the model's; the wrapper adds ``.model`` (the model itself) and ``.swg``
+    (:class:`SWGSettings`).  ``to``, ``half``, ``eval`` ... act on both and return the wrapper.
     ``save_pretrained`` saves the wrapped model, and a pipeline saved with the wrapper
     in place records the wrapped model's class, so the folder reloads without this toolkit.
     """
