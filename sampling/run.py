@@ -32,7 +32,7 @@ import contextlib
 import pathlib
 import sys
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from metrics.api import detectors_for
 from metrics.detectors import prefetch as fetch_detectors
 from sampling.outputs import (finish_stream, load_detectors, load_reference, open_sinks, open_stream, reference_stats,
                               run_metrics, write_npz)
-from sampling.run_folder import check_saved_settings, pending_seeds, probe_outdir, write_settings
+from sampling.run_folder import check_saved_settings, pending_seeds, probe_outdir, write_evals, write_settings
 from sampling.run_settings import RunSettings, effective_metrics, resolve_device
 from sampling.seeds import Draw
 from sampling.wandb_log import WandbLogger
@@ -86,6 +86,10 @@ class Backend(abc.ABC):
         """Load the networks onto ``device`` and check them against the settings (:class:`UsageError`)."""
     def describe(self) -> str:
         return self.name
+
+    def cost(self) -> Optional[dict]:
+        """Counted network evaluations per image (``evals_per_step`` ...), when the guided denoiser counts them."""
+        return None
 
     @abc.abstractmethod
     def draw(self, seeds: Sequence[int], device: torch.device, classes=None) -> Draw:
@@ -198,7 +202,10 @@ def generate(backend: Backend, *, progress_bar: bool = True, desc: str = "sampli
             bar.update(min(len(seeds) * world, bar.total - bar.n))
     dist.barrier()
     summary = {"outdir": str(outdir), "requested": len(settings.seeds), "pending": len(pending),
-               "written": written, "seconds": time.perf_counter() - t0, "metrics": None, "npz": None}
+               "written": written, "seconds": time.perf_counter() - t0, "metrics": None, "npz": None,
+               "evals": backend.cost() if written else None}
+    if summary["evals"] and rank == 0:  # counted, not declared: results.collect shows it
+        write_evals(outdir, summary["evals"])
 
     if settings.save_npz and rank == 0:
         summary["npz"] = str(write_npz(outdir, settings.seeds))

@@ -25,11 +25,12 @@ from utils.errors import UsageError
 
 __all__ = ["SETTINGS_FILE", "LEGACY_SETTINGS_FILES", "json_value", "comparable", "check_outdir", "probe_outdir",
            "read_json", "read_saved_settings", "changed_setting", "check_saved_settings", "write_settings",
-           "pending_seeds"]
+           "pending_seeds", "EVALS_FILE", "write_evals"]
 
 SETTINGS_FILE = "settings.json"
 # Names earlier versions used (sample_edm2.py, sample_dit.py); read so that existing folders resume.
 LEGACY_SETTINGS_FILES = ("generate_args.json", "args.json")
+EVALS_FILE = "evals.json"  # network evaluations per image per step / call, counted while sampling
 
 
 def json_value(value):
@@ -129,6 +130,13 @@ def write_settings(outdir: os.PathLike | str, record: Mapping[str, Any]) -> path
     """Save ``record`` as ``outdir/settings.json`` (atomic).  Older settings files are left as they are."""
     path = pathlib.Path(outdir) / SETTINGS_FILE
     write_json_atomic(path, dict(record), indent=2)
+    return path
+
+
+def write_evals(outdir: os.PathLike | str, evals: Mapping[str, Any]) -> pathlib.Path:
+    """Save the counted network evaluations as ``outdir/evals.json`` (atomic); ``results.collect`` reads it."""
+    path = pathlib.Path(outdir) / EVALS_FILE
+    write_json_atomic(path, dict(evals), indent=2)
     return path
 
 
