@@ -182,7 +182,7 @@ def data_row(num: int, ref) -> dict:
 def row_config(row: Row, outdir: pathlib.Path, seeds, steps: int, batch: int):
     """The :class:`sampling.edm2_run.GenerateConfig` of ``row`` for ``seeds`` (a list or a seed string)."""
     from sampling import edm2_run
-    from sampling.run import compact_seeds
+    from sampling.run_settings import compact_seeds
 
     seeds = compact_seeds(seeds) if not isinstance(seeds, str) else seeds
     swg = row.g_method == "swg"

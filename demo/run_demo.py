@@ -97,7 +97,7 @@ METHODS = [
 def method_config(m: Method, outdir: pathlib.Path, seeds, steps: int, batch: int):
     """The :class:`sampling.edm2_run.GenerateConfig` of row ``m`` (metrics are computed by the demo itself)."""
     from sampling import edm2_run
-    from sampling.run import compact_seeds
+    from sampling.run_settings import compact_seeds
 
     seeds = compact_seeds(seeds) if not isinstance(seeds, str) else seeds
     return edm2_run.build_config(preset=m.preset, outdir=str(outdir / m.name), seeds=seeds,

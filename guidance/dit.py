@@ -48,7 +48,8 @@ class DiTDenoiser:
     def null_class(self) -> int:
         return self.net.num_classes
 
-    def __call__(self, x: torch.Tensor, t, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t, labels: Optional[torch.Tensor] = None, edit=None) -> torch.Tensor:
+        """``edit``: a block edit for this call (the perturbed passes of :mod:`guidance.perturb`)."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -57,7 +58,7 @@ class DiTDenoiser:
                 raise UsageError("this DiT has no null-class embedding (class_dropout_prob=0); "
                                  "unconditional sampling and CFG need a model trained with label dropout")
             labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
-        return self.net(x, t, labels)
+        return self.net(x, t, labels) if edit is None else self.net(x, t, labels, edit=edit)
 
 
 def default_window_size(latent_size: int) -> int:

@@ -1,45 +1,73 @@
 """Guidance methods: one small class per method, each with its equation.
 
-Every method extrapolates away from one or two worse predictions:
+Every method is a composition of terms (:class:`Term`):
 
-    D = D_pos + sum_j w_j * m_j * (D_pos - D_neg_j)
+    D = D_pos + sum_j w_j * rule_j(D_pos, D_neg_j) [* m_j]
+
+each term active only inside its own interval (sampler steps and/or noise levels
+``lo < sigma <= hi``).  A term names its negative (:class:`Uncond`, :class:`Weak`,
+:class:`Windows`, :class:`Perturbed`), its rule (:mod:`guidance.rules`: linear,
+APG, CFG-Zero*'s scale, a frequency band, tangential) and whether the M-SWG mask
+``m = [count > 1]`` multiplies it.
 
 A method receives an :class:`Evaluation`, which computes (once, lazily) the
-predictions it asks for: the positive ``pos()``, the negative network
-``neg(labels=...)`` and the sliding-window prediction ``windows(labels=...)``
-with its coverage count.  ``term(delta)`` restricts a guidance term to the
-guided output channels.
+predictions its terms ask for: the positive ``pos()``, the negative network
+``neg(labels=...)``, the sliding-window prediction ``windows(labels=...)`` with
+its coverage count and perturbed passes ``perturbed(p)``; it counts the network
+evaluations.  ``term(delta)`` restricts a guidance term to the guided output channels.
+
+What each method is called, its weights and parameters are declared once, in
+:data:`guidance.table.METHODS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
+from .rules import APG, HighPass, Linear, LowPass, Rule, Tangential, ZeroStar
 from .windows import WindowGrid, sliding_window_predict
 
-__all__ = ["Evaluation", "Guider", "NoGuidance", "CFG", "WMG", "SWG", "NegSWG"]
+__all__ = ["Evaluation", "Guider", "Composite", "Term", "Uncond", "Weak", "Windows", "Perturbed",
+           "NoGuidance", "CFG", "WMG", "SWG", "NegSWG", "APGuidance", "CFGZeroStar", "FDG", "TCFG", "PlusSWG",
+           "PerturbedGuidance"]
 
 
 class Evaluation:
-    """The predictions one guided call may need, each computed at most once."""
+    """The predictions one guided call may need, each computed at most once, and their cost.
+
+    ``evals`` counts network evaluations (samples through a network; one window is one
+    evaluation), ``cost`` the same weighted by input area relative to ``x`` (a 40x40 window
+    of a 64x64 latent costs 0.39).  ``step`` is the sampler step (None if unknown);
+    ``perturb(p)`` returns the positive network run under perturbation ``p`` as ``D(x, sigma, labels)``;
+    ``still(x)`` is the prediction that holds ``x`` in place (None: zeros).
+    """
 
     def __init__(self, pos_fn: Callable, neg_fn: Optional[Callable], x: torch.Tensor, sigma, labels,
                  window_size=None, window_steps=None, max_window_batch: Optional[int] = None,
-                 channels: Optional[slice] = None):
+                 channels: Optional[slice] = None, step: Optional[int] = None,
+                 perturb: Optional[Callable[[Hashable], Callable]] = None, still: Optional[Callable] = None):
         self.pos_fn, self.neg_fn = pos_fn, neg_fn
         self.x, self.sigma, self.labels = x, sigma, labels
         self.window_size, self.window_steps = window_size, window_steps
         self.max_window_batch = max_window_batch
         self.channels = channels
+        self.step, self.perturb, self.still_fn = step, perturb, still
+        self.evals = 0.0
+        self.cost = 0.0
         self._cache: Dict[Tuple, torch.Tensor] = {}
+
+    def _count(self, n: int, area: float = 1.0) -> None:
+        self.evals += n
+        self.cost += n * area
 
     def pos(self) -> torch.Tensor:
         """``D_pos(x; sigma, c)``."""
         if "pos" not in self._cache:
             self._cache["pos"] = self.pos_fn(self.x, self.sigma, self.labels)
+            self._count(self.x.shape[0])
         return self._cache["pos"]
 
     def neg(self, labels: bool = True) -> torch.Tensor:
@@ -47,6 +75,7 @@ class Evaluation:
         key = ("neg", labels)
         if key not in self._cache:
             self._cache[key] = self.neg_fn(self.x, self.sigma, self.labels if labels else None)
+            self._count(self.x.shape[0])
         return self._cache[key]
 
     def windows(self, labels: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +85,23 @@ class Evaluation:
             grid = WindowGrid.create(self.x.shape[-2], self.x.shape[-1], self.window_size, self.window_steps)
             self._cache[key] = sliding_window_predict(
                 self.pos_fn, self.x, self.sigma, self.labels if labels else None, grid, self.max_window_batch)
+            self._count(self.x.shape[0] * grid.num_windows, grid.kh * grid.kw / (grid.height * grid.width))
         return self._cache[key]
+
+    def perturbed(self, perturbation: Hashable) -> torch.Tensor:
+        """The positive network under ``perturbation`` (PAG, SEG, SLG ...), with the class labels."""
+        key = ("perturbed", perturbation)
+        if key not in self._cache:
+            if self.perturb is None:
+                raise RuntimeError("this guided denoiser was built without `perturb`; perturbed passes need "
+                                   "the positive network's perturbation interface")
+            self._cache[key] = self.perturb(perturbation)(self.x, self.sigma, self.labels)
+            self._count(self.x.shape[0])
+        return self._cache[key]
+
+    def still(self, like: torch.Tensor) -> torch.Tensor:
+        """The prediction that leaves the sample in place: zeros (velocity / noise predictions) or ``still(x)``."""
+        return torch.zeros_like(like) if self.still_fn is None else self.still_fn(self.x).to(like.dtype)
 
     def term(self, delta: torch.Tensor) -> torch.Tensor:
         """Zero a guidance term outside the guided channels."""
@@ -72,51 +117,170 @@ def _mask(count: torch.Tensor, masked: bool) -> torch.Tensor:
     return (count > 1).to(count.dtype) if masked else torch.ones_like(count)
 
 
+# ----------------------------------------------------------------------------
+# Negatives: ``negative(ev) -> (D_neg, coverage count or None)``.
+
+@dataclasses.dataclass(frozen=True)
+class Uncond:
+    """The negative network without class labels (CFG's unconditional prediction)."""
+
+    def __call__(self, ev: Evaluation):
+        return ev.neg(labels=False), None
+
+
+@dataclasses.dataclass(frozen=True)
+class Weak:
+    """The negative network with the class labels (a weaker network: autoguidance)."""
+
+    def __call__(self, ev: Evaluation):
+        return ev.neg(labels=True), None
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """The positive network on sliding windows, averaged where they overlap (SWG); gives the coverage count."""
+
+    labels: bool = True
+
+    def __call__(self, ev: Evaluation):
+        return ev.windows(labels=self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Perturbed:
+    """The positive network itself under a perturbation (``ev.perturbed(perturbation)``: PAG, SEG, SLG)."""
+
+    perturbation: Hashable
+
+    def __call__(self, ev: Evaluation):
+        return ev.perturbed(self.perturbation), None
+
+
+# ----------------------------------------------------------------------------
+# Terms and their sum.
+
+def _in(value, lo_hi, lo_open: bool) -> torch.Tensor:
+    lo, hi = lo_hi
+    return ((value > lo) if lo_open else (value >= lo)) & (value <= hi)
+
+
+@dataclasses.dataclass
+class Term:
+    """One guidance term ``w * rule(D_pos, D_neg) [* m]``.
+
+    Active at sampler steps ``first <= i <= last`` (``steps``) and noise levels ``lo < sigma <= hi``
+    (``sigmas``, the EDM2 guidance-interval form), per sample; elsewhere it adds nothing and its
+    negative is not evaluated.  ``masked`` multiplies by the M-SWG mask when the negative
+    gives a coverage count (a window term without ``masked`` is multiplied by 1).
+    """
+
+    w: float
+    negative: Callable
+    rule: Rule = dataclasses.field(default_factory=Linear)
+    masked: bool = False
+    steps: Optional[Tuple[int, int]] = None
+    sigmas: Optional[Tuple[float, float]] = None
+
+    def active(self, ev: Evaluation):
+        """True (every sample), False (none) or a per-sample boolean tensor."""
+        on = True
+        if self.steps is not None:
+            if ev.step is None:
+                raise RuntimeError("a term's step interval needs a sampler that calls begin_step(i); "
+                                   "use a sigma interval with other samplers")
+            on = bool(self.steps[0] <= ev.step <= self.steps[1])
+        if on and self.sigmas is not None:
+            n = ev.x.shape[0]
+            s = torch.as_tensor(ev.sigma, device=ev.x.device, dtype=torch.float64).reshape(-1).expand(n)
+            inside = _in(s, self.sigmas, lo_open=True)
+            on = True if bool(inside.all()) else False if not bool(inside.any()) else inside
+        return on
+
+    def delta(self, ev: Evaluation, pos: torch.Tensor) -> torch.Tensor:
+        neg, count = self.negative(ev)
+        d = self.rule(pos, neg, ev.step)
+        if count is not None:
+            d = _mask(count, self.masked) * d
+        return ev.term(d)
+
+
 @dataclasses.dataclass
 class Guider:
-    """Base class: a guidance equation over the predictions of an :class:`Evaluation`.
-
-    What each method is called, how many weights it takes and which networks it needs is
-    declared once, in :data:`guidance.table.METHODS`.
-    """
+    """Base class: a guidance equation over the predictions of an :class:`Evaluation`."""
 
     def __call__(self, ev: Evaluation) -> torch.Tensor:  # pragma: no cover - abstract
         raise TypeError("Guider is abstract; see guidance.table.METHODS")
 
 
 @dataclasses.dataclass
-class NoGuidance(Guider):
+class Composite(Guider):
+    """``D = D_pos + sum_j w_j * rule_j(D_pos, D_neg_j) [* m_j]`` over :meth:`build`'s terms (built once)."""
+
+    def build(self) -> Tuple[Term, ...]:
+        return ()
+
+    @property
+    def terms(self) -> Tuple[Term, ...]:
+        if "_terms" not in self.__dict__:
+            self.__dict__["_terms"] = tuple(self.build())
+        return self.__dict__["_terms"]
+
+    def limit(self, *, sigmas=None, steps=None, windows: bool = False) -> "Composite":
+        """Restrict the window terms (``windows=True``) or the other terms to a sigma / step interval."""
+        self.__dict__["_terms"] = tuple(
+            dataclasses.replace(t, sigmas=sigmas if sigmas is not None else t.sigmas,
+                                steps=steps if steps is not None else t.steps)
+            if isinstance(t.negative, Windows) == windows else t for t in self.terms)
+        return self
+
+    def zero_until(self) -> int:
+        """Sampler steps ``i < zero_until()`` output the prediction that holds the sample in place (CFG-Zero*)."""
+        return 0
+
+    def __call__(self, ev: Evaluation) -> torch.Tensor:
+        pos = ev.pos()
+        if ev.step is not None and ev.step < self.zero_until():
+            return pos - ev.term(pos - ev.still(pos))
+        out = pos
+        for t in self.terms:
+            on = t.active(ev)
+            if on is False:
+                continue
+            new = out + t.w * t.delta(ev, pos)
+            out = new if on is True else torch.where(on[:, None, None, None], new, out)
+        return out
+
+
+# ----------------------------------------------------------------------------
+# The methods.
+
+@dataclasses.dataclass
+class NoGuidance(Composite):
     """``D = D_pos``."""
 
 
-    def __call__(self, ev: Evaluation) -> torch.Tensor:
-        return ev.pos()
-
-
 @dataclasses.dataclass
-class CFG(Guider):
+class CFG(Composite):
     """Classifier-free guidance: ``D = D_pos + w (D_pos - D_neg(x; sigma))`` with an unconditional negative."""
 
     w: float = 0.0
 
-    def __call__(self, ev: Evaluation) -> torch.Tensor:
-        pos = ev.pos()
-        return pos + self.w * ev.term(pos - ev.neg(labels=False))
+    def build(self):
+        return (Term(self.w, Uncond()),)
 
 
 @dataclasses.dataclass
-class WMG(Guider):
+class WMG(Composite):
     """Weak-model guidance (autoguidance): ``D = D_pos + w (D_pos - D_weak(x; sigma, c))``."""
 
     w: float = 0.0
 
-    def __call__(self, ev: Evaluation) -> torch.Tensor:
-        pos = ev.pos()
-        return pos + self.w * ev.term(pos - ev.neg(labels=True))
+    def build(self):
+        return (Term(self.w, Weak()),)
 
 
 @dataclasses.dataclass
-class SWG(Guider):
+class SWG(Composite):
     """Sliding window guidance: ``D = D_pos + w m (D_pos - D_win)``.
 
     ``D_win`` averages the positive network's predictions on overlapping windows;
@@ -126,14 +290,12 @@ class SWG(Guider):
     w: float = 0.0
     masked: bool = True
 
-    def __call__(self, ev: Evaluation) -> torch.Tensor:
-        pos = ev.pos()
-        win, count = ev.windows(labels=True)
-        return pos + self.w * ev.term(_mask(count, self.masked) * (pos - win))
+    def build(self):
+        return (Term(self.w, Windows(labels=True), masked=self.masked),)
 
 
 @dataclasses.dataclass
-class NegSWG(Guider):
+class NegSWG(Composite):
     """A negative network plus SWG: ``D = D_pos + w1 (D_pos - D_neg) + w2 m (D_pos - D_win)``.
 
     ``D_neg`` is the weaker network with the labels (``wmg-swg``) or the unconditional
@@ -148,9 +310,95 @@ class NegSWG(Guider):
     reference_quirks: bool = False
     neg_labels: bool = True
 
-    def __call__(self, ev: Evaluation) -> torch.Tensor:
-        pos = ev.pos()
-        win, count = ev.windows(labels=self.neg_labels or not self.reference_quirks)
-        m = _mask(count, self.masked and not self.reference_quirks)
-        return (pos + self.w_neg * ev.term(pos - ev.neg(labels=self.neg_labels))
-                + self.w_swg * ev.term(m * (pos - win)))
+    def build(self):
+        return (Term(self.w_neg, Weak() if self.neg_labels else Uncond()),
+                Term(self.w_swg, Windows(labels=self.neg_labels or not self.reference_quirks),
+                     masked=self.masked and not self.reference_quirks))
+
+
+@dataclasses.dataclass
+class APGuidance(Composite):
+    """Adaptive projected guidance: ``D = D_pos + w (d_orth + eta d_par)``, ``d = D_pos - D_uncond``.
+
+    ``d`` optionally accumulated with momentum ``beta`` and capped at norm ``r`` (:class:`guidance.rules.APG`).
+    """
+
+    w: float = 0.0
+    eta: float = 0.0
+    norm_threshold: float = 0.0
+    momentum: float = 0.0
+
+    def build(self):
+        return (Term(self.w, Uncond(), APG(self.eta, self.norm_threshold, self.momentum)),)
+
+
+@dataclasses.dataclass
+class CFGZeroStar(Composite):
+    """CFG-Zero*: ``D = D_pos + w (D_pos - s* D_uncond)``, ``s* = <D_pos, D_uncond> / ||D_uncond||^2`` per sample.
+
+    For the first ``zero_steps`` sampler steps the output is the "zero" prediction that holds the
+    sample in place (zeros for velocity / noise predictions; ``D = x`` for an EDM denoiser).
+    """
+
+    w: float = 0.0
+    zero_steps: int = 0
+
+    def build(self):
+        return (Term(self.w, Uncond(), ZeroStar()),)
+
+    def zero_until(self) -> int:
+        return int(self.zero_steps)
+
+
+@dataclasses.dataclass
+class FDG(Composite):
+    """Frequency-decoupled guidance: ``D = D_pos + w_low L(D_pos - D_uncond) + w_high H(D_pos - D_uncond)``.
+
+    ``L`` is the low band of a two-level Laplacian pyramid, ``H = 1 - L`` (:mod:`guidance.rules`).
+    """
+
+    w_low: float = 0.0
+    w_high: float = 0.0
+
+    def build(self):
+        return (Term(self.w_low, Uncond(), LowPass()), Term(self.w_high, Uncond(), HighPass()))
+
+
+@dataclasses.dataclass
+class TCFG(Composite):
+    """Tangential damping CFG: ``D = D_pos + w (D_pos - P D_uncond)`` (:class:`guidance.rules.Tangential`)."""
+
+    w: float = 0.0
+
+    def build(self):
+        return (Term(self.w, Uncond(), Tangential()),)
+
+
+@dataclasses.dataclass
+class PerturbedGuidance(Composite):
+    """PAG, SEG, SLG: ``D = D_pos + w (D_pos - D_pert)``, ``D_pert`` the positive network perturbed.
+
+    ``kind`` names the perturbed pass (:mod:`guidance.perturb`: ``pag`` identity self-attention,
+    ``seg`` blurred queries, ``slg`` skipped blocks); the guided denoiser's ``perturb`` runs it.
+    """
+
+    w: float = 0.0
+    kind: str = "pag"
+
+    def build(self):
+        return (Term(self.w, Perturbed(self.kind)),)
+
+
+@dataclasses.dataclass
+class PlusSWG(Composite):
+    """Any method plus (M-)SWG: ``D = [base terms] + w_swg m (D_pos - D_win)``."""
+
+    base: Composite = dataclasses.field(default_factory=NoGuidance)
+    w_swg: float = 0.0
+    masked: bool = True
+
+    def build(self):
+        return (*self.base.terms, Term(self.w_swg, Windows(labels=True), masked=self.masked))
+
+    def zero_until(self) -> int:
+        return self.base.zero_until()

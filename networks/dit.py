@@ -40,6 +40,8 @@ from timm.models.vision_transformer import Attention
 from utils.errors import UsageError
 from utils.safe_load import load_weights
 
+from .edits import EDIT_OPS, blur_tokens, check_edit
+
 __all__ = [
     "DiT", "DiT_models", "create_dit", "sincos_pos_embed_2d", "resize_pos_embed",
     "load_dit_state_dict", "PRETRAINED_DIT", "DiTSizeError",
@@ -156,11 +158,28 @@ class DiTBlock(nn.Module):
                        act_layer=functools.partial(nn.GELU, approximate="tanh"), drop=0)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, edit: Optional[tuple] = None) -> torch.Tensor:
+        """``edit``: None, or ``(op, sigma, (grid_h, grid_w))`` of :mod:`networks.edits` for this block."""
+        if edit is not None and edit[0] == "skip":
+            return x
         b1, s1, g1, b2, s2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + g1.unsqueeze(1) * self.attn(modulate(self.norm1(x), b1, s1))
+        h = modulate(self.norm1(x), b1, s1)
+        x = x + g1.unsqueeze(1) * (self.attn(h) if edit is None else self._edited_attention(h, *edit))
         x = x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), b2, s2))
         return x
+
+    def _edited_attention(self, x: torch.Tensor, op: str, sigma: float, grid: Tuple[int, int]) -> torch.Tensor:
+        """timm's ``Attention.forward`` with the identity map (``V``) or blurred queries."""
+        attn = self.attn
+        n, t, _ = x.shape
+        q, k, v = attn.qkv(x).reshape(n, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if op == "identity":
+            y = v
+        else:  # "blur": the queries that enter the dot product, blurred over the token grid
+            q = blur_tokens(attn.q_norm(q), grid[0], grid[1], sigma)
+            y = F.scaled_dot_product_attention(q, attn.k_norm(k), v)
+        y = attn.norm(y.transpose(1, 2).reshape(n, t, attn.attn_dim))
+        return attn.proj_drop(attn.proj(y))
 
 
 class FinalLayer(nn.Module):
@@ -286,8 +305,23 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], grid_h, grid_w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, grid_h * p, grid_w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``x``: ``[N, C, H, W]`` latents; ``t``: ``[N]`` timesteps (0..999); ``y``: ``[N]`` labels."""
+    def block_names(self) -> list:
+        """``blocks.0`` ... ``blocks.{depth-1}``, in call order; a block's index is its position."""
+        return [f"blocks.{i}" for i in range(len(self.blocks))]
+
+    def edit_blocks(self, op: str) -> dict:
+        """``{index: name}`` of the blocks where edit ``op`` applies: every block has self-attention and keeps its shape."""
+        if op not in EDIT_OPS:
+            raise ValueError(f"unknown block edit {op!r}; use one of {', '.join(EDIT_OPS)}")
+        return dict(enumerate(self.block_names()))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, edit=None) -> torch.Tensor:
+        """``x``: ``[N, C, H, W]`` latents; ``t``: ``[N]`` timesteps (0..999); ``y``: ``[N]`` labels.
+
+        ``edit`` (:mod:`networks.edits`) changes chosen blocks for this call only.
+        """
+        if edit is not None:
+            op, chosen, sigma = check_edit(edit, self.edit_blocks)
         grid_h, grid_w = self.check_input(x)
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0]) if torch.as_tensor(t).ndim == 0 else t
         if y.min() < 0 or y.max() >= self.y_embedder.embedding_table.num_embeddings:
@@ -295,8 +329,12 @@ class DiT(nn.Module):
                              f"(or {self.num_classes} for the null class), got {y.min().item()}..{y.max().item()}")
         tokens = self.x_embedder(x) + self.position_table(grid_h, grid_w)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)
-        for block in self.blocks:
-            tokens = block(tokens, c)
+        if edit is None:
+            for block in self.blocks:
+                tokens = block(tokens, c)
+        else:
+            for i, block in enumerate(self.blocks):
+                tokens = block(tokens, c, (op, sigma, (grid_h, grid_w)) if i in chosen else None)
         return self.unpatchify(self.final_layer(tokens, c), grid_h, grid_w)
 
 

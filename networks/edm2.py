@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .edits import EDIT_OPS, blur_tokens, check_edit
+
 __all__ = ["Precond", "UNet", "Block", "MPConv", "MPFourier", "EDM2SizeError", "clear_weight_cache"]
 
 
@@ -186,7 +188,15 @@ class Block(torch.nn.Module):
         self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    @property
+    def keeps_shape(self) -> bool:
+        """True when the output has the input's shape (no resampling, no change of channels): skippable."""
+        return self.resample_mode == "keep" and self.conv_skip is None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, edit: Optional[tuple] = None) -> torch.Tensor:
+        """``edit``: None, or ``(op, sigma)`` of :mod:`networks.edits` for this block (checked by the U-Net)."""
+        if edit is not None and edit[0] == "skip":
+            return x
         x = resample(x, mode=self.resample_mode, f=self.resample_filter)
         if self.flavor == "enc":
             if self.conv_skip is not None:
@@ -208,8 +218,14 @@ class Block(torch.nn.Module):
             y = self.attn_qkv(x)
             y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
             q, k, v = normalize(y, dim=2).unbind(3)  # [n, heads, channels, pixels] each
-            # softmax(q^T k / sqrt(c)) v^T through the fused kernel (flash / memory-efficient on GPUs).
-            y = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))
+            if edit is None:
+                # softmax(q^T k / sqrt(c)) v^T through the fused kernel (flash / memory-efficient on GPUs).
+                y = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))
+            elif edit[0] == "identity":
+                y = v.transpose(2, 3)  # identity attention map: each pixel's output is its own value
+            else:  # "blur": the queries that enter the dot product, blurred over the pixel grid
+                q = blur_tokens(q.transpose(2, 3), x.shape[2], x.shape[3], edit[1])
+                y = F.scaled_dot_product_attention(q, k.transpose(2, 3), v.transpose(2, 3))
             y = self.attn_proj(y.transpose(2, 3).reshape(*x.shape))
             x = mp_sum(x, y, t=self.attn_balance)
 
@@ -277,12 +293,39 @@ class UNet(torch.nn.Module):
                     cin, cout, cemb, flavor="dec", attention=(res in attn_resolutions), **block_kwargs)
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
+    def block_names(self) -> list:
+        """Every :class:`Block`, encoder then decoder, in call order (``"enc.16x16_block0"`` ...); index = position."""
+        return [f"{part}.{name}" for part, blocks in (("enc", self.enc), ("dec", self.dec))
+                for name, block in blocks.items() if isinstance(block, Block)]
+
+    def edit_blocks(self, op: str) -> dict:
+        """``{index: name}`` of the blocks where edit ``op`` applies (:mod:`networks.edits`).
+
+        ``identity`` and ``blur`` need self-attention (the 16x16 and 8x8 levels of the
+        released networks, and the decoder's first block); ``skip`` needs a block whose
+        output has its input's shape (decoder blocks take the concatenated skip
+        connection, resampling blocks change the size, and first blocks of a level the channels).
+        """
+        if op not in EDIT_OPS:
+            raise ValueError(f"unknown block edit {op!r}; use one of {', '.join(EDIT_OPS)}")
+        blocks = [b for part in (self.enc, self.dec) for b in part.values() if isinstance(b, Block)]
+        ok = (lambda b: b.keeps_shape) if op == "skip" else (lambda b: b.num_heads > 0)
+        return {i: name for i, (name, b) in enumerate(zip(self.block_names(), blocks)) if ok(b)}
+
+    def _block_edits(self, edit) -> dict:
+        op, chosen, sigma = check_edit(edit, self.edit_blocks)
+        names = self.block_names()
+        return {names[i]: (op, sigma) for i in chosen}
+
     @property
     def size_multiple(self) -> int:
         """Spatial sizes must be multiples of this (one halving per level below the first)."""
         return 2 ** (self.num_levels - 1)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: Optional[torch.Tensor],
+                edit=None) -> torch.Tensor:
+        """``edit``: None, or a block edit of :mod:`networks.edits` for this call only."""
+        edits = self._block_edits(edit) if edit is not None else None
         m = self.size_multiple
         if x.shape[-1] % m or x.shape[-2] % m or x.shape[-1] < m or x.shape[-2] < m:
             raise EDM2SizeError(
@@ -296,12 +339,15 @@ class UNet(torch.nn.Module):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if name.endswith("_conv") else block(x, emb)
+            if name.endswith("_conv"):
+                x = block(x)
+            else:
+                x = block(x, emb) if edits is None else block(x, emb, edits.get(f"enc.{name}"))
             skips.append(x)
         for name, block in self.dec.items():
             if "block" in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
+            x = block(x, emb) if edits is None else block(x, emb, edits.get(f"dec.{name}"))
         return self.out_conv(x, gain=self.out_gain)
 
 
@@ -345,8 +391,17 @@ class Precond(torch.nn.Module):
                     m._wcache.clear()
         self._cache_device = device.type
 
+    def block_names(self) -> list:
+        """The U-Net's blocks in call order (see :meth:`UNet.block_names`)."""
+        return self.unet.block_names()
+
+    def edit_blocks(self, op: str) -> dict:
+        """``{index: name}`` of the blocks where edit ``op`` applies (see :meth:`UNet.edit_blocks`)."""
+        return self.unet.edit_blocks(op)
+
     def forward(self, x: torch.Tensor, sigma, class_labels: Optional[torch.Tensor] = None,
-                force_fp32: bool = False, return_logvar: bool = False):
+                force_fp32: bool = False, return_logvar: bool = False, edit=None):
+        """``D(x; sigma, c)``; ``edit`` (:mod:`networks.edits`) changes chosen blocks for this call only."""
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
         if self.label_dim == 0:
@@ -364,7 +419,8 @@ class Precond(torch.nn.Module):
         c_noise = sigma.flatten().log() / 4
 
         self._choose_weight_cache(x.device)
-        F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels)
+        F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels) if edit is None else \
+            self.unet((c_in * x).to(dtype), c_noise, class_labels, edit=edit)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if return_logvar:
             logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)

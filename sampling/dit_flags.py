@@ -14,7 +14,9 @@ from typing import Optional, Sequence
 
 import click
 
+from sampling import dit_run
 from sampling.dit_run import DEFAULTS
+from utils import dist
 from utils.cli import CONTEXT, flag_names, run_command
 from utils.errors import exit_on_usage_error
 
@@ -110,9 +112,6 @@ def _switch(*names, help):  # noqa: A002 - click's argument name
 @flag_names(FLAGS, dashes=True)
 def cli(prefetch: bool, **opts):
     """Sample images from DiT with sliding window guidance (SWG / M-SWG), CFG or CFG+SWG."""
-    from sampling import dit_run
-    from utils import dist
-
     cfg = dit_run.build_config(**opts)
     if prefetch:
         paths = dit_run.prefetch(cfg)
@@ -142,8 +141,6 @@ def _join_metric_words(argv: Sequence[str]) -> list[str]:
 
 def settings(argv: Sequence[str]):
     """The :class:`sampling.dit_run.DiTConfig` these flags give (validated, nothing run or written)."""
-    from sampling import dit_run
-
     params = dict(cli.make_context("sample_dit.py", _join_metric_words(list(argv))).params)
     params.pop("prefetch")
     return flag_names(FLAGS, dashes=True)(dit_run.build_config)(**params)

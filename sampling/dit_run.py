@@ -7,7 +7,7 @@
 
 The lifecycle (folder, saved settings, pending seeds, ranks, writing, ``.npz``,
 metrics, logging) is :mod:`sampling.run`'s; this module says what is DiT's own:
-:class:`DiTConfig` (the common :class:`sampling.run.RunSettings` plus the
+:class:`DiTConfig` (the common :class:`sampling.run_settings.RunSettings` plus the
 model, guidance switches and diffusion), :func:`build_config` (every check that
 needs no network; the run folder named like the reference's), :class:`DiTBackend`
 (DiT and VAE through the weights cache, guided by :mod:`guidance.dit`, sampled
@@ -29,9 +29,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from sampling import run
-from sampling.run import write_npz  # noqa: F401  (public here too: the DiT reference's .npz)
-from sampling.seeds import ImageGenerators, draw_dit, image_seeds  # noqa: F401
+from guidance import WindowError, WindowGrid
+from guidance.dit import default_window_size, dit_guidance
+from metrics.api import needs_reference
+from networks.dit import DiT_models, PRETRAINED_DIT
+from networks.dit_diffusers import load_dit_weights, snapshot_source
+from networks.encoders import load_vae as load_autoencoder
+from networks.zoo import close_names
+from sampling import run, run_settings
+from sampling.gaussian_diffusion import create_diffusion, space_timesteps
+from sampling.seeds import draw_dit
+from utils.cache import prefetch as cache_prefetch
 from utils.errors import UsageError
 
 LATENT_SCALE = 0.18215  # Stable Diffusion VAE latent scaling used by DiT.
@@ -63,12 +71,12 @@ _KWARGS = {"hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob
            "patch_size"}
 
 __all__ = ["DEFAULTS", "VAE_REPOS", "LATENT_SCALE", "IDENTITY_KEYS", "DiTConfig", "DiTBackend", "build_config",
-           "resolve_config", "folder_name", "run_dir", "ImageGenerators", "image_seeds", "decode_latents",
-           "load_model", "load_vae", "write_npz", "prefetch", "generate"]
+           "resolve_config", "folder_name", "run_dir", "decode_latents",
+           "load_model", "load_vae", "prefetch", "generate"]
 
 
 @dataclasses.dataclass
-class DiTConfig(run.RunSettings):
+class DiTConfig(run_settings.RunSettings):
     """Resolved, validated DiT sampling settings (what ``settings.json`` records)."""
 
     model: str = "DiT-XL/2"
@@ -139,12 +147,12 @@ def _seed_list(seeds, num_fid_samples) -> list[int]:
     if seeds is not None and num_fid_samples is not None:
         raise UsageError("`seeds` and `num_fid_samples` both choose the images; give one of them")
     if seeds is not None:
-        return run.parse_seeds(seeds)
+        return run_settings.parse_seeds(seeds)
     n = 50000 if num_fid_samples is None else num_fid_samples
     if n < 1:
         raise UsageError(f"`num_fid_samples` must be >= 1, got {n}")
-    if n > run.MAX_SEED + 1:
-        raise UsageError(f"`num_fid_samples` must be at most {run.MAX_SEED + 1} (images are named by a 7-digit "
+    if n > run_settings.MAX_SEED + 1:
+        raise UsageError(f"`num_fid_samples` must be at most {run_settings.MAX_SEED + 1} (images are named by a 7-digit "
                          f"index), got {n}")
     return list(range(n))
 
@@ -158,12 +166,6 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     ``require_outdir=False``, for callers that only sample in memory).  Unknown
     names raise ``TypeError``; bad values :class:`UsageError`.  Nothing is read or written.
     """
-    from guidance import WindowError, WindowGrid
-    from guidance.dit import default_window_size
-    from networks.dit import DiT_models, PRETRAINED_DIT
-    from networks.zoo import close_names
-    from sampling.gaussian_diffusion import space_timesteps
-
     unknown = sorted(set(opts) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"build_config() got unknown option(s) {', '.join(unknown)}; "
@@ -231,8 +233,7 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     timesteps = len(space_timesteps(1000, steps))
     if o["global_seed"] < 0 or o["global_seed"] >= 2 ** 31:
         raise UsageError(f"`global_seed` must lie in [0, 2^31), got {o['global_seed']}")
-    metrics = run.parse_metrics(o["metrics"])
-    from metrics.api import needs_reference
+    metrics = run_settings.parse_metrics(o["metrics"])
     ref_path = _default_ref_path(o["ref_path"], o["image_size"]) if needs_reference(metrics) else o["ref_path"]
 
     cfg = DiTConfig(
@@ -251,7 +252,7 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     cfg.outdir = run_dir(cfg) if require_outdir else None
     if cfg.max_window_batch is not None and cfg.max_window_batch < 1:
         raise UsageError("`max_window_batch` must be >= 1")
-    run.check_run_settings(cfg, require_outdir=require_outdir)
+    run_settings.check_run_settings(cfg, require_outdir=require_outdir)
     return cfg
 
 
@@ -293,8 +294,6 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def load_model(cfg: DiTConfig, device):
     """The DiT of ``cfg`` (a ``.pt`` through the weights cache, or a diffusers folder / hub id) on ``device``."""
-    from networks.dit_diffusers import load_dit_weights
-
     net, _ = load_dit_weights(cfg.ckpt_source, cfg.model, pos_embed=cfg.pos_embed, input_size=cfg.latent_size,
                               num_classes=cfg.num_classes, **cfg.model_kwargs)
     return net.to(device)
@@ -306,8 +305,6 @@ def _vae_source(cfg: DiTConfig) -> str:
 
 def load_vae(cfg: DiTConfig, device):
     """The AutoencoderKL of ``cfg`` (``vae_path`` or the Stability repo in the cache), checked against DiT."""
-    from networks.encoders import load_vae as load_autoencoder
-
     if cfg.vae_path and not os.path.isdir(os.path.expanduser(cfg.vae_path)):
         raise UsageError(f"`vae_path` {cfg.vae_path} is not a folder; pass a diffusers AutoencoderKL folder")
     vae = load_autoencoder(_vae_source(cfg), device)
@@ -330,9 +327,6 @@ class DiTBackend(run.Backend):
         self.model = self.vae = self.diffusion = self.denoiser = None
 
     def fetch(self) -> list:
-        from networks.dit_diffusers import snapshot_source
-        from utils.cache import prefetch as cache_prefetch
-
         cfg = self.settings
         return cache_prefetch([snapshot_source(cfg.ckpt_source),
                                None if cfg.vae_path else f"hf-snapshot://{VAE_REPOS[cfg.vae]}"])
@@ -348,9 +342,6 @@ class DiTBackend(run.Backend):
 
     def use(self, model, vae) -> "DiTBackend":
         """Sample with an already loaded DiT and VAE (e.g. one model for several guidance settings)."""
-        from guidance.dit import dit_guidance
-        from sampling.gaussian_diffusion import create_diffusion
-
         cfg = self.settings
         self.model, self.vae = model, vae
         self.diffusion = create_diffusion(cfg.num_sampling_steps)

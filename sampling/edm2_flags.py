@@ -9,11 +9,13 @@ sampler's flags (``search.optuna_search``) turn them into settings with
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional, Sequence
 
 import click
 
+from sampling import edm2_run
+from sampling.presets import format_presets
+from utils import dist
 from utils.cli import CONTEXT, flag_names, option, run_command
 from utils.errors import exit_on_usage_error
 
@@ -72,12 +74,7 @@ FLAGS = {"class_idx": "--class", "window_size": "--swg_sizes", "window_steps": "
 @flag_names(FLAGS)
 def cli(prefetch: bool, list_presets: bool, **opts) -> None:
     """Sample EDM2 with sliding window guidance; see the README for the methods."""
-    from sampling import edm2_run
-    from utils import dist
-
     if list_presets:
-        from sampling.presets import format_presets
-
         print(format_presets())
         return
     cfg = edm2_run.build_config(require_outdir=not prefetch, **opts)
@@ -92,8 +89,6 @@ def cli(prefetch: bool, list_presets: bool, **opts) -> None:
 
 def settings(argv: Sequence[str]):
     """The :class:`sampling.edm2_run.GenerateConfig` these flags give (validated, nothing run or written)."""
-    from sampling import edm2_run
-
     params = dict(cli.make_context("sample_edm2.py", list(argv)).params)
     prefetch = params.pop("prefetch")
     params.pop("list_presets")

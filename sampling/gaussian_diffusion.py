@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from utils.errors import UsageError
 
@@ -177,7 +178,6 @@ class GaussianDiffusion:
         x = noise
         steps = list(range(self.num_timesteps))[::-1]
         if progress:
-            from tqdm.auto import tqdm
             steps = tqdm(steps, desc="sampling", leave=False)
         for k, i in enumerate(steps):
             if hasattr(model, "begin_step"):

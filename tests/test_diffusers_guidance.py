@@ -489,12 +489,11 @@ def test_transformer_windows_equal_single_sample_calls(build):
 
 
 def test_readme_dit_pipeline_example_runs(monkeypatch):
-    """The README's DiTPipeline example, as written, with a tiny random pipeline for the hub model."""
+    """The DiTPipeline example of docs/diffusers.md, as written, with a tiny random pipeline for the hub model."""
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("\n## diffusers\n", 1)[1].split("\n## ", 1)[0]
+    section = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "diffusers.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     (block,) = [b for b in blocks if "DiTPipeline.from_pretrained" in b]
     tiny = _dit_pipe(to_diffusers(_our_dit(num_classes=1000)))
@@ -547,12 +546,11 @@ class _StandInSDXLPipeline(_StandInSDPipeline):
 
 @pytest.mark.parametrize("name", ["StableDiffusionPipeline", "StableDiffusionXLPipeline"])
 def test_readme_sd_examples_run(monkeypatch, name):
-    """The README's SD 1.5 / SDXL examples, as written, with stand-in pipelines (see _StandInSDPipeline)."""
+    """The SD 1.5 / SDXL examples of docs/diffusers.md, as written, with stand-in pipelines (see _StandInSDPipeline)."""
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("\n## diffusers\n", 1)[1].split("\n## ", 1)[0]
+    section = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "diffusers.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     (block,) = [b for b in blocks if f"{name}.from_pretrained" in b]
     stand_in = _StandInSDXLPipeline if "XL" in name else _StandInSDPipeline
