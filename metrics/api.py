@@ -49,7 +49,7 @@ from utils.atomic import atomic_path, ensure_dir, write_text_atomic
 from utils.errors import UsageError
 
 from utils import dist
-from .detectors import get_detector
+from .detectors import get_detector, output_dims
 from .frechet import frechet_distance
 from .images import ImageSource, is_image_source, iterate_batches, open_images, select_indices
 from .refs import load_ref
@@ -77,6 +77,9 @@ __all__ = [
     "calc_metrics_from_stats",
     "check_stats_cover",
     "check_resolution",
+    "check_ref_covers",
+    "block_taps",
+    "prepare_reference",
     "reference_rows",
     "is_stats_file",
     "calc_metrics",
@@ -247,18 +250,13 @@ def _local_batches(images: Images, num: Optional[int], batch: int, seed: int):
     return gen(), None, None
 
 
-def _block_taps(blocks: Sequence[str]) -> Dict[str, tuple]:
+def block_taps(blocks: Sequence[str]) -> Dict[str, tuple]:
     """block name -> (detector, output)."""
     inverse = {key: tap for tap, key in BLOCKS.items()}
     unknown = [b for b in blocks if b not in inverse]
     if unknown:
         raise ValueError(f"unknown statistics block(s) {unknown}; known: {sorted(inverse)}")
     return {b: inverse[b] for b in blocks}
-
-
-def _output_dims(det) -> Dict[str, int]:
-    """A detector's output widths (``features`` only for detectors without ``output_dims``)."""
-    return getattr(det, "output_dims", None) or {"features": det.feature_dim}
 
 
 def check_resolution(expected, got, where: str, what: str = "these images") -> None:
@@ -294,7 +292,7 @@ def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dino
     """
     device = torch.device(device) if device is not None else _default_device()
     blocks = [STAT_KEYS[k] for k in detectors] if blocks is None else list(blocks)
-    taps = _block_taps(blocks)
+    taps = block_taps(blocks)
     kinds = sorted({*detectors, *(k for k, _ in taps.values())}, key=DETECTOR_ORDER.index)
     batches, num_batches, total = _local_batches(images, num, batch, seed)
     kwargs = dict(detector_kwargs or {})
@@ -305,7 +303,7 @@ def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dino
             raise ValueError(f"probs of {kind!r} need the {kind} detector in detectors (and one with probs)")
     keep = ([b for b, (_, out) in taps.items() if out == "features"] if keep_features is True
             else list(keep_features or []))
-    stats = {b: FeatureStats(_output_dims(dets[k])[out], keep_rows=b in keep, device=device)
+    stats = {b: FeatureStats(output_dims(dets[k])[out], keep_rows=b in keep, device=device)
              for b, (k, out) in taps.items()}
     prob_rows: Dict[str, list] = {kind: [] for kind in prob_kinds}
     sat = 0.0
@@ -434,7 +432,7 @@ def calc_metrics_from_stats(stats: Mapping[str, Any], ref: Optional[Mapping[str,
     return results
 
 
-def _check_ref_covers(ref: Mapping[str, Any], metrics: Sequence[str], where: str) -> None:
+def check_ref_covers(ref: Mapping[str, Any], metrics: Sequence[str], where: str) -> None:
     """Refuse a reference that lacks what ``metrics`` need: one line naming what it has and what is needed."""
     from .refs import ADM_LAYOUT, NPZ_BLOCKS
 
@@ -488,7 +486,7 @@ def reference_rows(ref: Dict[str, Any], blocks: Sequence[str], *, batch: int = 6
     sha = _sha256(path)
     kwargs = dict(detector_kwargs or {})
     for block in todo:
-        kind = _block_taps([block])[block][0]
+        kind = block_taps([block])[block][0]
         options = kwargs.get(kind) or {}
         tag = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:8]
         cached = cache_dir() / "ref-features" / f"{sha}-{block}{'-' + tag if options else ''}.npy"
@@ -525,8 +523,27 @@ def _reference(ref_path, need_ref: Sequence[str], *, batch, device, detector_kwa
                              keep_features=row_blocks(need_ref), batch=batch, device=device,
                              detector_kwargs=detector_kwargs, progress=progress, desc="reference images")
     ref = load_ref(ref_path)
-    _check_ref_covers(ref, need_ref, str(ref_path))
+    check_ref_covers(ref, need_ref, str(ref_path))
     return ref
+
+
+def prepare_reference(ref_path: Optional[Union[str, os.PathLike]], metrics: Sequence[str], *,
+                      ref: Optional[Mapping[str, Any]] = None, batch: int = 64, device=None,
+                      detector_kwargs: Optional[Mapping[str, dict]] = None, progress: bool = True):
+    """The reference for scoring statistics with :func:`calc_metrics_from_stats` (None if no metric needs one).
+
+    ``ref`` (already loaded) or ``ref_path`` (a file, URL or image folder) is checked to cover
+    ``metrics`` and given the feature rows the row metrics need (an ADM batch's ``arr_0``: computed
+    once, then cached; see :func:`reference_rows`).
+    """
+    need_ref = [m for m in parse_metrics(metrics) if METRICS[m].needs_reference]
+    if not need_ref:
+        return ref
+    opts = dict(batch=batch, device=device, detector_kwargs=detector_kwargs, progress=progress)
+    if ref is None:
+        ref = _reference(ref_path, need_ref, **opts)
+    check_ref_covers(ref, need_ref, str(ref_path) if ref_path is not None else "the reference")
+    return reference_rows(dict(ref), row_blocks(need_ref), **opts)
 
 
 def _first_resolution(source: ImageSource, indices) -> Optional[list]:
@@ -567,7 +584,7 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
         if need_ref and ref is None:
             ref = _reference(ref_path, need_ref, **opts)
         if need_ref:
-            _check_ref_covers(ref, need_ref, where)
+            check_ref_covers(ref, need_ref, where)
             ref = reference_rows(dict(ref), row_blocks(need_ref), **opts)
         return calc_metrics_from_stats(stats, ref, names, device=device)
 
@@ -577,7 +594,7 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
     if need_ref and ref is None and not is_image_source(ref_path or ""):
         ref = _reference(ref_path, need_ref, **opts)
     if need_ref and ref is not None:
-        _check_ref_covers(ref, need_ref, where)
+        check_ref_covers(ref, need_ref, where)
     if isinstance(images, ImageSource):
         indices = select_indices(len(images), num, seed)
         minimum = minimum_images(names)
@@ -595,7 +612,7 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
             if ref is None or block not in ref or "mu" not in ref[block]:
                 continue
             dim = np.asarray(ref[block]["mu"]).reshape(-1).shape[0]
-            want = _output_dims(det)[_block_taps([block])[block][1]]
+            want = output_dims(det)[block_taps([block])[block][1]]
             if dim != want:
                 raise UsageError(f"{where}: '{block}' statistics have {dim} features but the {kind} detector "
                                  f"gives {want}; use a reference made with this detector "

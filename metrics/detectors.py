@@ -24,7 +24,7 @@ from utils.errors import UsageError
 from . import dinov2 as _dinov2
 from . import inception as _inception
 
-__all__ = ["full_precision", "Detector", "InceptionDetector", "DINOv2Detector", "LOADERS", "get_detector", "clear_cache",
+__all__ = ["full_precision", "output_dims", "Detector", "InceptionDetector", "DINOv2Detector", "LOADERS", "get_detector", "clear_cache",
            "prefetch"]
 
 
@@ -60,6 +60,12 @@ class Detector:
 
     def __call__(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         raise TypeError(f"{type(self).__name__} does not implement __call__")
+
+
+def output_dims(det) -> Dict[str, int]:
+    """A detector's feature-like outputs and their widths (``features`` alone for detectors without
+    ``output_dims``, such as the demo's digit classifier)."""
+    return getattr(det, "output_dims", None) or {"features": det.feature_dim}
 
 
 class InceptionDetector(Detector):
