@@ -153,13 +153,13 @@ def requested_classes(seeds: Sequence[int], label_dim: int = 10, shape: Sequence
                       device=None) -> np.ndarray:
     """The class the EDM2 pipeline draws for each seed (:func:`sampling.seeds.draw_edm2`, the sampler's own draw).
 
-    ``device`` defaults to the sampling device of :func:`sampling.run.resolve_device`
+    ``device`` defaults to the sampling device of :func:`sampling.run_settings.resolve_device`
     (what :func:`sampling.edm2_run.generate` uses): the generators live there, and
     CUDA and CPU generators give different draws.  ``shape`` is the noise of one
     image (channels, height, width); it must match the network, since it sets how
     far the noise draw advances each generator.
     """
-    from sampling.run import resolve_device
+    from sampling.run_settings import resolve_device
     from sampling.seeds import draw_edm2
 
     draw = draw_edm2(seeds, shape, label_dim, resolve_device(device))

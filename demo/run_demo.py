@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 
 from demo.common import (Timings, check_outdir, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
                          requested_classes, network_shape, sample_grid, sample_row, save_figure, write_settings)
+from sampling.presets import ZOO_PARAMS  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
 from utils.errors import UsageError, exit_on_usage_error  # noqa: E402
 
@@ -90,13 +91,16 @@ METHODS = [
     Method("wmg-swg-RT", "demo-digits-rt-mswg", negative="RT"),
     Method("wmg-swg-RCT", "demo-digits-rct-mswg", negative="RCT"),
     Method("cfg-swg", "demo-digits-cfg-mswg", negative="uncond"),
+    # The guidance zoo at its presets' default weights (sampling.presets.ZOO_PARAMS), alone and with M-SWG.
+    *(Method(f"{m}{pair}", f"demo-digits-{m}{pair}", negative="uncond")
+      for m in ZOO_PARAMS for pair in ("", "-mswg")),
 ]
 
 
 def method_config(m: Method, outdir: pathlib.Path, seeds, steps: int, batch: int):
     """The :class:`sampling.edm2_run.GenerateConfig` of row ``m`` (metrics are computed by the demo itself)."""
     from sampling import edm2_run
-    from sampling.run import compact_seeds
+    from sampling.run_settings import compact_seeds
 
     seeds = compact_seeds(seeds) if not isinstance(seeds, str) else seeds
     return edm2_run.build_config(preset=m.preset, outdir=str(outdir / m.name), seeds=seeds,

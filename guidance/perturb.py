@@ -48,7 +48,7 @@ from typing import Callable, Optional, Sequence, Tuple
 from utils.errors import UsageError
 
 __all__ = ["KINDS", "EDITS", "Perturbation", "PerturbationError", "PerturbedDenoiser", "perturbation",
-           "perturbed", "default_blocks", "parse_blocks"]
+           "perturbed", "perturber", "default_blocks", "parse_blocks"]
 
 # kind -> the network's block edit that makes its perturbed pass.
 EDITS = {"pag": "identity", "seg": "blur", "slg": "skip"}
@@ -163,6 +163,27 @@ class PerturbedDenoiser:
 def perturbed(denoiser: Callable, net, perturbation: Perturbation) -> PerturbedDenoiser:
     """The perturbed positive network: ``perturbation`` resolved on ``net``; ``denoiser`` passes ``edit`` to ``net``."""
     return PerturbedDenoiser(denoiser, perturbation.resolve(net))
+
+
+def perturber(denoiser: Callable, net, kinds: Sequence[str], blocks=None,
+              seg_sigma=None) -> Callable[[object], PerturbedDenoiser]:
+    """``key -> D_pert``: what a guided denoiser's ``perturb`` needs (:class:`guidance.methods.Perturbed`).
+
+    Every kind in ``kinds`` is built and checked against ``net`` now (before any image), with
+    ``blocks`` and ``seg_sigma`` (None: the defaults); ``key`` is such a kind (``"pag"``) or a
+    :class:`Perturbation` of its own.
+    """
+    made = {k: perturbed(denoiser, net, perturbation(k, blocks, seg_sigma if k == "seg" else None)) for k in kinds}
+
+    def get(key) -> PerturbedDenoiser:
+        if isinstance(key, Perturbation):
+            if key not in made:
+                made[key] = perturbed(denoiser, net, key)
+            return made[key]
+        if key not in made:
+            raise PerturbationError(f"no perturbed pass {key!r} was prepared; prepared: {', '.join(map(str, made))}")
+        return made[key]
+    return get
 
 
 def _ranges(blocks: Sequence[int]) -> str:

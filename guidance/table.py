@@ -20,10 +20,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from utils.errors import UsageError
 
-from .methods import CFG, FDG, SWG, TCFG, WMG, APGuidance, CFGZeroStar, Guider, NegSWG, NoGuidance, PlusSWG
+from .methods import (CFG, FDG, SWG, TCFG, WMG, APGuidance, CFGZeroStar, Guider, NegSWG, NoGuidance,
+                      PerturbedGuidance, PlusSWG)
 
 __all__ = ["GuidanceError", "MethodSpec", "Param", "METHODS", "method_spec", "method_names", "NEGATIVES",
-           "check_sigma_interval"]
+           "check_sigma_interval", "method_params", "method_param_names", "method_param_help", "parse_sigma_interval"]
 
 
 class GuidanceError(UsageError, ValueError):
@@ -80,6 +81,7 @@ class MethodSpec:
     params: Tuple[Param, ...] = ()              # method parameters besides the weights
     paper: str = ""                             # where the method comes from
     base: str = ""                              # for "X-swg" pairings: the method X
+    perturbation: Optional[str] = None          # a perturbed pass of the positive network (guidance.perturb.KINDS)
 
     @property
     def num_weights(self) -> int:
@@ -124,6 +126,32 @@ class MethodSpec:
         return ",".join(f"{w:g}" for w in self.example) if self.example else "(none)"
 
 
+def method_params(spec: MethodSpec, given: dict, param: str = "method") -> Dict[str, float]:
+    """``spec``'s parameters from ``given`` (None = unset): checked, defaults filled; another method's refused."""
+    given = {k: v for k, v in given.items() if v is not None}
+    stray = sorted(set(given) - {p.name for p in spec.params})
+    if stray:
+        owners = sorted({s.base or s.name for s in METHODS.values() if any(p.name == stray[0] for p in s.params)})
+        raise GuidanceError(f"`{stray[0]}` is a parameter of {' / '.join(owners) or 'no method'}; `{param}` "
+                            f"{spec.name} does not use it (drop it" + (f" or choose e.g. `{param}` {owners[0]})"
+                                                                       if owners else ")"))
+    return spec.param_values(**given)
+
+
+def method_param_names() -> List[str]:
+    """Every method parameter of the table (APG's ``eta`` ...), each once: the keywords and flags that set them."""
+    return list(dict.fromkeys(p.name for s in METHODS.values() for p in s.params))
+
+
+def method_param_help() -> List[Tuple[str, str]]:
+    """``(name, help)`` of every method parameter, for the command lines' flags."""
+    seen: Dict[str, str] = {}
+    for spec in METHODS.values():
+        for p in spec.params:
+            seen.setdefault(p.name, f"{p.help} [default: {p.default:g}]")
+    return list(seen.items())
+
+
 def check_sigma_interval(lo_hi, what: str = "sigma_interval") -> Tuple[float, float]:
     """``(lo, hi)`` with ``0 <= lo < hi`` (``hi`` may be inf): the noise levels ``lo < sigma <= hi``."""
     try:
@@ -134,6 +162,13 @@ def check_sigma_interval(lo_hi, what: str = "sigma_interval") -> Tuple[float, fl
     if not (0 <= lo < hi) or math.isnan(hi):
         raise GuidanceError(f"`{what}` must satisfy 0 <= lo < hi, got {lo:g},{hi:g}; e.g. 0.28,2.9")
     return lo, hi
+
+
+def parse_sigma_interval(text, what: str) -> Optional[Tuple[float, float]]:
+    """``"lo,hi"`` / ``(lo, hi)`` -> checked ``(lo, hi)``; None, ``""`` or ``"none"`` -> None."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "")):
+        return None
+    return check_sigma_interval(text.split(",") if isinstance(text, str) else text, what)
 
 
 _APG_PARAMS = (
@@ -155,7 +190,7 @@ def _swg_pair(spec: "MethodSpec", example_swg: float) -> "MethodSpec":
                       build, negative=spec.negative, windows=True, options=("masked",),
                       aliases=tuple(f"{a}-swg" for a in spec.aliases if "_" not in a) + (f"{spec.name}_swg",),
                       example=(*spec.example, example_swg), label=f"{spec.label}+SWG", params=spec.params,
-                      paper=spec.paper, base=spec.name)
+                      paper=spec.paper, base=spec.name, perturbation=spec.perturbation)
 
 
 _NEW = (
@@ -177,6 +212,20 @@ _NEW = (
                paper="Kwon et al. 2025, TCFG: tangential damping classifier-free guidance"),
 )
 
+# The positive network run once more with chosen blocks changed (guidance/perturb.py: blocks, seg_sigma).
+_PERTURBED = (
+    MethodSpec("pag", "D = D_pos + w (D_pos - D_pag), D_pag: identity self-attention maps in the chosen blocks",
+               ("w",), lambda ws: PerturbedGuidance(w=ws[0], kind="pag"), perturbation="pag", example=(3.0,),
+               label="PAG", paper="Ahn et al. 2024, Self-rectifying diffusion sampling with perturbed-attention guidance"),
+    MethodSpec("seg", "D = D_pos + w (D_pos - D_seg), D_seg: self-attention queries blurred (Gaussian of width "
+               "seg_sigma, inf = mean query) in the chosen blocks", ("w",),
+               lambda ws: PerturbedGuidance(w=ws[0], kind="seg"), perturbation="seg", example=(3.0,), label="SEG",
+               paper="Hong 2024, Smoothed energy guidance"),
+    MethodSpec("slg", "D = D_pos + w (D_pos - D_slg), D_slg: the chosen blocks skipped", ("w",),
+               lambda ws: PerturbedGuidance(w=ws[0], kind="slg"), perturbation="slg", example=(2.8,), label="SLG",
+               paper="Stability AI 2024, skip-layer guidance (SD 3.5)"),
+)
+
 METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("none", "D = D_pos", (), lambda ws: NoGuidance(), label="no guidance"),
     MethodSpec("cfg", "D = D_pos + w (D_pos - D_uncond)", ("w",), lambda ws: CFG(w=ws[0]),
@@ -187,7 +236,7 @@ METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("swg", "D = D_pos + w m (D_pos - D_win)", ("w",),
                lambda ws, masked=True: SWG(w=ws[0], masked=masked),
                windows=True, options=("masked",), aliases=("mswg", "m-swg"), example=(0.2,), label="SWG",
-               paper="Kaiser et al. 2024, sliding window guidance"),
+               paper="Adaloglou, Kaiser et al. 2025, Guiding a diffusion model using sliding windows (arXiv 2411.10257)"),
     MethodSpec("wmg-swg", "D = D_pos + w1 (D_pos - D_weak) + w2 m (D_pos - D_win)", ("w_neg", "w_swg"),
                lambda ws, masked=True, reference_quirks=False: NegSWG(
                    w_neg=ws[0], w_swg=ws[1], masked=masked, reference_quirks=reference_quirks, neg_labels=True),
@@ -199,6 +248,7 @@ METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in (
                negative="uncond", windows=True, options=("masked", "reference_quirks"), aliases=("cfg_swg",),
                example=(0.3, 0.5), label="CFG+SWG", base="cfg"),
     *(entry for spec in _NEW for entry in (spec, _swg_pair(spec, 0.2))),
+    *(entry for spec in _PERTURBED for entry in (spec, _swg_pair(spec, 0.2))),
 )}
 
 _LOOKUP: Dict[str, str] = {**{n: n for n in METHODS}, **{a: s.name for s in METHODS.values() for a in s.aliases}}

@@ -24,7 +24,7 @@ from utils.errors import UsageError
 from . import dinov2 as _dinov2
 from . import inception as _inception
 
-__all__ = ["full_precision", "Detector", "InceptionDetector", "DINOv2Detector", "LOADERS", "get_detector", "clear_cache",
+__all__ = ["full_precision", "output_dims", "Detector", "InceptionDetector", "DINOv2Detector", "LOADERS", "get_detector", "clear_cache",
            "prefetch"]
 
 
@@ -46,17 +46,31 @@ def full_precision():
 
 
 class Detector:
-    """Base class: ``name``, ``feature_dim`` and ``__call__(uint8 NCHW) -> dict of tensors``."""
+    """Base class: ``name``, ``feature_dim`` and ``__call__(uint8 NCHW) -> dict of tensors``.
+
+    ``output_dims`` maps each feature-like output to its width (default: ``features``).
+    """
 
     name = "detector"
     feature_dim = 0
+
+    @property
+    def output_dims(self) -> Dict[str, int]:
+        return {"features": self.feature_dim}
 
     def __call__(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         raise TypeError(f"{type(self).__name__} does not implement __call__")
 
 
+def output_dims(det) -> Dict[str, int]:
+    """A detector's feature-like outputs and their widths (``features`` alone for detectors without
+    ``output_dims``, such as the demo's digit classifier)."""
+    return getattr(det, "output_dims", None) or {"features": det.feature_dim}
+
+
 class InceptionDetector(Detector):
-    """FID Inception-v3: ``features`` [N, 2048] and ``probs`` [N, 1008] (bias-free softmax)."""
+    """FID Inception-v3: ``features`` [N, 2048], ``probs`` [N, 1008] (bias-free softmax) and
+    ``spatial`` [N, 2023] (ADM's sFID tap, :meth:`metrics.inception.InceptionV3.features`)."""
 
     name = "inception"
 
@@ -64,11 +78,16 @@ class InceptionDetector(Detector):
         self.model = model
         self.feature_dim = model.fc.in_features
 
+    @property
+    def output_dims(self) -> Dict[str, int]:
+        return {"features": self.feature_dim,
+                "spatial": 17 * 17 * _inception.SPATIAL_CHANNELS}
+
     @torch.no_grad()
     def __call__(self, images):
         with full_precision():
-            feats, logits = self.model(images, no_output_bias=True)
-        return {"features": feats, "probs": torch.softmax(logits.double(), dim=1)}
+            feats, logits, spatial = self.model(images, no_output_bias=True, spatial=True)
+        return {"features": feats, "probs": torch.softmax(logits.double(), dim=1), "spatial": spatial}
 
 
 class DINOv2Detector(Detector):

@@ -21,6 +21,8 @@ column         meaning
 ``weights``    guidance weights as given, ``w`` or ``w1,w2``
 ``windows``    ``k=40,n=2`` (window size, windows per axis), empty without windows
 ``N``          number of images evaluated
+``evals_per_step``  network evaluations per image per sampler step, counted while sampling
+               (``evals.json``; a window counts one); ``cost_per_step`` weights them by input area
 ``fid`` ...    ``fid``, ``fd_dinov2``, ``is``, ``saturation`` and any other result
 =============  ==================================================================
 
@@ -51,6 +53,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import click
 
 from guidance import METHODS
+from sampling.run_folder import EVALS_FILE
 from utils.atomic import atomic_path, ensure_dir
 from utils.errors import UsageError, exit_on_usage_error
 
@@ -58,13 +61,14 @@ __all__ = ["ARGS_FILES", "MAIN_COLUMNS", "PLOT_METRICS", "TABLE_METRICS", "DEMO_
            "is_demo_run", "read_demo_run", "collect", "to_csv", "to_markdown", "plot_metrics", "default_out",
            "write_report", "main"]
 
-ARGS_FILES = ("settings.json", "generate_args.json", "args.json")  # sampling.run.SETTINGS_FILE, then older names
+ARGS_FILES = ("settings.json", "generate_args.json", "args.json")  # sampling.run_folder.SETTINGS_FILE, then older names
 MAIN_COLUMNS = ("method", "weights", "windows", "model", "N", "fid", "fd_dinov2", "is", "saturation")
 PLOT_METRICS = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "is": "Inception score", "saturation": "Saturation",
                 "fd_digits": "FD (digits)", "conf_digits": "Confidence (digits)"}
 # Markdown columns, in this order; each appears when at least one row has it.
 TABLE_METRICS = {"fid": "FID", "fd_dinov2": "FDD", "is": "IS", "saturation": "saturation",
-                 "fd_digits": "FD-digits", "conf_digits": "confidence", "class_match": "class match"}
+                 "fd_digits": "FD-digits", "conf_digits": "confidence", "class_match": "class match",
+                 "evals_per_step": "evals/step"}
 DEMO_SETTINGS = "demo_settings.json"  # the record demo/run_demo.py keeps beside its results.csv
 _DEMO_SCORES = {"fd_digits": ("fd_digits", "fd"), "conf_digits": ("conf_digits", "confidence"),
                 "class_match": ("class_match",)}  # our name <- the demo table's column(s)
@@ -160,6 +164,15 @@ def _read_args(folder: pathlib.Path) -> dict:
     return {}
 
 
+def _read_evals(folder: pathlib.Path) -> dict:
+    """``evals_per_step`` and ``cost_per_step`` counted by the sampler (``evals.json``), when present."""
+    try:
+        doc = json.loads((folder / EVALS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: doc.get(k) for k in ("evals_per_step", "cost_per_step") if isinstance(doc, dict)}
+
+
 def _as_list(value) -> list:
     if value is None or value == "":
         return []
@@ -238,6 +251,7 @@ def read_run(folder: os.PathLike | str, *, all_evals: bool = False, root: Option
         n = results.pop("num_images", None)
         row["N"] = int(n) if n is not None else args.get("num_images")
         row.update({k: v for k, v in results.items() if isinstance(v, (int, float)) or v is None})
+        row.update(_read_evals(folder))
         rel = folder.relative_to(root) if root is not None else folder
         row["run"] = str(rel)
         row["evaluation"] = index

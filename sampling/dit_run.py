@@ -7,7 +7,7 @@
 
 The lifecycle (folder, saved settings, pending seeds, ranks, writing, ``.npz``,
 metrics, logging) is :mod:`sampling.run`'s; this module says what is DiT's own:
-:class:`DiTConfig` (the common :class:`sampling.run.RunSettings` plus the
+:class:`DiTConfig` (the common :class:`sampling.run_settings.RunSettings` plus the
 model, guidance switches and diffusion), :func:`build_config` (every check that
 needs no network; the run folder named like the reference's), :class:`DiTBackend`
 (DiT and VAE through the weights cache, guided by :mod:`guidance.dit`, sampled
@@ -29,9 +29,18 @@ from typing import Optional, Sequence
 
 import torch
 
-from sampling import run
-from sampling.run import write_npz  # noqa: F401  (public here too: the DiT reference's .npz)
-from sampling.seeds import ImageGenerators, draw_dit, image_seeds  # noqa: F401
+from guidance import WindowError, WindowGrid
+from guidance.dit import DIT_MODES, default_window_size, dit_guidance
+from guidance.table import method_param_names, method_params, method_spec, parse_sigma_interval
+from metrics.api import needs_reference
+from networks.dit import DiT_models, PRETRAINED_DIT
+from networks.dit_diffusers import load_dit_weights, snapshot_source
+from networks.encoders import load_vae as load_autoencoder
+from networks.zoo import close_names
+from sampling import run, run_settings
+from sampling.gaussian_diffusion import create_diffusion, space_timesteps
+from sampling.seeds import draw_dit
+from utils.cache import prefetch as cache_prefetch
 from utils.errors import UsageError
 
 LATENT_SCALE = 0.18215  # Stable Diffusion VAE latent scaling used by DiT.
@@ -39,7 +48,8 @@ VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-m
 # Settings an existing output folder must share with a resumed run (the rest may change).
 IDENTITY_KEYS = ("model", "model_kwargs", "ckpt", "image_size", "vae", "num_classes", "method", "g_scale",
                  "crop_scale", "mask", "window_size", "window_steps", "cfg_channels", "pos_embed",
-                 "num_sampling_steps", "global_seed")
+                 "num_sampling_steps", "global_seed", "weights", "g_params", "g_sigma_interval",
+                 "swg_sigma_interval")
 
 # Every option of build_config and its default: the command line's flags (underscore spelling).
 DEFAULTS = {
@@ -52,6 +62,9 @@ DEFAULTS = {
     "save": None, "keep": 0, "save_stats": None,
     "subdirs": False, "metrics": "fid,fd_dinov2", "ref_path": None, "max_window_batch": None,
     "device": None, "use_wandb": 0, "wandb_group": None, "wandb_runname": None,
+    # Any other method of guidance.table (apg, cfg-zero-swg, ...), its weights, parameters and sigma intervals.
+    "method": None, "weights": None, "g_sigma_interval": None, "swg_sigma_interval": None,
+    **{name: None for name in method_param_names()},
 }
 # Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder).
 _FLOATS = ("g_scale", "crop_scale")
@@ -63,12 +76,12 @@ _KWARGS = {"hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob
            "patch_size"}
 
 __all__ = ["DEFAULTS", "VAE_REPOS", "LATENT_SCALE", "IDENTITY_KEYS", "DiTConfig", "DiTBackend", "build_config",
-           "resolve_config", "folder_name", "run_dir", "ImageGenerators", "image_seeds", "decode_latents",
-           "load_model", "load_vae", "write_npz", "prefetch", "generate"]
+           "resolve_config", "folder_name", "run_dir", "decode_latents",
+           "load_model", "load_vae", "prefetch", "generate"]
 
 
 @dataclasses.dataclass
-class DiTConfig(run.RunSettings):
+class DiTConfig(run_settings.RunSettings):
     """Resolved, validated DiT sampling settings (what ``settings.json`` records)."""
 
     model: str = "DiT-XL/2"
@@ -90,6 +103,10 @@ class DiTConfig(run.RunSettings):
     uncond: int = 0
     vanila_cfg: int = 0
     method: str = "none"
+    weights: tuple = ()                   # the weights of a `method` of the table (table convention)
+    g_params: dict = dataclasses.field(default_factory=dict)
+    g_sigma_interval: Optional[tuple] = None
+    swg_sigma_interval: Optional[tuple] = None
     window_size: Optional[int] = None
     window_steps: int = 2
     cfg_channels: str = "reference"
@@ -139,14 +156,52 @@ def _seed_list(seeds, num_fid_samples) -> list[int]:
     if seeds is not None and num_fid_samples is not None:
         raise UsageError("`seeds` and `num_fid_samples` both choose the images; give one of them")
     if seeds is not None:
-        return run.parse_seeds(seeds)
+        return run_settings.parse_seeds(seeds)
     n = 50000 if num_fid_samples is None else num_fid_samples
     if n < 1:
         raise UsageError(f"`num_fid_samples` must be >= 1, got {n}")
-    if n > run.MAX_SEED + 1:
-        raise UsageError(f"`num_fid_samples` must be at most {run.MAX_SEED + 1} (images are named by a 7-digit "
+    if n > run_settings.MAX_SEED + 1:
+        raise UsageError(f"`num_fid_samples` must be at most {run_settings.MAX_SEED + 1} (images are named by a 7-digit "
                          f"index), got {n}")
     return list(range(n))
+
+
+def _table_method(o: dict, mode: str):
+    """``(mode, weights, params, g_sigma, swg_sigma)``: a `method` of the guidance table, checked, or the switches'."""
+    name = o["method"]
+    params = {k: o[k] for k in method_param_names()}
+    intervals = (o["g_sigma_interval"], o["swg_sigma_interval"])
+    if name is None or str(name).strip().lower() in ("", "none"):
+        if o["weights"] is not None or any(v is not None for v in (*params.values(), *intervals)):
+            raise UsageError("`weights`, the method parameters and the sigma intervals belong to `method`; "
+                             "choose one, e.g. `method` apg")
+        return mode, (), {}, None, None
+    spec = method_spec(name, "method")
+    if spec.name in DIT_MODES:
+        switch = {"swg": "`crop` 1", "cfg": "`vanila_cfg` 1", "cfg-swg": "`cfg_crop` 1", "none": "no switch"}
+        raise UsageError(f"`method` {spec.name} is one of DiT's reference modes: use {switch[spec.name]} "
+                         f"with `g_scale` (see --help)")
+    if mode != "none" or o["g_scale"] or o["crop_scale"]:
+        raise UsageError(f"`method` {spec.name} replaces the switches `crop`, `cfg_crop`, `vanila_cfg`, `uncond` "
+                         f"and `g_scale` / `crop_scale`; give its weights with `weights` (e.g. {spec.example_text()})")
+    try:
+        weights = tuple(float(w) for w in str(o["weights"] if o["weights"] is not None else "").replace(
+            "(", "").replace(")", "").split(",") if str(w).strip()) if not isinstance(o["weights"], (list, tuple)) \
+            else tuple(float(w) for w in o["weights"])
+    except ValueError:
+        raise UsageError(f"`weights`: cannot parse {o['weights']!r}; give numbers separated by a comma, "
+                         f"e.g. {spec.example_text()}") from None
+    if len(weights) != spec.num_weights:
+        raise UsageError(f"`method` {spec.name} takes {spec.num_weights} weight(s) ({', '.join(spec.weights)}), "
+                         f"got {len(weights)}; e.g. `weights` {spec.example_text()}")
+    if spec.negative == "weak":
+        raise UsageError(f"`method` {spec.name} needs a weaker network; DiT samples with one network "
+                         f"(the null class is the unconditional negative: e.g. `method` cfg-zero)")
+    g_sigma = parse_sigma_interval(o["g_sigma_interval"], "g_sigma_interval")
+    swg_sigma = parse_sigma_interval(o["swg_sigma_interval"], "swg_sigma_interval")
+    if swg_sigma is not None and not spec.windows:
+        raise UsageError(f"`swg_sigma_interval` limits the window term, but `method` {spec.name} has no windows")
+    return spec.name, weights, method_params(spec, params, "method"), g_sigma, swg_sigma
 
 
 def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
@@ -158,12 +213,6 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     ``require_outdir=False``, for callers that only sample in memory).  Unknown
     names raise ``TypeError``; bad values :class:`UsageError`.  Nothing is read or written.
     """
-    from guidance import WindowError, WindowGrid
-    from guidance.dit import default_window_size
-    from networks.dit import DiT_models, PRETRAINED_DIT
-    from networks.zoo import close_names
-    from sampling.gaussian_diffusion import space_timesteps
-
     unknown = sorted(set(opts) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"build_config() got unknown option(s) {', '.join(unknown)}; "
@@ -204,8 +253,10 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         raise UsageError(f"guidance scales must be >= 0, got `g_scale` {g} `crop_scale` {c}")
     if c > 0 and mode != "cfg-swg":
         raise UsageError("`crop_scale` is the SWG weight of `cfg_crop` 1; with `crop` 1 the weight is `g_scale`")
-    if o["mask"] and mode not in ("swg", "cfg-swg"):
-        raise UsageError("`mask` 1 (M-SWG) needs `crop` 1 or `cfg_crop` 1")
+    mode, weights, g_params, g_sigma, swg_sigma = _table_method(o, mode)
+    windows = mode in ("swg", "cfg-swg") or (mode not in DIT_MODES and method_spec(mode).windows)
+    if o["mask"] and not windows:
+        raise UsageError("`mask` 1 (M-SWG) needs `crop` 1 or `cfg_crop` 1 (or a `method` with windows, e.g. apg-swg)")
     if mode == "uncond" and g > 0:
         raise UsageError("`uncond` 1 samples without guidance; drop `g_scale`")
     if mode == "cfg" and g < 1:
@@ -218,7 +269,7 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         raise UsageError("`g_scale` needs a guidance switch: `crop` 1 (SWG), `cfg_crop` 1 (CFG+SWG) "
                          "or `vanila_cfg` 1 (CFG)")
     window = None
-    if mode in ("swg", "cfg-swg"):
+    if windows:
         window = o["window_size"] or max(patch, default_window_size(latent) // patch * patch)
         if window % patch:
             raise UsageError(f"`window_size` {window} must be a multiple of the patch size {patch}")
@@ -231,8 +282,7 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     timesteps = len(space_timesteps(1000, steps))
     if o["global_seed"] < 0 or o["global_seed"] >= 2 ** 31:
         raise UsageError(f"`global_seed` must lie in [0, 2^31), got {o['global_seed']}")
-    metrics = run.parse_metrics(o["metrics"])
-    from metrics.api import needs_reference
+    metrics = run_settings.parse_metrics(o["metrics"])
     ref_path = _default_ref_path(o["ref_path"], o["image_size"]) if needs_reference(metrics) else o["ref_path"]
 
     cfg = DiTConfig(
@@ -247,11 +297,12 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         crop=o["crop"], mask=o["mask"], cfg_crop=o["cfg_crop"], uncond=o["uncond"], vanila_cfg=o["vanila_cfg"],
         method=mode, window_size=window, window_steps=o["window_steps"], cfg_channels=o["cfg_channels"],
         pos_embed=o["pos_embed"], num_sampling_steps=steps, timesteps=timesteps, global_seed=o["global_seed"],
-        tf32=o["tf32"], max_window_batch=o["max_window_batch"])
+        tf32=o["tf32"], max_window_batch=o["max_window_batch"], weights=weights, g_params=g_params,
+        g_sigma_interval=g_sigma, swg_sigma_interval=swg_sigma)
     cfg.outdir = run_dir(cfg) if require_outdir else None
     if cfg.max_window_batch is not None and cfg.max_window_batch < 1:
         raise UsageError("`max_window_batch` must be >= 1")
-    run.check_run_settings(cfg, require_outdir=require_outdir)
+    run_settings.check_run_settings(cfg, require_outdir=require_outdir)
     return cfg
 
 
@@ -271,6 +322,12 @@ def folder_name(cfg: DiTConfig) -> str:
         name += f"_cfg_swg_{cfg.crop_scale}_mask_{int(cfg.mask)}"
     if cfg.uncond:
         name += "_uncond"
+    if cfg.weights:
+        params = "".join(f"_{k}_{v:g}" for k, v in sorted(cfg.g_params.items()))
+        name += f"_{cfg.method}_w_{','.join(f'{w:g}' for w in cfg.weights)}{params}_mask_{int(cfg.mask)}"
+        for key in ("g_sigma_interval", "swg_sigma_interval"):
+            if getattr(cfg, key):
+                name += f"_{key.split('_')[0]}sig_{getattr(cfg, key)[0]:g}-{getattr(cfg, key)[1]:g}"
     if cfg.vanila_cfg:
         name += "_vanila_cfg"
     return name.replace(", ", "_").replace("[", "").replace("]", "").replace(" ", "_")
@@ -293,8 +350,6 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def load_model(cfg: DiTConfig, device):
     """The DiT of ``cfg`` (a ``.pt`` through the weights cache, or a diffusers folder / hub id) on ``device``."""
-    from networks.dit_diffusers import load_dit_weights
-
     net, _ = load_dit_weights(cfg.ckpt_source, cfg.model, pos_embed=cfg.pos_embed, input_size=cfg.latent_size,
                               num_classes=cfg.num_classes, **cfg.model_kwargs)
     return net.to(device)
@@ -306,8 +361,6 @@ def _vae_source(cfg: DiTConfig) -> str:
 
 def load_vae(cfg: DiTConfig, device):
     """The AutoencoderKL of ``cfg`` (``vae_path`` or the Stability repo in the cache), checked against DiT."""
-    from networks.encoders import load_vae as load_autoencoder
-
     if cfg.vae_path and not os.path.isdir(os.path.expanduser(cfg.vae_path)):
         raise UsageError(f"`vae_path` {cfg.vae_path} is not a folder; pass a diffusers AutoencoderKL folder")
     vae = load_autoencoder(_vae_source(cfg), device)
@@ -330,9 +383,6 @@ class DiTBackend(run.Backend):
         self.model = self.vae = self.diffusion = self.denoiser = None
 
     def fetch(self) -> list:
-        from networks.dit_diffusers import snapshot_source
-        from utils.cache import prefetch as cache_prefetch
-
         cfg = self.settings
         return cache_prefetch([snapshot_source(cfg.ckpt_source),
                                None if cfg.vae_path else f"hf-snapshot://{VAE_REPOS[cfg.vae]}"])
@@ -348,16 +398,18 @@ class DiTBackend(run.Backend):
 
     def use(self, model, vae) -> "DiTBackend":
         """Sample with an already loaded DiT and VAE (e.g. one model for several guidance settings)."""
-        from guidance.dit import dit_guidance
-        from sampling.gaussian_diffusion import create_diffusion
-
         cfg = self.settings
         self.model, self.vae = model, vae
         self.diffusion = create_diffusion(cfg.num_sampling_steps)
         self.denoiser = dit_guidance(model, cfg.method, g_scale=cfg.g_scale, crop_scale=cfg.crop_scale,
                                      mask=cfg.mask, window_size=cfg.window_size, window_steps=cfg.window_steps,
-                                     cfg_channels=cfg.cfg_channels, max_window_batch=cfg.max_window_batch)
+                                     cfg_channels=cfg.cfg_channels, max_window_batch=cfg.max_window_batch,
+                                     weights=cfg.weights, params=cfg.g_params, sigma_interval=cfg.g_sigma_interval,
+                                     swg_sigma_interval=cfg.swg_sigma_interval, sigma_of=self.diffusion.sigma_of)
         return self
+
+    def cost(self) -> Optional[dict]:
+        return self.denoiser.cost() if self.denoiser is not None else None
 
     def describe(self) -> str:
         cfg = self.settings

@@ -7,7 +7,7 @@
 
 The lifecycle (folder, saved settings, pending seeds, ranks, writing, metrics,
 logging) is :mod:`sampling.run`'s; this module says what is EDM2's own:
-:class:`GenerateConfig` (the common :class:`sampling.run.RunSettings` plus the
+:class:`GenerateConfig` (the common :class:`sampling.run_settings.RunSettings` plus the
 sampler, guidance and network settings), :func:`build_config` (preset applied,
 every check that needs no network), :class:`EDM2Backend` (load and check the
 networks, draw, sample with :func:`sampling.edm.edm_sampler`, decode).
@@ -29,30 +29,32 @@ from typing import Optional, Sequence
 import torch
 
 from guidance import guide, method_spec
-from guidance.table import NEGATIVES
+from guidance.table import NEGATIVES, method_param_names, method_params, parse_sigma_interval
 from guidance.windows import WindowError, WindowGrid
 from networks import zoo
 from networks.edm2_pickle import EDM2Checkpoint, load_checkpoint
 from networks.encoders import StabilityVAEEncoder
 from sampling import presets as PR
-from sampling import run
+from sampling import run, run_settings
 from sampling.edm import edm_sampler
-from sampling.run import split_batches  # noqa: F401  (EDM2's rule, also this module's name for it)
 from sampling.seeds import draw_edm2, make_labels
 from utils import cache
 from utils.errors import UsageError
 
 __all__ = ["GenerateConfig", "EDM2Backend", "build_config", "load_networks", "check_networks",
-           "make_guided", "prefetch", "generate", "split_batches"]
+           "make_guided", "prefetch", "generate"]
 
 # Settings that determine the pixels of an image; a resumed run must agree on them.
 IDENTITY_KEYS = ("net_pos_pkl", "net_neg_pkl", "class_idx", "steps", "sigma_min", "sigma_max", "rho", "S_churn",
                  "S_min", "S_max", "S_noise", "g_method", "g_weight", "swg_sizes", "swg_steps",
-                 "scale_window_guide", "g_interval", "clean_combos")
+                 "scale_window_guide", "g_interval", "clean_combos", "g_params", "g_sigma_interval",
+                 "swg_sigma_interval")
+# Every method parameter of the table (APG's eta ...): a keyword of build_config and a flag.
+METHOD_PARAMS = method_param_names()
 
 
 @dataclasses.dataclass
-class GenerateConfig(run.RunSettings):
+class GenerateConfig(run_settings.RunSettings):
     """Resolved, validated EDM2 sampling settings (what ``settings.json`` records)."""
 
     net_pos_pkl: Optional[str] = None
@@ -75,6 +77,9 @@ class GenerateConfig(run.RunSettings):
     g_interval: Optional[tuple] = None
     clean_combos: bool = False
     max_window_batch: Optional[int] = None
+    g_params: dict = dataclasses.field(default_factory=dict)   # the method's parameters (guidance.table)
+    g_sigma_interval: Optional[tuple] = None                   # negative's terms only where lo < sigma <= hi
+    swg_sigma_interval: Optional[tuple] = None                 # window term only where lo < sigma <= hi
 
 
 # ----------------------------------------------------------------------------
@@ -143,10 +148,16 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     given = dict(net_pos_pkl=net_pos_pkl, net_neg_pkl=net_neg_pkl, g_method=g_method, g_weight=g_weight,
                  swg_sizes=swg_sizes, swg_steps=swg_steps, scale_window_guide=scale_window_guide,
                  ref_path=ref_path, metrics=metrics)
+    params = {k: kwargs.pop(k) for k in list(kwargs) if k in METHOD_PARAMS}
+    params = {**(kwargs.pop("g_params", None) or {}), **{k: v for k, v in params.items() if v is not None}}
+    preset_params, preset_method = {}, None
     if preset is not None:
         for key, value in PR.get_preset(preset).settings().items():
-            if given.get(key) is None:
+            if key == "g_params":
+                preset_params = dict(value)
+            elif given.get(key) is None:
                 given[key] = value
+        preset_method = PR.get_preset(preset).g_method
     pos = zoo.resolve_model(given["net_pos_pkl"], "net_pos_pkl")
     neg = zoo.resolve_model(given["net_neg_pkl"], "net_neg_pkl")
     if not pos:
@@ -168,6 +179,16 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
         print(f"warning: the negative network is not used by guidance method {method}; ignoring it",
               file=sys.stderr)
         neg = None
+    if preset_params and method_spec(preset_method).name == method:  # the preset's own parameters
+        params = {**preset_params, **params}
+    g_params = method_params(spec, params, "g_method")
+    g_sigma = parse_sigma_interval(kwargs.pop("g_sigma_interval", None), "g_sigma_interval")
+    swg_sigma = parse_sigma_interval(kwargs.pop("swg_sigma_interval", None), "swg_sigma_interval")
+    if swg_sigma is not None and not spec.windows:
+        raise UsageError(f"`swg_sigma_interval` limits the window term, but `g_method` {method} has no windows")
+    if g_sigma is not None and not spec.needs_neg:
+        raise UsageError(f"`g_sigma_interval` limits the negative's terms, but `g_method` {method} has none; "
+                         f"use `swg_sigma_interval` for the window term")
     sizes = None if given["swg_sizes"] is None else _ints(given["swg_sizes"], "swg_sizes")
     steps_win = _ints(given["swg_steps"] if given["swg_steps"] is not None else 2, "swg_steps")
     if spec.windows and sizes is None:
@@ -181,12 +202,13 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(GenerateConfig)})
     if unknown:
         raise TypeError(f"build_config() got unknown option(s) {', '.join(unknown)}")
-    cfg = GenerateConfig(net_pos_pkl=pos, net_neg_pkl=neg, outdir=outdir, seeds=run.parse_seeds(seeds),
+    cfg = GenerateConfig(net_pos_pkl=pos, net_neg_pkl=neg, outdir=outdir, seeds=run_settings.parse_seeds(seeds),
                          preset=preset, g_method=method, g_weight=weights, swg_sizes=sizes, swg_steps=steps_win,
-                         scale_window_guide=int(sw), g_interval=_interval(g_interval),
-                         ref_path=given["ref_path"], metrics=run.parse_metrics(given["metrics"]), **kwargs)
+                         scale_window_guide=int(sw), g_interval=_interval(g_interval), g_params=g_params,
+                         g_sigma_interval=g_sigma, swg_sigma_interval=swg_sigma,
+                         ref_path=given["ref_path"], metrics=run_settings.parse_metrics(given["metrics"]), **kwargs)
     _check_numbers(cfg)
-    run.check_run_settings(cfg, require_outdir=require_outdir)
+    run_settings.check_run_settings(cfg, require_outdir=require_outdir)
     return cfg
 
 
@@ -265,7 +287,14 @@ def make_guided(cfg: GenerateConfig, pos_net, neg_net):
                  neg_denoiser=_denoiser(neg_net) if neg_net is not None else None,
                  window_size=cfg.swg_sizes if swg else None, window_steps=cfg.swg_steps,
                  masked=bool(cfg.scale_window_guide), steps=cfg.g_interval,
-                 reference_quirks=not cfg.clean_combos, max_window_batch=cfg.max_window_batch)
+                 reference_quirks=not cfg.clean_combos, max_window_batch=cfg.max_window_batch,
+                 sigma_interval=cfg.g_sigma_interval, swg_sigma_interval=cfg.swg_sigma_interval,
+                 still=_still, **cfg.g_params)
+
+
+def _still(x: torch.Tensor) -> torch.Tensor:
+    """EDM's denoiser prediction that holds ``x`` in place (``D = x``: zero ODE velocity), CFG-Zero*'s zero output."""
+    return x
 
 
 def _make_labels(rnd, label_dim: int, class_idx: Optional[int], n: int, device):
@@ -315,6 +344,9 @@ class EDM2Backend(run.Backend):
     def describe(self) -> str:
         cfg = self.settings
         return f"EDM2 {cfg.g_method} ({cfg.steps} steps)"
+
+    def cost(self) -> Optional[dict]:
+        return self.guided.cost() if self.guided is not None else None
 
     def draw(self, seeds: Sequence[int], device, classes=None) -> run.Draw:
         """Per-seed noise and labels; ``classes`` (one or one per seed) overrides `class_idx`."""

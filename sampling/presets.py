@@ -37,6 +37,7 @@ class Preset:
     scale_window_guide: Optional[int] = None
     ref_path: Optional[str] = None
     metrics: Optional[str] = None         # --metrics filled in by the preset (demo presets only)
+    g_params: Optional[dict] = None       # the method's parameters (guidance.table: APG's eta ...)
     fid: Optional[float] = None           # published FID
     fd_dinov2: Optional[float] = None     # published FD-DINOv2
     source: str = ""                      # where the numbers come from
@@ -44,7 +45,7 @@ class Preset:
     def settings(self) -> dict:
         """CLI option values this preset provides (only non-None ones)."""
         keys = ("net_pos_pkl", "net_neg_pkl", "g_method", "g_weight", "swg_sizes", "swg_steps",
-                "scale_window_guide", "ref_path", "metrics")
+                "scale_window_guide", "ref_path", "metrics", "g_params")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -153,7 +154,39 @@ def _demo_presets() -> dict[str, Preset]:
     }
 
 
-PRESETS: dict[str, Preset] = {**_edm2_presets(), **_swg_presets(), **_negative_presets(), **_demo_presets()}
+# The methods of the guidance zoo at their papers' default parameters (guidance.table; docs/guidance.md).
+# Weights in this project's convention D = D_pos + w rule(D_pos, D_neg) (diffusers' guidance_scale = 1 + w).
+# None of these methods has published EDM2 or digits weights: the weight is the CFG weight of the
+# same negative (EDM2-S: EDM2's guid-fid g = 1.4, w = 0.4; digits: the demo's cfg 0.4); FDG gives the
+# high band that weight and the low band half of it (diffusers' example ratio 10 : 5).
+ZOO_PARAMS = {
+    "apg": ((0.4,), {"eta": 0.0, "momentum": -0.5, "norm_threshold": 0.0}),   # APG paper: eta 0, beta -0.5
+    "cfg-zero": ((0.4,), {"zero_steps": 1}),                                 # CFG-Zero*: first ~4% of steps
+    "fdg": ((0.2, 0.4), {}),
+    "tcfg": ((0.4,), {}),
+}
+
+
+def _zoo_presets() -> dict[str, Preset]:
+    """Each zoo method alone and with M-SWG: EDM2-S with the XS-uncond negative, and the digits demo."""
+    p: dict[str, Preset] = {}
+    s_win = dict(swg_sizes=(40,), swg_steps=(2,), scale_window_guide=1)
+    d_win = dict(swg_sizes=(12,), swg_steps=(2,), scale_window_guide=1)
+    for name, (weights, params) in ZOO_PARAMS.items():
+        extra = dict(g_params=params or None, source="zoo defaults (sampling/presets.py ZOO_PARAMS)")
+        edm2 = dict(ref_path=REFS["img512"], **extra)
+        demo = dict(ref_path=DEMO_REF, metrics="fd_digits", **extra)
+        s, s_neg = MODELS["raw-img512-s"], MODELS["raw-img512-xs-uncond"]
+        d, d_neg = MODELS["demo-digits-cond"], MODELS["demo-digits-uncond"]
+        p[f"swg-edm2-s-{name}"] = Preset(s, s_neg, name, weights, **edm2)
+        p[f"swg-edm2-s-{name}-mswg"] = Preset(s, s_neg, f"{name}-swg", (*weights, 0.2), **s_win, **edm2)
+        p[f"demo-digits-{name}"] = Preset(d, d_neg, name, weights, **demo)
+        p[f"demo-digits-{name}-mswg"] = Preset(d, d_neg, f"{name}-swg", (*weights, 0.2), **d_win, **demo)
+    return p
+
+
+PRESETS: dict[str, Preset] = {**_edm2_presets(), **_swg_presets(), **_negative_presets(), **_demo_presets(),
+                              **_zoo_presets()}
 
 
 def preset_names() -> list[str]:
@@ -179,12 +212,13 @@ def _short(address: Optional[str]) -> str:
 
 def format_presets() -> str:
     """The presets as a text table: name, method, weights, windows, networks, published scores."""
-    rows = [("preset", "method", "g_weight", "swg_sizes", "positive", "negative", "FID", "FD-DINOv2")]
+    rows = [("preset", "method", "g_weight", "swg_sizes", "positive", "negative", "FID", "FD-DINOv2", "params")]
     for name in preset_names():
         p = PRESETS[name]
+        params = ",".join(f"{k}={v:g}" for k, v in (p.g_params or {}).items()) or "-"
         rows.append((name, p.g_method, ",".join(f"{w:g}" for w in p.g_weight or ()) or "-",
                      ",".join(map(str, p.swg_sizes or ())) or "-", _short(p.net_pos_pkl), _short(p.net_neg_pkl),
                      f"{p.fid:g}" if p.fid is not None else "-",
-                     f"{p.fd_dinov2:g}" if p.fd_dinov2 is not None else "-"))
+                     f"{p.fd_dinov2:g}" if p.fd_dinov2 is not None else "-", params))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

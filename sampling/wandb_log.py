@@ -21,6 +21,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from metrics.images import open_images
+from utils import dist
 from utils.errors import UsageError
 
 __all__ = ["WandbLogger", "image_grid", "first_images"]
@@ -50,8 +52,6 @@ def image_grid(images, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
 
 def first_images(outdir: os.PathLike | str, count: int = 16) -> list[np.ndarray]:
     """The first ``count`` images of a run folder (PNGs, per-1000 subfolders or tar shards), by name."""
-    from metrics.images import open_images
-
     source = open_images(outdir)
     return [source.load(i) for i in range(min(count, len(source)))]
 
@@ -63,7 +63,6 @@ class WandbLogger:
                  group: Optional[str] = None, name: Optional[str] = None, dir: Optional[os.PathLike] = None,
                  rank: Optional[int] = None, **init_kwargs):
         if rank is None:
-            from utils import dist
             rank = dist.get_rank()
         self.run = None
         if not enabled or rank != 0 or os.environ.get("WANDB_MODE", "").lower() == "disabled":

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 
 import sample_dit
 from sampling import dit_run
-from sampling import run as common
+from sampling.run_folder import check_outdir
 from sampling.writer import ImageIndex
 from networks.dit import create_dit
 from guidance.dit import dit_guidance
@@ -233,7 +233,7 @@ BAD = [
     (["--seeds", "0-3", "--num-fid-samples", "4"], "give one of them"),
     (["--num-fid-samples", "0"], "must be >= 1"),
     (["--num-sampling-steps", "2000"], "at most 1000"),
-    (["--metrics", "fid,kid"], "unknown metric 'kid'"),
+    (["--metrics", "fid,kidd"], "unknown metric 'kidd'"),
     (["--metrics", "saturation", "--seeds", "0"], "at least 2 images"),
     (["--metrics", "fid", "--ref-path", "/nonexistent/img256.pkl", "--num-fid-samples", "1"], "at least 2"),
     (["--vae", "kl"], "'kl' is not one of"),
@@ -359,8 +359,8 @@ def test_common_run_folder_helpers(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(UsageError, match="is a file, not a folder; choose another --outdir"):
-        common.check_outdir(blocker, "--outdir")
+        check_outdir(blocker, "--outdir")
     with pytest.raises(UsageError, match=r"because .*file is a file; choose another --sample-dir"):
-        common.check_outdir(blocker / "a" / "b", "--sample-dir")
-    assert common.check_outdir(tmp_path / "new" / "run", "--outdir") == tmp_path / "new" / "run"
+        check_outdir(blocker / "a" / "b", "--sample-dir")
+    assert check_outdir(tmp_path / "new" / "run", "--outdir") == tmp_path / "new" / "run"
     assert not (tmp_path / "new").exists()  # checking creates nothing

@@ -158,8 +158,9 @@ def test_every_pairing_is_its_method_plus_the_swg_term(name):
     base = METHODS[spec.base]
     ws = spec.example
     x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 3.0])
-    paired = guide(windowed, name, ws, neg_denoiser=uncond, window_size=12)(x, sigma, None)
-    alone = guide(windowed, spec.base, ws[:-1], neg_denoiser=uncond)(x, sigma, None)
+    perturb = lambda kind: uncond  # noqa: E731  (stands for the perturbed pass of pag / seg / slg)
+    paired = guide(windowed, name, ws, neg_denoiser=uncond, window_size=12, perturb=perturb)(x, sigma, None)
+    alone = guide(windowed, spec.base, ws[:-1], neg_denoiser=uncond, perturb=perturb)(x, sigma, None)
     swg = guide(windowed, "swg", ws[-1], window_size=12)(x, sigma, None)
     pos = windowed(x, sigma, None)
     torch.testing.assert_close(paired, alone + (swg - pos), rtol=1e-5, atol=1e-5)

@@ -311,3 +311,50 @@ def test_network_refuses_bad_edits_itself(dit, edm2):
         dit(x, t, y, edit=Perturbation("pag", (3,)))
     with pytest.raises(ValueError, match="unknown block edit"):
         edm2.edit_blocks("mean")
+
+
+def test_edm2_weight_cache_serves_the_perturbed_pass(edm2):
+    """The perturbed pass uses the cached inference weights of the plain pass (no re-normalisation), and the
+    plain pass after it is the same, bit for bit."""
+    from networks.edm2 import MPConv
+
+    plain = _edm2_call(edm2)
+    cached = {name: m._wcache[torch.float32][1] for name, m in edm2.named_modules()
+              if isinstance(m, MPConv) and torch.float32 in m._wcache}
+    assert len(cached) > 10
+    for kind in ("pag", "seg", "slg"):
+        _edm2_call(edm2, Perturbation(kind).resolve(edm2))
+    after = {name: m._wcache[torch.float32][1] for name, m in edm2.named_modules()
+             if isinstance(m, MPConv) and torch.float32 in m._wcache}
+    assert after.keys() == cached.keys() and all(after[k] is cached[k] for k in cached)
+    assert torch.equal(_edm2_call(edm2), plain)
+
+
+# --------------------------------------------------------------------------------------------------
+# In a guided denoiser.
+
+def test_guided_pag_and_pag_swg_equations_and_counted_cost(dit):
+    from guidance import guide
+    from guidance.perturb import perturber
+
+    x, t, y = _dit_inputs()
+    den = DiTDenoiser(dit)
+    with torch.no_grad():
+        pos = den(x, t, y)
+        pert = den(x, t, y, edit=perturbation("pag", [1]).resolve(dit))
+        g = guide(den, "pag", 2.0, perturb=perturber(den, dit, ["pag"], blocks=[1]))
+        g.begin_step(0)
+        torch.testing.assert_close(g(x, t, y), pos + 2.0 * (pos - pert))
+        assert g.cost()["evals_per_call"] == 2.0                  # D_pos and D_pag, each once
+        both = guide(den, "pag-swg", (2.0, 0.5), perturb=perturber(den, dit, ["pag"], blocks=[1]),
+                     window_size=6, window_steps=2, masked=False)
+        swg = guide(den, "swg", 0.5, window_size=6, window_steps=2, masked=False)
+        torch.testing.assert_close(both(x, t, y), swg(x, t, y) + 2.0 * (pos - pert), atol=1e-5, rtol=1e-5)
+        assert both.cost()["evals_per_call"] == 2 + 4              # D_pos, D_pag, 2x2 windows
+
+
+def test_guide_refuses_a_perturbation_method_without_its_pass(dit):
+    from guidance import GuidanceError, guide
+
+    with pytest.raises(GuidanceError, match="`perturb`"):
+        guide(DiTDenoiser(dit), "seg-swg", (3.0, 0.2), window_size=6)

@@ -97,6 +97,11 @@ def test_demo_presets_point_at_the_shipped_files_from_any_directory(tmp_path, mo
         "demo-digits-rt-mswg": ("wmg-swg", (1.2, 0.25), "digits-rt", True),
         "demo-digits-rct-mswg": ("wmg-swg", (1.2, 0.14), "digits-rct", True),
         "demo-digits-cfg-mswg": ("cfg-swg", (0.3, 0.3), "digits-uncond", True),
+        # The guidance zoo, each alone and with M-SWG (weight 0.2), the CFG negative.
+        **{f"demo-digits-{m}": (m, w, "digits-uncond", False) for m, w in (
+            ("apg", (0.4,)), ("cfg-zero", (0.4,)), ("fdg", (0.2, 0.4)), ("tcfg", (0.4,)))},
+        **{f"demo-digits-{m}-mswg": (f"{m}-swg", w, "digits-uncond", True) for m, w in (
+            ("apg", (0.4, 0.2)), ("cfg-zero", (0.4, 0.2)), ("fdg", (0.2, 0.4, 0.2)), ("tcfg", (0.4, 0.2)))},
     }
     assert {n for n in PR.PRESETS if n.startswith("demo-")} == set(rows)
     monkeypatch.chdir(tmp_path)  # nothing may depend on the working directory

@@ -1,4 +1,4 @@
-"""Every `python` / `torchrun` command in README.md names options its program accepts.
+"""Every `python` / `torchrun` command in README.md and docs/*.md names options its program accepts.
 
 Each command runs in-process with ``--help`` added (before a ``--`` that passes the rest on), the way
 the shell would start it: ``python script.py`` runs the script, ``python -m pkg`` the module, and
@@ -18,8 +18,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def readme_commands(text: str) -> list[str]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
@@ -41,12 +43,22 @@ def _entry(words: list[str]) -> tuple[str, str, list[str]]:
     return "path", words[0], words[1:]
 
 
-COMMANDS = readme_commands()
+COMMANDS = sorted({c for doc in DOCUMENTS for c in readme_commands(doc.read_text())})
 
 
 def test_readme_has_the_commands():
     assert len(COMMANDS) >= 12
     assert any("search.optuna_search" in c for c in COMMANDS) and any("sample_dit.py" in c for c in COMMANDS)
+    readme = readme_commands((ROOT / "README.md").read_text())  # the paper's commands stay in README itself
+    assert sum("sample_edm2.py" in c for c in readme) >= 3 and sum("sample_dit.py" in c for c in readme) >= 2
+
+
+def test_docs_pages_are_checked():
+    """Every docs page is read, and the pages that document commands contribute theirs."""
+    names = {doc.name for doc in DOCUMENTS}
+    assert {"README.md", "metrics.md", "results.md", "clusters.md", "benchmarks.md"} <= names
+    for name in ("metrics.md", "results.md", "clusters.md", "benchmarks.md"):
+        assert readme_commands((ROOT / "docs" / name).read_text()), name
 
 
 def _help_exit(kind: str, target: str, args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:

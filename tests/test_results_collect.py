@@ -33,13 +33,13 @@ def edm2_run(root: pathlib.Path, name: str, results: dict, **opts) -> pathlib.Pa
 
 def dit_run(root: pathlib.Path, results: dict, **opts) -> pathlib.Path:
     """A sample_dit.py run folder: settings.json as the sampler records it, metrics via metrics.api."""
-    from sampling import dit_flags, dit_run as R, run
+    from sampling import dit_flags, dit_run as R, run_folder
 
     cfg = dit_flags.settings([a for k, v in opts.items() for a in (k, str(v))] + ["--sample-dir", str(root)])
     outdir = pathlib.Path(cfg.outdir)
     outdir.mkdir(parents=True)
     record = R.DiTBackend(cfg).record()
-    run.write_settings(outdir, record)
+    run_folder.write_settings(outdir, record)
     write_metrics(outdir, results, record)
     return outdir
 

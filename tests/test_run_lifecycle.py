@@ -15,7 +15,7 @@ import sample_dit
 import sample_edm2
 from metrics import detectors
 from metrics.refs import save_ref
-from sampling import dit_flags, edm2_flags, edm2_run, run
+from sampling import dit_flags, edm2_flags, edm2_run, run, run_folder, run_settings
 from benchmarks import edm2_snapshot as WR
 from tests.test_dit_cli import _base, assets  # noqa: F401  (module fixture: tiny DiT + VAE)
 from utils.cli import to_flags
@@ -49,21 +49,21 @@ def _pngs(d: pathlib.Path) -> dict:
 
 def test_changed_setting_compares_as_json_and_skips_keys_not_saved():
     saved = {"g_weight": [1.2, 0.14], "swg_sizes": [40], "steps": 32}
-    assert run.changed_setting(saved, {"g_weight": (1.2, 0.14), "swg_sizes": (40,), "steps": 32, "new": 1},
+    assert run_folder.changed_setting(saved, {"g_weight": (1.2, 0.14), "swg_sizes": (40,), "steps": 32, "new": 1},
                                ["g_weight", "swg_sizes", "steps", "new"]) is None
-    assert run.changed_setting(saved, {"g_weight": (1.2, 0.25), "swg_sizes": (40,)}, ["swg_sizes", "g_weight"]) \
+    assert run_folder.changed_setting(saved, {"g_weight": (1.2, 0.25), "swg_sizes": (40,)}, ["swg_sizes", "g_weight"]) \
         == ("g_weight", [1.2, 0.14])
-    assert run.changed_setting(saved, {"S_max": float("inf")}, ["S_max"]) is None  # not saved: not compared
+    assert run_folder.changed_setting(saved, {"S_max": float("inf")}, ["S_max"]) is None  # not saved: not compared
 
 
 def test_settings_file_names_new_first_then_the_old_ones(tmp_path):
-    assert run.read_saved_settings(tmp_path) is None
+    assert run_folder.read_saved_settings(tmp_path) is None
     (tmp_path / "args.json").write_text(json.dumps({"method": "swg"}))
-    assert run.read_saved_settings(tmp_path) == (tmp_path / "args.json", {"method": "swg"})
+    assert run_folder.read_saved_settings(tmp_path) == (tmp_path / "args.json", {"method": "swg"})
     (tmp_path / "generate_args.json").write_text("{torn")  # unreadable: skipped
-    assert run.read_saved_settings(tmp_path)[0].name == "args.json"
-    run.write_settings(tmp_path, {"method": "none"})
-    assert run.read_saved_settings(tmp_path) == (tmp_path / "settings.json", {"method": "none"})
+    assert run_folder.read_saved_settings(tmp_path)[0].name == "args.json"
+    run_folder.write_settings(tmp_path, {"method": "none"})
+    assert run_folder.read_saved_settings(tmp_path) == (tmp_path / "settings.json", {"method": "none"})
 
 
 def test_a_folder_written_by_the_old_edm2_sampler_resumes(pos, tmp_path, capsys):
@@ -141,7 +141,7 @@ def test_both_backends_sample_the_pending_seeds_split_by_one_rule(pos, assets, t
 
 
 def test_duplicate_seeds_are_made_once_in_both_samplers():
-    assert run.parse_seeds("0-3,2,7") == [0, 1, 2, 3, 7]
+    assert run_settings.parse_seeds("0-3,2,7") == [0, 1, 2, 3, 7]
     edm2 = sample_edm2.settings(["--net_pos_pkl", "x.pkl", "--outdir", "o", "--seeds", "0-3,2"])
     dit = sample_dit.settings(["--seeds", "0-3,2", "--metrics", "none"])
     assert edm2.seeds == dit.seeds == [0, 1, 2, 3]
