@@ -236,7 +236,7 @@ METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("swg", "D = D_pos + w m (D_pos - D_win)", ("w",),
                lambda ws, masked=True: SWG(w=ws[0], masked=masked),
                windows=True, options=("masked",), aliases=("mswg", "m-swg"), example=(0.2,), label="SWG",
-               paper="Kaiser et al. 2024, sliding window guidance"),
+               paper="Adaloglou, Kaiser et al. 2025, Guiding a diffusion model using sliding windows (arXiv 2411.10257)"),
     MethodSpec("wmg-swg", "D = D_pos + w1 (D_pos - D_weak) + w2 m (D_pos - D_win)", ("w_neg", "w_swg"),
                lambda ws, masked=True, reference_quirks=False: NegSWG(
                    w_neg=ws[0], w_swg=ws[1], masked=masked, reference_quirks=reference_quirks, neg_labels=True),
