@@ -205,7 +205,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
         ax.set_xticks(range(len(vals)), names, rotation=45, ha="right")
         ax.set_title(title)
         ax.set_ylim(*(ylim or (0, max(vals) * 1.08)))
-    handles = [Patch(color=c, label=k) for k, c in colors.items()]
+    kinds = {_kind(r["g_method"]) for r in rows}
+    handles = [Patch(color=c, label=k) for k, c in colors.items() if k in kinds]  # only the kinds shown
     if base is not None:
         handles.append(plt.Line2D([], [], color="k", linestyle="--", linewidth=1, label="unguided value"))
     axes[0].legend(handles=handles, fontsize=8, loc="upper left")

@@ -193,6 +193,13 @@ def test_plot_axes_are_honest(tmp_path, monkeypatch):
     labels = [t.get_text() for t in ax_fd.get_legend().get_texts()]
     assert {"unguided", "other guidance", "with windows (SWG)", "unguided value"} <= set(labels)
     assert (tmp_path / "p.png").stat().st_size > 1000
+    # Without the unguided row (--methods m-swg,cfg): no dashed "unguided value" line, no legend entry
+    # for a kind that is not shown.
+    figs.clear()
+    run_demo.plot(rows[1:], tmp_path / "q.png")
+    ax_fd = figs[0].axes[0]
+    assert [t.get_text() for t in ax_fd.get_legend().get_texts()] == ["other guidance", "with windows (SWG)"]
+    assert not [ln for ln in ax_fd.get_lines() if ln.get_linestyle() == "--"]
 
 
 def _grey_run(folder: pathlib.Path, seeds, size: int = 16) -> pathlib.Path:
