@@ -209,8 +209,8 @@ def _describe(args: Mapping[str, Any]) -> dict:
         method = str(args.get("g_method") or "none").replace("_", "-")
         weights = [float(w) for w in _as_list(args.get("g_weight"))]
         mask = str(args.get("scale_window_guide", 1)) in ("1", "True", "true")
-        if _windows(method) and METHODS[method].needs_neg and not args.get("clean_combos", False):
-            mask = False  # the reference's combined methods never apply the mask
+        if method in METHODS and "reference_quirks" in METHODS[method].options and not args.get("clean_combos"):
+            mask = False  # the reference's wmg-swg / cfg-swg never apply the mask (the newer X-swg do)
         model = args.get("preset") or pathlib.PurePosixPath(str(args.get("net_pos_pkl") or "?")).name
         model = re.sub(r"\.(pkl|pt|safetensors)$", "", model)
         sizes, steps = _as_list(args.get("swg_sizes")), _as_list(args.get("swg_steps")) or [2]

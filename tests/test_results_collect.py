@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 from click.testing import CliRunner
 
+from guidance import METHODS
 from metrics.api import write_metrics
 from results import collect as C
 from utils.errors import UsageError
@@ -219,24 +220,26 @@ def test_markdown_names_the_run_of_each_row(tmp_path):
     assert len(set(body)) == 3
 
 
-def _mask_applied(guided, w_neg: float) -> bool:
+def _mask_applied(guided, without_windows) -> bool:
     """Whether ``guided`` zeroes the window term where one window covers a pixel (M-SWG's mask).
 
-    Toy networks on 16x16: D_pos = 2x + mean(x), so a window's prediction differs from the whole
-    image's; D_neg = x / 2.  Windows 12, 2 per axis: pixel (0, 0) lies in one window, (8, 8) in four.
+    The window term is ``guided`` minus the same method with the window weight 0.  Toy networks on
+    16x16: D_pos = 2x + mean(x), so a window's prediction differs from the whole image's; D_neg = x / 2.
+    Windows 12, 2 per axis: pixel (0, 0) lies in one window, (8, 8) in four.
     """
     import torch
 
     x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     sigma = torch.ones(1)
-    pos = 2 * x + x.mean()
-    term = guided(x, sigma, None) - (pos + w_neg * (pos - x / 2))
-    assert term[0, 0, 8, 8].abs() > 1e-4  # the window term is there where windows overlap
-    return bool(term[0, 0, 0, 0].abs() < 1e-6)
+    term = guided(x, sigma, None) - without_windows(x, sigma, None)
+    assert term[0, 0, 8, 8].abs() > 1e-5  # the window term is there where windows overlap
+    return bool(term[0, 0, 0, 0].abs() < 1e-7)
 
 
+QUIRKS = ("wmg-swg", "cfg-swg")  # the EDM2 reference's combinations: no mask unless --clean_combos
 
-@pytest.mark.parametrize("method", ["swg", "wmg-swg", "cfg-swg"])
+
+@pytest.mark.parametrize("method", [n for n, s in METHODS.items() if s.windows and not getattr(s, "perturbation", None)])
 @pytest.mark.parametrize("masked", [0, 1])
 @pytest.mark.parametrize("clean", [False, True])
 def test_label_says_m_swg_exactly_when_the_sampler_masks(tmp_path, method, masked, clean):
@@ -244,10 +247,11 @@ def test_label_says_m_swg_exactly_when_the_sampler_masks(tmp_path, method, maske
 
     The reference's combined methods never apply the mask (``WMG+SWG`` / ``CFG+SWG``, also with
     ``--scale_window_guide 1``); with ``--clean_combos`` they do (``WMG+M-SWG`` / ``CFG+M-SWG``).
+    The newer ``X-swg`` (``apg-swg``, ``tcfg-swg`` ...) always honour the mask: ``APG+M-SWG``
+    (they were labelled ``APG+SWG``, masked 0).
     """
     import torch
 
-    from guidance import METHODS
     from sampling import edm2_run as R
 
     class Toy(torch.nn.Module):
@@ -258,19 +262,20 @@ def test_label_says_m_swg_exactly_when_the_sampler_masks(tmp_path, method, maske
         def forward(self, x, sigma, labels=None):
             return self.scale * x + (x.mean(dim=(1, 2, 3), keepdim=True) if self.shift else 0)
 
-    W_NEG = 0.7
     spec = METHODS[method]
-    weights = "0.5" if not spec.needs_neg else f"{W_NEG},0.5"
-    opts = dict(net_pos_pkl="raw-img512-s", g_method=method, g_weight=weights, swg_sizes="12", swg_steps="2",
-                scale_window_guide=masked, clean_combos=clean)
+    weights = list(spec.example) if spec.example else [0.5] * spec.num_weights
+    opts = dict(net_pos_pkl="raw-img512-s", g_method=method, g_weight=",".join(map(str, weights)), swg_sizes="12",
+                swg_steps="2", scale_window_guide=masked, clean_combos=clean)
     if spec.needs_neg:
         opts["net_neg_pkl"] = "raw-img512-xs-uncond"
     folder = edm2_run(tmp_path / "samples", "run", {"fid": 3.0, "num_images": 100}, **opts)
-    cfg = R.build_config(outdir=str(folder), seeds="0-99", **opts)
-    guided = R.make_guided(cfg, Toy(2.0, True), Toy(0.5, False) if spec.needs_neg else None)
-    applied = _mask_applied(guided, W_NEG if spec.needs_neg else 0.0)
+    nets = (Toy(2.0, True), Toy(0.5, False) if spec.needs_neg else None)
+    guided = R.make_guided(R.build_config(outdir=str(folder), seeds="0-99", **opts), *nets)
+    no_win = dict(opts, g_weight=",".join(map(str, weights[:-1] + [0.0])))
+    applied = _mask_applied(guided, R.make_guided(R.build_config(outdir=str(folder), seeds="0-99", **no_win), *nets))
+    assert applied == bool(masked and (clean or method not in QUIRKS))
     (row,) = C.collect(tmp_path / "samples")
     assert row["masked"] == int(applied)
-    assert row["label"] == {"swg": "SWG", "wmg-swg": "WMG+SWG", "cfg-swg": "CFG+SWG"}[method].replace(
-        "SWG", "M-SWG" if applied else "SWG")
-    assert applied == bool(masked and (clean or not spec.needs_neg))
+    base = {"swg": "SWG", "wmg-swg": "WMG+SWG", "cfg-swg": "CFG+SWG"}.get(method, spec.label)
+    assert base.endswith("+SWG") or base == "SWG"
+    assert row["label"] == (base.replace("SWG", "M-SWG") if applied else base)
