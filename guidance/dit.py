@@ -22,6 +22,11 @@ the null class), and :func:`dit_guidance` maps the reference's switches to a
       eps = pos + g (pos - uncond) + w m (pos - win)
 
 ``uncond`` (``--uncond 1``) samples with the null class and no guidance.
+
+Any other method of :data:`guidance.table.METHODS` (APG, CFG-Zero*, FDG, TCFG, PAG ... and
+their ``-swg`` pairings) runs with its table weights on the ``C`` eps channels (variance
+from ``pos``), the null class as the unconditional negative, the masked windows of the
+pairings, and sigma intervals in DiT's noise level ``sigma(t) = sqrt(1 / alpha_bar_t - 1)``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Optional
 import torch
 
 from .guided import guide
+from .table import method_spec
 from utils.errors import UsageError
 
 __all__ = ["DiTDenoiser", "dit_guidance", "DIT_MODES", "default_window_size"]
@@ -76,6 +82,12 @@ def dit_guidance(
     window_steps=2,
     cfg_channels: str = "reference",
     max_window_batch: Optional[int] = None,
+    weights=None,
+    params: Optional[dict] = None,
+    sigma_interval=None,
+    swg_sigma_interval=None,
+    sigma_of=None,
+    perturb=None,
 ):
     """Guided DiT denoiser ``D(x, t, labels) -> [eps, v]`` for one of :data:`DIT_MODES`.
 
@@ -84,9 +96,23 @@ def dit_guidance(
     ``cfg-swg``.  ``window_size`` defaults to :func:`default_window_size` of the
     network's latent.  ``cfg_channels``: ``"reference"`` (3 channels) or ``"all"``
     (every eps channel) for plain CFG.
+
+    Another table method (``mode="apg-swg"`` ...) takes ``weights`` in the table's convention,
+    its ``params``, ``sigma_interval`` / ``swg_sigma_interval`` with ``sigma_of`` (timestep ->
+    noise level) and, for PAG / SEG / SLG, ``perturb``.
     """
     if mode not in DIT_MODES:
-        raise UsageError(f"unknown DiT guidance mode {mode!r}; use one of {', '.join(DIT_MODES)}")
+        spec = method_spec(mode, "method")
+        if spec.negative == "weak":
+            raise UsageError(f"`method` {spec.name} needs a weaker network; DiT samples with one network "
+                             f"(use the null class: e.g. `method` cfg-zero, apg)")
+        den = DiTDenoiser(net)
+        window = (window_size or default_window_size(net.input_size)) if spec.windows else None
+        return guide(den, method=spec.name, weight=weights, neg_denoiser=den if spec.needs_neg else None,
+                     window_size=window, window_steps=window_steps, masked=bool(mask),
+                     channels=slice(0, net.in_channels), max_window_batch=max_window_batch,
+                     sigma_interval=sigma_interval, swg_sigma_interval=swg_sigma_interval, sigma_of=sigma_of,
+                     perturb=perturb, **(params or {}))
     if cfg_channels not in ("reference", "all"):
         raise UsageError(f"cfg_channels must be 'reference' or 'all', got {cfg_channels!r}")
     den = DiTDenoiser(net)

@@ -30,7 +30,8 @@ from typing import Optional, Sequence
 import torch
 
 from guidance import WindowError, WindowGrid
-from guidance.dit import default_window_size, dit_guidance
+from guidance.dit import DIT_MODES, default_window_size, dit_guidance
+from guidance.table import method_param_names, method_params, method_spec, parse_sigma_interval
 from metrics.api import needs_reference
 from networks.dit import DiT_models, PRETRAINED_DIT
 from networks.dit_diffusers import load_dit_weights, snapshot_source
@@ -47,7 +48,8 @@ VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-m
 # Settings an existing output folder must share with a resumed run (the rest may change).
 IDENTITY_KEYS = ("model", "model_kwargs", "ckpt", "image_size", "vae", "num_classes", "method", "g_scale",
                  "crop_scale", "mask", "window_size", "window_steps", "cfg_channels", "pos_embed",
-                 "num_sampling_steps", "global_seed")
+                 "num_sampling_steps", "global_seed", "weights", "g_params", "g_sigma_interval",
+                 "swg_sigma_interval")
 
 # Every option of build_config and its default: the command line's flags (underscore spelling).
 DEFAULTS = {
@@ -60,6 +62,9 @@ DEFAULTS = {
     "save": None, "keep": 0, "save_stats": None,
     "subdirs": False, "metrics": "fid,fd_dinov2", "ref_path": None, "max_window_batch": None,
     "device": None, "use_wandb": 0, "wandb_group": None, "wandb_runname": None,
+    # Any other method of guidance.table (apg, cfg-zero-swg, ...), its weights, parameters and sigma intervals.
+    "method": None, "weights": None, "g_sigma_interval": None, "swg_sigma_interval": None,
+    **{name: None for name in method_param_names()},
 }
 # Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder).
 _FLOATS = ("g_scale", "crop_scale")
@@ -98,6 +103,10 @@ class DiTConfig(run_settings.RunSettings):
     uncond: int = 0
     vanila_cfg: int = 0
     method: str = "none"
+    weights: tuple = ()                   # the weights of a `method` of the table (table convention)
+    g_params: dict = dataclasses.field(default_factory=dict)
+    g_sigma_interval: Optional[tuple] = None
+    swg_sigma_interval: Optional[tuple] = None
     window_size: Optional[int] = None
     window_steps: int = 2
     cfg_channels: str = "reference"
@@ -157,6 +166,44 @@ def _seed_list(seeds, num_fid_samples) -> list[int]:
     return list(range(n))
 
 
+def _table_method(o: dict, mode: str):
+    """``(mode, weights, params, g_sigma, swg_sigma)``: a `method` of the guidance table, checked, or the switches'."""
+    name = o["method"]
+    params = {k: o[k] for k in method_param_names()}
+    intervals = (o["g_sigma_interval"], o["swg_sigma_interval"])
+    if name is None or str(name).strip().lower() in ("", "none"):
+        if o["weights"] is not None or any(v is not None for v in (*params.values(), *intervals)):
+            raise UsageError("`weights`, the method parameters and the sigma intervals belong to `method`; "
+                             "choose one, e.g. `method` apg")
+        return mode, (), {}, None, None
+    spec = method_spec(name, "method")
+    if spec.name in DIT_MODES:
+        switch = {"swg": "`crop` 1", "cfg": "`vanila_cfg` 1", "cfg-swg": "`cfg_crop` 1", "none": "no switch"}
+        raise UsageError(f"`method` {spec.name} is one of DiT's reference modes: use {switch[spec.name]} "
+                         f"with `g_scale` (see --help)")
+    if mode != "none" or o["g_scale"] or o["crop_scale"]:
+        raise UsageError(f"`method` {spec.name} replaces the switches `crop`, `cfg_crop`, `vanila_cfg`, `uncond` "
+                         f"and `g_scale` / `crop_scale`; give its weights with `weights` (e.g. {spec.example_text()})")
+    try:
+        weights = tuple(float(w) for w in str(o["weights"] if o["weights"] is not None else "").replace(
+            "(", "").replace(")", "").split(",") if str(w).strip()) if not isinstance(o["weights"], (list, tuple)) \
+            else tuple(float(w) for w in o["weights"])
+    except ValueError:
+        raise UsageError(f"`weights`: cannot parse {o['weights']!r}; give numbers separated by a comma, "
+                         f"e.g. {spec.example_text()}") from None
+    if len(weights) != spec.num_weights:
+        raise UsageError(f"`method` {spec.name} takes {spec.num_weights} weight(s) ({', '.join(spec.weights)}), "
+                         f"got {len(weights)}; e.g. `weights` {spec.example_text()}")
+    if spec.negative == "weak":
+        raise UsageError(f"`method` {spec.name} needs a weaker network; DiT samples with one network "
+                         f"(the null class is the unconditional negative: e.g. `method` cfg-zero)")
+    g_sigma = parse_sigma_interval(o["g_sigma_interval"], "g_sigma_interval")
+    swg_sigma = parse_sigma_interval(o["swg_sigma_interval"], "swg_sigma_interval")
+    if swg_sigma is not None and not spec.windows:
+        raise UsageError(f"`swg_sigma_interval` limits the window term, but `method` {spec.name} has no windows")
+    return spec.name, weights, method_params(spec, params, "method"), g_sigma, swg_sigma
+
+
 def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     """Resolved configuration from keyword options (the flags' underscore names; :data:`DEFAULTS` fill the rest).
 
@@ -206,8 +253,10 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         raise UsageError(f"guidance scales must be >= 0, got `g_scale` {g} `crop_scale` {c}")
     if c > 0 and mode != "cfg-swg":
         raise UsageError("`crop_scale` is the SWG weight of `cfg_crop` 1; with `crop` 1 the weight is `g_scale`")
-    if o["mask"] and mode not in ("swg", "cfg-swg"):
-        raise UsageError("`mask` 1 (M-SWG) needs `crop` 1 or `cfg_crop` 1")
+    mode, weights, g_params, g_sigma, swg_sigma = _table_method(o, mode)
+    windows = mode in ("swg", "cfg-swg") or (mode not in DIT_MODES and method_spec(mode).windows)
+    if o["mask"] and not windows:
+        raise UsageError("`mask` 1 (M-SWG) needs `crop` 1 or `cfg_crop` 1 (or a `method` with windows, e.g. apg-swg)")
     if mode == "uncond" and g > 0:
         raise UsageError("`uncond` 1 samples without guidance; drop `g_scale`")
     if mode == "cfg" and g < 1:
@@ -220,7 +269,7 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         raise UsageError("`g_scale` needs a guidance switch: `crop` 1 (SWG), `cfg_crop` 1 (CFG+SWG) "
                          "or `vanila_cfg` 1 (CFG)")
     window = None
-    if mode in ("swg", "cfg-swg"):
+    if windows:
         window = o["window_size"] or max(patch, default_window_size(latent) // patch * patch)
         if window % patch:
             raise UsageError(f"`window_size` {window} must be a multiple of the patch size {patch}")
@@ -248,7 +297,8 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         crop=o["crop"], mask=o["mask"], cfg_crop=o["cfg_crop"], uncond=o["uncond"], vanila_cfg=o["vanila_cfg"],
         method=mode, window_size=window, window_steps=o["window_steps"], cfg_channels=o["cfg_channels"],
         pos_embed=o["pos_embed"], num_sampling_steps=steps, timesteps=timesteps, global_seed=o["global_seed"],
-        tf32=o["tf32"], max_window_batch=o["max_window_batch"])
+        tf32=o["tf32"], max_window_batch=o["max_window_batch"], weights=weights, g_params=g_params,
+        g_sigma_interval=g_sigma, swg_sigma_interval=swg_sigma)
     cfg.outdir = run_dir(cfg) if require_outdir else None
     if cfg.max_window_batch is not None and cfg.max_window_batch < 1:
         raise UsageError("`max_window_batch` must be >= 1")
@@ -272,6 +322,12 @@ def folder_name(cfg: DiTConfig) -> str:
         name += f"_cfg_swg_{cfg.crop_scale}_mask_{int(cfg.mask)}"
     if cfg.uncond:
         name += "_uncond"
+    if cfg.weights:
+        params = "".join(f"_{k}_{v:g}" for k, v in sorted(cfg.g_params.items()))
+        name += f"_{cfg.method}_w_{','.join(f'{w:g}' for w in cfg.weights)}{params}_mask_{int(cfg.mask)}"
+        for key in ("g_sigma_interval", "swg_sigma_interval"):
+            if getattr(cfg, key):
+                name += f"_{key.split('_')[0]}sig_{getattr(cfg, key)[0]:g}-{getattr(cfg, key)[1]:g}"
     if cfg.vanila_cfg:
         name += "_vanila_cfg"
     return name.replace(", ", "_").replace("[", "").replace("]", "").replace(" ", "_")
@@ -347,8 +403,13 @@ class DiTBackend(run.Backend):
         self.diffusion = create_diffusion(cfg.num_sampling_steps)
         self.denoiser = dit_guidance(model, cfg.method, g_scale=cfg.g_scale, crop_scale=cfg.crop_scale,
                                      mask=cfg.mask, window_size=cfg.window_size, window_steps=cfg.window_steps,
-                                     cfg_channels=cfg.cfg_channels, max_window_batch=cfg.max_window_batch)
+                                     cfg_channels=cfg.cfg_channels, max_window_batch=cfg.max_window_batch,
+                                     weights=cfg.weights, params=cfg.g_params, sigma_interval=cfg.g_sigma_interval,
+                                     swg_sigma_interval=cfg.swg_sigma_interval, sigma_of=self.diffusion.sigma_of)
         return self
+
+    def cost(self) -> Optional[dict]:
+        return self.denoiser.cost() if self.denoiser is not None else None
 
     def describe(self) -> str:
         cfg = self.settings

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from guidance import guide, method_spec
-from guidance.table import METHODS, NEGATIVES, check_sigma_interval
+from guidance.table import NEGATIVES, method_param_names, method_params, parse_sigma_interval
 from guidance.windows import WindowError, WindowGrid
 from networks import zoo
 from networks.edm2_pickle import EDM2Checkpoint, load_checkpoint
@@ -50,7 +50,7 @@ IDENTITY_KEYS = ("net_pos_pkl", "net_neg_pkl", "class_idx", "steps", "sigma_min"
                  "scale_window_guide", "g_interval", "clean_combos", "g_params", "g_sigma_interval",
                  "swg_sigma_interval")
 # Every method parameter of the table (APG's eta ...): a keyword of build_config and a flag.
-METHOD_PARAMS = {p.name: p for spec in METHODS.values() for p in spec.params}
+METHOD_PARAMS = method_param_names()
 
 
 @dataclasses.dataclass
@@ -135,25 +135,6 @@ def _interval(text) -> Optional[tuple]:
     return vals
 
 
-def _sigma_interval(text, what: str) -> Optional[tuple]:
-    if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "")):
-        return None
-    if isinstance(text, str):
-        text = text.split(",")
-    return check_sigma_interval(text, what)
-
-
-def _method_params(spec, given: dict) -> dict:
-    """The chosen method's parameters: given values checked, defaults filled; another method's refused."""
-    given = {k: v for k, v in given.items() if v is not None}
-    stray = sorted(set(given) - {p.name for p in spec.params})
-    if stray:
-        owners = sorted({s.base or s.name for s in METHODS.values() if any(p.name == stray[0] for p in s.params)})
-        raise UsageError(f"`{stray[0]}` is a parameter of {' / '.join(owners)}; `g_method` {spec.name} does not "
-                         f"use it (drop it or choose e.g. `g_method` {owners[0]})")
-    return spec.param_values(**given)
-
-
 def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = None,
                  net_neg_pkl: Optional[str] = None, outdir: Optional[str] = None, seeds="0-63",
                  g_method: Optional[str] = None, g_weight=None, swg_sizes=None, swg_steps=None,
@@ -200,9 +181,9 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
         neg = None
     if preset_params and method_spec(preset_method).name == method:  # the preset's own parameters
         params = {**preset_params, **params}
-    g_params = _method_params(spec, params)
-    g_sigma = _sigma_interval(kwargs.pop("g_sigma_interval", None), "g_sigma_interval")
-    swg_sigma = _sigma_interval(kwargs.pop("swg_sigma_interval", None), "swg_sigma_interval")
+    g_params = method_params(spec, params, "g_method")
+    g_sigma = parse_sigma_interval(kwargs.pop("g_sigma_interval", None), "g_sigma_interval")
+    swg_sigma = parse_sigma_interval(kwargs.pop("swg_sigma_interval", None), "swg_sigma_interval")
     if swg_sigma is not None and not spec.windows:
         raise UsageError(f"`swg_sigma_interval` limits the window term, but `g_method` {method} has no windows")
     if g_sigma is not None and not spec.needs_neg:

@@ -107,7 +107,8 @@ def test_tiny_long_range_run(tmp_path):
     chosen = [long_range.Row("uncond/none", "uncond"),
               long_range.Row("uncond/m-swg-k12-w1", "uncond", "swg", 1.0, window=12),
               long_range.Row("uncond/swg-k12-w1", "uncond", "swg", 1.0, window=12, masked=0),
-              long_range.Row("cond/cfg-1", "cond", "cfg", 1.0, "uncond")]
+              long_range.Row("cond/cfg-1", "cond", "cfg", 1.0, "uncond"),
+              long_range.Row("cond/apg-1", "cond", "apg", 1.0, "uncond", params="eta=0,momentum=-0.5")]
     out = tmp_path / "lr"
     log = []
     table = long_range.run_long_range(out, num=4, steps=2, batch=3, chosen=chosen, log=log.append, progress=False)
@@ -122,6 +123,9 @@ def test_tiny_long_range_run(tmp_path):
     assert img["uncond/none"].shape == (4, 3, 32, 32)
     assert (img["uncond/none"] != img["uncond/m-swg-k12-w1"]).any()
     assert (img["uncond/m-swg-k12-w1"] != img["uncond/swg-k12-w1"]).any()
+    assert (img["cond/cfg-1"] != img["cond/apg-1"]).any()   # APG's projection and momentum reach the sampler
+    defaults = [r.name for r in long_range.default_rows(long_range.DEFAULT)]
+    assert {"cond/apg-1", "cond/cfg-zero-1"} <= set(defaults)
     for name in ("results.csv", "results.md", "results.png", "samples.png"):
         assert (out / name).stat().st_size > 100, name
     md = (out / "results.md").read_text()
@@ -143,3 +147,30 @@ def test_cli_refuses_bad_windows(tmp_path):
     assert r.exit_code == 2 and "divisible by 4" in r.output and not (tmp_path / "x").exists()
     r = CliRunner().invoke(long_range.main, ["--outdir", str(tmp_path / "x"), "--positives", "big"])
     assert r.exit_code == 2 and "unknown --positives big" in r.output
+
+
+def test_every_panel_has_a_legend(tmp_path, monkeypatch):
+    """results.png: the consistency panels name their lines too, not only the FD panels (issue 23 #11)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def row(method, pos, g, weight="", window="", masked="", c=0.5, fd=20.0):
+        return {"method": method, "positive": pos, "g_method": g, "weight": weight, "window": window,
+                "masked": masked, "consistency": c, "fd": fd}
+
+    table = [row("training data", "-", "-", c=1.0, fd=1.0)]
+    for pos in ("cond", "uncond"):
+        table += [row(f"{pos}/none", pos, "none"), row(f"{pos}/autoguidance-1", pos, "autoguidance", "1"),
+                  row(f"{pos}/m-swg-k16-w1", pos, "m-swg", "1", 16, 1, 0.6, 18.0),
+                  row(f"{pos}/swg-k16-w1", pos, "swg", "1", 16, 0, 0.55, 19.0)]
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    long_range.plot(table, tmp_path / "results.png")
+    axes = figs[0].axes
+    assert len(axes) == 4
+    for ax in axes:
+        assert ax.get_legend() is not None, ax.get_title()
+        labels = {t.get_text() for t in ax.get_legend().get_texts()}
+        assert {"M-SWG k=16", "SWG k=16", "autoguidance", "unguided", "training data"} <= labels

@@ -233,7 +233,7 @@ BAD = [
     (["--seeds", "0-3", "--num-fid-samples", "4"], "give one of them"),
     (["--num-fid-samples", "0"], "must be >= 1"),
     (["--num-sampling-steps", "2000"], "at most 1000"),
-    (["--metrics", "fid,kid"], "unknown metric 'kid'"),
+    (["--metrics", "fid,kidd"], "unknown metric 'kidd'"),
     (["--metrics", "saturation", "--seeds", "0"], "at least 2 images"),
     (["--metrics", "fid", "--ref-path", "/nonexistent/img256.pkl", "--num-fid-samples", "1"], "at least 2"),
     (["--vae", "kl"], "'kl' is not one of"),

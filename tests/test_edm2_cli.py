@@ -221,6 +221,8 @@ BAD = {
                              "divisible"),
     "window-uncovered": (["--g_method", "swg", "--g_weight", "0.2", "--swg_sizes", "12", "--swg_steps", "1"],
                          "cover"),
+    "window-repeats": (["--g_method", "swg", "--g_weight", "0.2", "--swg_sizes", "12", "--swg_steps", "100"],
+                       "--swg_steps <= 5"),  # 16 - 12 + 1 distinct positions (issue 23 item 6)
     "no-window-size": (["--g_method", "swg", "--g_weight", "0.2"], "--swg_sizes"),
     "missing-negative": (["--g_method", "wmg", "--g_weight", "1"], "--net_neg_pkl"),
     "corrupt-negative": (["--g_method", "wmg", "--g_weight", "1", "--net_neg_pkl", "trunc.pkl"], "corrupt"),
@@ -236,7 +238,7 @@ BAD = {
     "batch-text": (["--batch", "many"], "batch"),
     "sigma": (["--sigma_min", "0"], "sigma_min"),
     "metrics-no-ref": (["--metrics", "fid"], "--ref_path"),
-    "metrics-unknown": (["--metrics", "kid", "--ref_path", "x.pkl"], "unknown metric"),
+    "metrics-unknown": (["--metrics", "kidd", "--ref_path", "x.pkl"], "unknown metric"),
     "class-range": (["--class", "10"], "out of range"),
     "unknown-preset": (["--preset", "nope"], "unknown preset"),
     "tar-and-subdirs": (["--save_tar", "--subdirs"], "--subdirs"),
