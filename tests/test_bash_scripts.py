@@ -251,9 +251,9 @@ exit $rc
 
 # torchrun stand-in: records its start and the signals it gets; a SIGTERM stops it as the samplers stop (75).
 FAKE_TORCHRUN = """\
-echo "start $SLURM_NODEID $*" >> {log}
 trap 'echo "TERM $SLURM_NODEID" >> {log}; exit 75' TERM
 trap 'echo "USR1 $SLURM_NODEID" >> {log}; exit 75' USR1
+echo "start $SLURM_NODEID $*" >> {log}
 sleep 60 &
 wait
 """
