@@ -30,10 +30,10 @@ from typing import Optional
 
 import torch
 
-from .guided import guide
+from .settings import GuidanceSettings
 from utils.errors import UsageError
 
-__all__ = ["DiTDenoiser", "dit_guidance", "DIT_MODES", "default_window_size"]
+__all__ = ["DiTDenoiser", "dit_guidance", "dit_settings", "DIT_MODES", "default_window_size"]
 
 DIT_MODES = ("none", "uncond", "swg", "cfg", "cfg-swg")
 
@@ -66,8 +66,7 @@ def default_window_size(latent_size: int) -> int:
     return latent_size * 5 // 8
 
 
-def dit_guidance(
-    net: torch.nn.Module,
+def dit_settings(
     mode: str = "none",
     g_scale: float = 0.0,
     crop_scale: float = 0.0,
@@ -75,32 +74,44 @@ def dit_guidance(
     window_size=None,
     window_steps=2,
     cfg_channels: str = "reference",
+    in_channels: int = 4,
     max_window_batch: Optional[int] = None,
-):
-    """Guided DiT denoiser ``D(x, t, labels) -> [eps, v]`` for one of :data:`DIT_MODES`.
+) -> GuidanceSettings:
+    """The :class:`guidance.settings.GuidanceSettings` of one of :data:`DIT_MODES` (the reference's switches).
 
     ``g_scale``: SWG weight ``w`` (``swg``), CFG scale ``s`` (``cfg``, ``s = 1`` is
     unguided) or CFG weight ``g`` (``cfg-swg``); ``crop_scale``: SWG weight of
-    ``cfg-swg``.  ``window_size`` defaults to :func:`default_window_size` of the
-    network's latent.  ``cfg_channels``: ``"reference"`` (3 channels) or ``"all"``
-    (every eps channel) for plain CFG.
+    ``cfg-swg``.  ``cfg_channels``: ``"reference"`` (3 channels) or ``"all"``
+    (every eps channel, ``in_channels``) for plain CFG.  ``window_size`` is
+    needed by the window modes.
     """
     if mode not in DIT_MODES:
         raise UsageError(f"unknown DiT guidance mode {mode!r}; use one of {', '.join(DIT_MODES)}")
     if cfg_channels not in ("reference", "all"):
         raise UsageError(f"cfg_channels must be 'reference' or 'all', got {cfg_channels!r}")
-    den = DiTDenoiser(net)
+    windows = dict(window_size=window_size, window_steps=window_steps, masked=bool(mask),
+                   max_window_batch=max_window_batch)
     if mode in ("none", "uncond"):
-        return guide(den, method="none", weight=None)
-    if window_size is None:
-        window_size = default_window_size(net.input_size)
-    eps = slice(0, net.in_channels)
+        return GuidanceSettings(method="none", window_steps=window_steps, max_window_batch=max_window_batch).checked()
     if mode == "swg":
-        return guide(den, method="swg", weight=g_scale, window_size=window_size, window_steps=window_steps,
-                     masked=bool(mask), channels=None, max_window_batch=max_window_batch)
+        return GuidanceSettings(method="swg", weights=(g_scale,), **windows).checked()
     if mode == "cfg":
-        channels = slice(0, 3) if cfg_channels == "reference" else eps
-        return guide(den, method="cfg", weight=g_scale - 1.0, neg_denoiser=den, channels=channels)
-    return guide(den, method="cfg-swg", weight=(g_scale, crop_scale), neg_denoiser=den,
-                 window_size=window_size, window_steps=window_steps, masked=bool(mask), channels=eps,
-                 reference_quirks=False, max_window_batch=max_window_batch)
+        return GuidanceSettings(method="cfg", weights=(g_scale - 1.0,),
+                                guided_channels=3 if cfg_channels == "reference" else in_channels).checked()
+    return GuidanceSettings(method="cfg-swg", weights=(g_scale, crop_scale), guided_channels=in_channels,
+                            reference_quirks=False, **windows).checked()
+
+
+def dit_guidance(net: torch.nn.Module, mode: str = "none", g_scale: float = 0.0, crop_scale: float = 0.0,
+                 mask: bool = False, window_size=None, window_steps=2, cfg_channels: str = "reference",
+                 max_window_batch: Optional[int] = None):
+    """Guided DiT denoiser ``D(x, t, labels) -> [eps, v]`` for one of :data:`DIT_MODES` (see :func:`dit_settings`).
+
+    ``window_size`` defaults to :func:`default_window_size` of the network's latent.
+    """
+    if window_size is None and mode in ("swg", "cfg-swg"):
+        window_size = default_window_size(net.input_size)
+    settings = dit_settings(mode, g_scale, crop_scale, mask, window_size, window_steps, cfg_channels,
+                            net.in_channels, max_window_batch)
+    den = DiTDenoiser(net)
+    return settings.guide(den, neg_denoiser=den if settings.spec.needs_neg else None)

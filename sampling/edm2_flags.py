@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import click
 
+from guidance.table import METHODS
 from sampling import edm2_run
 from sampling.presets import format_presets
 from utils import dist
@@ -52,7 +53,7 @@ FLAGS = {"class_idx": "--class", "window_size": "--swg_sizes", "window_steps": "
 @option("--S_min", type=float, default=None, help="Stochastic min noise level [default: 0].")
 @option("--S_max", type=float, default=None, help="Stochastic max noise level [default: inf].")
 @option("--S_noise", type=float, default=None, help="Stochastic noise inflation [default: 1].")
-@option("--g_method", default=None, help="none | cfg | wmg | swg | wmg-swg | cfg-swg (cfg_swg accepted).")
+@option("--g_method", default=None, help=f"{' | '.join(METHODS)} (aliases such as cfg_swg accepted).")
 @option("--g_weight", default=None, help="Guidance weight w, or two (w_neg,w_swg) for combinations.")
 @option("--swg_sizes", default=None, help="Window size k in latent pixels (or kh,kw).")
 @option("--swg_steps", default=None, help="Windows per axis n (or nh,nw) [default: 2].")
