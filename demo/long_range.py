@@ -56,6 +56,7 @@ import torch  # noqa: E402
 
 from demo.common import (Timings, check_outdir, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
                          requested_classes, sample_grid, sample_row, save_figure, write_settings)
+from sampling.presets import ZOO_PARAMS  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
 from utils.errors import UsageError, exit_on_usage_error  # noqa: E402
 
@@ -76,7 +77,8 @@ DEFAULT = dict(num=128, steps=8, windows=(8, 16, 24, 28), weights=(0.5, 1.0), sw
                sweep=("cond",), probe=("uncond", "cond-early"), probe_at=(16, 1.0))
 FULL = dict(num=256, steps=16, windows=(8, 12, 16, 20, 24, 28), weights=(0.25, 0.5, 1.0, 2.0),
             swg_windows=(16, 28), sweep=("cond", "uncond"), probe=("cond-early", "uncond-early"), probe_at=(16, 1.0))
-OTHER_WEIGHT = 1.0          # CFG and autoguidance weight
+OTHER_WEIGHT = 1.0          # CFG, autoguidance, APG and CFG-Zero* weight
+ZOO_ROWS = ("apg", "cfg-zero")   # CFG variants of the guidance zoo (sampling.presets.ZOO_PARAMS) on "cond"
 WEAK = {"cond": "cond-early", "uncond": "uncond-early"}   # autoguidance: the same run, less trained
 
 
@@ -91,6 +93,7 @@ class Row:
     neg: str = ""                   # key of MODELS (cfg / wmg)
     window: int = 0                 # window size k (swg)
     masked: int = 1                 # 1 = M-SWG, 0 = plain SWG
+    params: str = ""                # the method's parameters, "name=value,..." (guidance.table)
 
 
 def window_steps(k: int, size: int = RESOLUTION) -> int:
@@ -112,6 +115,9 @@ def rows(sweep: Sequence[str], windows: Sequence[int], weights: Sequence[float],
         out.append(Row(f"{pos}/none", pos))
         if pos == "cond":
             out.append(Row(f"{pos}/cfg-{OTHER_WEIGHT:g}", pos, "cfg", OTHER_WEIGHT, "uncond"))
+            for method in ZOO_ROWS:   # the zoo's CFG variants, same negative and weight, presets' parameters
+                params = ",".join(f"{k}={v:g}" for k, v in sorted(ZOO_PARAMS[method][1].items()))
+                out.append(Row(f"{pos}/{method}-{OTHER_WEIGHT:g}", pos, method, OTHER_WEIGHT, "uncond", params=params))
         if pos in WEAK:
             out.append(Row(f"{pos}/autoguidance-{OTHER_WEIGHT:g}", pos, "wmg", OTHER_WEIGHT, WEAK[pos]))
         grid = [(k, w) for k in windows for w in weights] if pos in sweep else [tuple(probe_at)]
@@ -190,7 +196,8 @@ def row_config(row: Row, outdir: pathlib.Path, seeds, steps: int, batch: int):
         net_pos_pkl=MODELS[row.pos], net_neg_pkl=MODELS[row.neg] if row.neg else None, outdir=str(outdir /
         folder_name(row)), seeds=seeds, g_method=row.g_method, g_weight=row.weight if row.g_method != "none"
         else None, swg_sizes=row.window if swg else None, swg_steps=window_steps(row.window) if swg else None,
-        scale_window_guide=row.masked, steps=steps, batch=batch, metrics="none")
+        scale_window_guide=row.masked, steps=steps, batch=batch, metrics="none",
+        **{k: float(v) for k, v in (p.split("=") for p in row.params.split(",") if p)})
 
 
 def _check_models(chosen: Sequence[Row]) -> None:

@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 from demo.common import (Timings, check_outdir, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
                          requested_classes, network_shape, sample_grid, sample_row, save_figure, write_settings)
+from sampling.presets import ZOO_PARAMS  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
 from utils.errors import UsageError, exit_on_usage_error  # noqa: E402
 
@@ -91,6 +92,9 @@ METHODS = [
     Method("wmg-swg-RT", "demo-digits-rt-mswg", negative="RT"),
     Method("wmg-swg-RCT", "demo-digits-rct-mswg", negative="RCT"),
     Method("cfg-swg", "demo-digits-cfg-mswg", negative="uncond"),
+    # The guidance zoo at its presets' default weights (sampling.presets.ZOO_PARAMS), alone and with M-SWG.
+    *(Method(f"{m}{pair}", f"demo-digits-{m}{pair}", negative="uncond")
+      for m in ZOO_PARAMS for pair in ("", "-mswg")),
 ]
 
 

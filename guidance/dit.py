@@ -22,6 +22,11 @@ the null class), and :func:`dit_guidance` maps the reference's switches to a
       eps = pos + g (pos - uncond) + w m (pos - win)
 
 ``uncond`` (``--uncond 1``) samples with the null class and no guidance.
+
+Any other method of :data:`guidance.table.METHODS` (APG, CFG-Zero*, FDG, TCFG, PAG ... and
+their ``-swg`` pairings) runs with its table weights on the ``C`` eps channels (variance
+from ``pos``), the null class as the unconditional negative, the masked windows of the
+pairings, and sigma intervals in DiT's noise level ``sigma(t) = sqrt(1 / alpha_bar_t - 1)``.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ from typing import Optional
 import torch
 
 from .settings import GuidanceSettings
+from .table import method_params, method_spec
 from utils.errors import UsageError
 
-__all__ = ["DiTDenoiser", "dit_guidance", "dit_settings", "DIT_MODES", "default_window_size"]
+__all__ = ["DiTDenoiser", "dit_guidance", "dit_settings", "guide_dit", "DIT_MODES", "default_window_size"]
 
 DIT_MODES = ("none", "uncond", "swg", "cfg", "cfg-swg")
 
@@ -76,17 +82,32 @@ def dit_settings(
     cfg_channels: str = "reference",
     in_channels: int = 4,
     max_window_batch: Optional[int] = None,
+    weights=None,
+    params: Optional[dict] = None,
+    sigma_interval=None,
+    swg_sigma_interval=None,
 ) -> GuidanceSettings:
-    """The :class:`guidance.settings.GuidanceSettings` of one of :data:`DIT_MODES` (the reference's switches).
+    """The :class:`guidance.settings.GuidanceSettings` of one of :data:`DIT_MODES` (the reference's switches),
+    or of another method of the table.
 
     ``g_scale``: SWG weight ``w`` (``swg``), CFG scale ``s`` (``cfg``, ``s = 1`` is
     unguided) or CFG weight ``g`` (``cfg-swg``); ``crop_scale``: SWG weight of
     ``cfg-swg``.  ``cfg_channels``: ``"reference"`` (3 channels) or ``"all"``
     (every eps channel, ``in_channels``) for plain CFG.  ``window_size`` is
-    needed by the window modes.
+    needed by the window modes.  Another table method (``mode="apg-swg"`` ...) takes
+    ``weights`` in the table's convention, its ``params`` and ``sigma_interval`` /
+    ``swg_sigma_interval`` (in DiT's noise level).
     """
     if mode not in DIT_MODES:
-        raise UsageError(f"unknown DiT guidance mode {mode!r}; use one of {', '.join(DIT_MODES)}")
+        spec = method_spec(mode, "method")
+        if spec.negative == "weak":
+            raise UsageError(f"`method` {spec.name} needs a weaker network; DiT samples with one network "
+                             f"(use the null class: e.g. `method` cfg-zero, apg)")
+        return GuidanceSettings(method=spec.name, weights=tuple(weights or ()),
+                                window_size=window_size if spec.windows else None, window_steps=window_steps,
+                                masked=bool(mask), params=method_params(spec, params or {}, "method"),
+                                sigma_interval=sigma_interval, window_sigma_interval=swg_sigma_interval,
+                                guided_channels=in_channels, max_window_batch=max_window_batch).checked()
     if cfg_channels not in ("reference", "all"):
         raise UsageError(f"cfg_channels must be 'reference' or 'all', got {cfg_channels!r}")
     windows = dict(window_size=window_size, window_steps=window_steps, masked=bool(mask),
@@ -104,14 +125,23 @@ def dit_settings(
 
 def dit_guidance(net: torch.nn.Module, mode: str = "none", g_scale: float = 0.0, crop_scale: float = 0.0,
                  mask: bool = False, window_size=None, window_steps=2, cfg_channels: str = "reference",
-                 max_window_batch: Optional[int] = None):
-    """Guided DiT denoiser ``D(x, t, labels) -> [eps, v]`` for one of :data:`DIT_MODES` (see :func:`dit_settings`).
+                 max_window_batch: Optional[int] = None, weights=None, params: Optional[dict] = None,
+                 sigma_interval=None, swg_sigma_interval=None, sigma_of=None, perturb=None):
+    """Guided DiT denoiser ``D(x, t, labels) -> [eps, v]`` for one of :data:`DIT_MODES` or another table method
+    (see :func:`dit_settings`); ``sigma_of`` maps a timestep to its noise level (for the sigma intervals),
+    ``perturb`` gives PAG / SEG / SLG their perturbed pass.
 
     ``window_size`` defaults to :func:`default_window_size` of the network's latent.
     """
-    if window_size is None and mode in ("swg", "cfg-swg"):
+    if window_size is None:
         window_size = default_window_size(net.input_size)
     settings = dit_settings(mode, g_scale, crop_scale, mask, window_size, window_steps, cfg_channels,
-                            net.in_channels, max_window_batch)
+                            net.in_channels, max_window_batch, weights, params, sigma_interval, swg_sigma_interval)
+    return guide_dit(settings, net, sigma_of=sigma_of, perturb=perturb)
+
+
+def guide_dit(settings: GuidanceSettings, net: torch.nn.Module, *, sigma_of=None, perturb=None):
+    """The DiT ``net`` guided by ``settings`` (the null class as the unconditional negative)."""
     den = DiTDenoiser(net)
-    return settings.guide(den, neg_denoiser=den if settings.spec.needs_neg else None)
+    return settings.guide(den, neg_denoiser=den if settings.spec.needs_neg else None, sigma_of=sigma_of,
+                          perturb=perturb)

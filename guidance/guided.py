@@ -32,8 +32,9 @@ class GuidedDenoiser:
                  window_size=None, window_steps=2, steps: Optional[Tuple[int, int]] = None,
                  sigma_range: Optional[Tuple[float, float]] = None, channels: Optional[slice] = None,
                  max_window_batch: Optional[int] = None, perturb: Optional[Callable[[Hashable], Callable]] = None,
-                 still: Optional[Callable] = None):
+                 still: Optional[Callable] = None, sigma_of: Optional[Callable] = None):
         self.denoiser, self.guider, self.neg_denoiser = denoiser, guider, neg_denoiser
+        self.sigma_of = sigma_of
         self.window_size, self.window_steps = window_size, window_steps
         self.steps, self.sigma_range = steps, sigma_range
         self.channels, self.max_window_batch = channels, max_window_batch
@@ -84,7 +85,7 @@ class GuidedDenoiser:
             return self.denoiser(x, sigma, labels)
         ev = Evaluation(self.denoiser, self.neg_denoiser, x, sigma, labels, self.window_size,
                         self.window_steps, self.max_window_batch, self.channels, step=self.step,
-                        perturb=self.perturb, still=self.still)
+                        perturb=self.perturb, still=self.still, sigma_of=self.sigma_of)
         out = self.guider(ev)
         if not on.all():
             out = torch.where(on[:, None, None, None], out, ev.pos())
@@ -110,6 +111,7 @@ def guide(
     swg_sigma_interval: Optional[Tuple[float, float]] = None,  # Window term only where lo < sigma <= hi.
     perturb:            Optional[Callable[[Hashable], Callable]] = None,  # perturbation -> D_perturbed(x, sigma, c).
     still:              Optional[Callable] = None,      # x -> the prediction that holds x in place (None: zeros).
+    sigma_of:           Optional[Callable] = None,      # sampler time -> noise level, for the sigma intervals.
     **params,                                           # The method's parameters (guidance.table: eta, ...).
 ) -> GuidedDenoiser:
     """Wrap ``denoiser`` with a guidance method; the result has the same call signature.
@@ -164,4 +166,5 @@ def guide(
         if lo_hi is not None and (len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]):
             raise GuidanceError(f"{what} interval must be (first, last) with first <= last, got {lo_hi!r}")
     return GuidedDenoiser(denoiser, guider, neg_denoiser if spec.needs_neg else None, window_size, window_steps,
-                          steps, sigma_range, channels, max_window_batch, perturb=perturb, still=still)
+                          steps, sigma_range, channels, max_window_batch, perturb=perturb, still=still,
+                          sigma_of=sigma_of)

@@ -42,19 +42,21 @@ class Evaluation:
     evaluation), ``cost`` the same weighted by input area relative to ``x`` (a 40x40 window
     of a 64x64 latent costs 0.39).  ``step`` is the sampler step (None if unknown);
     ``perturb(p)`` returns the positive network run under perturbation ``p`` as ``D(x, sigma, labels)``;
-    ``still(x)`` is the prediction that holds ``x`` in place (None: zeros).
+    ``still(x)`` is the prediction that holds ``x`` in place (None: zeros); ``sigma_of(sigma)`` turns the
+    sampler's time into a noise level for sigma intervals (DiT: timestep -> sqrt(1 / alpha_bar - 1)).
     """
 
     def __init__(self, pos_fn: Callable, neg_fn: Optional[Callable], x: torch.Tensor, sigma, labels,
                  window_size=None, window_steps=None, max_window_batch: Optional[int] = None,
                  channels: Optional[slice] = None, step: Optional[int] = None,
-                 perturb: Optional[Callable[[Hashable], Callable]] = None, still: Optional[Callable] = None):
+                 perturb: Optional[Callable[[Hashable], Callable]] = None, still: Optional[Callable] = None,
+                 sigma_of: Optional[Callable] = None):
         self.pos_fn, self.neg_fn = pos_fn, neg_fn
         self.x, self.sigma, self.labels = x, sigma, labels
         self.window_size, self.window_steps = window_size, window_steps
         self.max_window_batch = max_window_batch
         self.channels = channels
-        self.step, self.perturb, self.still_fn = step, perturb, still
+        self.step, self.perturb, self.still_fn, self.sigma_of = step, perturb, still, sigma_of
         self.evals = 0.0
         self.cost = 0.0
         self._cache: Dict[Tuple, torch.Tensor] = {}
@@ -102,6 +104,12 @@ class Evaluation:
     def still(self, like: torch.Tensor) -> torch.Tensor:
         """The prediction that leaves the sample in place: zeros (velocity / noise predictions) or ``still(x)``."""
         return torch.zeros_like(like) if self.still_fn is None else self.still_fn(self.x).to(like.dtype)
+
+    def noise_level(self) -> torch.Tensor:
+        """The noise level of every sample, float64 ``[N]`` (what sigma intervals compare)."""
+        n = self.x.shape[0]
+        s = self.sigma if self.sigma_of is None else self.sigma_of(self.sigma)
+        return torch.as_tensor(s, device=self.x.device, dtype=torch.float64).reshape(-1).expand(n)
 
     def term(self, delta: torch.Tensor) -> torch.Tensor:
         """Zero a guidance term outside the guided channels."""
@@ -190,14 +198,17 @@ class Term:
                                    "use a sigma interval with other samplers")
             on = bool(self.steps[0] <= ev.step <= self.steps[1])
         if on and self.sigmas is not None:
-            n = ev.x.shape[0]
-            s = torch.as_tensor(ev.sigma, device=ev.x.device, dtype=torch.float64).reshape(-1).expand(n)
-            inside = _in(s, self.sigmas, lo_open=True)
+            inside = _in(ev.noise_level(), self.sigmas, lo_open=True)
             on = True if bool(inside.all()) else False if not bool(inside.any()) else inside
         return on
 
     def delta(self, ev: Evaluation, pos: torch.Tensor) -> torch.Tensor:
         neg, count = self.negative(ev)
+        if ev.channels is not None and not self.rule.per_channel:
+            # A rule over whole samples (norms, projections) sees only the guided channels.
+            d = torch.zeros_like(pos)
+            d[:, ev.channels] = self.rule(pos[:, ev.channels], neg[:, ev.channels], ev.step)
+            return d
         d = self.rule(pos, neg, ev.step)
         if count is not None:
             d = _mask(count, self.masked) * d

@@ -32,7 +32,13 @@ def _project(v: torch.Tensor, onto: torch.Tensor):
 
 
 class Rule:
-    """Base class: ``rule(pos, neg, step) -> direction``."""
+    """Base class: ``rule(pos, neg, step) -> direction``.
+
+    ``per_channel``: each output channel depends only on the same channel of the inputs, so
+    restricting guidance to some channels may happen after the rule (else before it).
+    """
+
+    per_channel = False
 
     def __call__(self, pos: torch.Tensor, neg: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
         raise NotImplementedError
@@ -41,6 +47,8 @@ class Rule:
 @dataclasses.dataclass
 class Linear(Rule):
     """``rule = D_pos - D_neg`` (CFG, autoguidance, SWG)."""
+
+    per_channel = True
 
     def __call__(self, pos, neg, step=None):
         return pos - neg
@@ -123,6 +131,8 @@ def low_frequencies(x: torch.Tensor) -> torch.Tensor:
 class LowPass(Rule):
     """Frequency-decoupled guidance, low band (Sadat et al. 2025): ``rule = L(D_pos - D_neg)``, ``L`` = up(down(.))."""
 
+    per_channel = True
+
     def __call__(self, pos, neg, step=None):
         return low_frequencies(pos - neg)
 
@@ -130,6 +140,8 @@ class LowPass(Rule):
 @dataclasses.dataclass
 class HighPass(Rule):
     """Frequency-decoupled guidance, high band: ``rule = (D_pos - D_neg) - L(D_pos - D_neg)``."""
+
+    per_channel = True
 
     def __call__(self, pos, neg, step=None):
         d = pos - neg

@@ -25,7 +25,7 @@ import math
 from typing import Callable, Mapping, Optional, Tuple
 
 from .guided import GuidedDenoiser, guide
-from .table import METHODS, GuidanceError, MethodSpec, check_sigma_interval, method_spec
+from .table import GuidanceError, MethodSpec, check_sigma_interval, method_params, method_spec
 from .windows import WindowError, WindowGrid
 
 __all__ = ["GuidanceSettings"]
@@ -84,20 +84,13 @@ class GuidanceSettings:
         if sigma is not None and not spec.needs_neg:
             raise GuidanceError(f"`sigma_interval` limits the negative's terms, but `method` {spec.name} has none; "
                                 f"use `window_sigma_interval` for the window term")
-        stray = sorted(set(self.params) - {p.name for p in spec.params})
-        if stray:
-            owners = sorted({s.base or s.name for s in METHODS.values() if any(p.name == stray[0] for p in s.params)})
-            if not owners:
-                raise GuidanceError(f"`{stray[0]}` is not a parameter of any guidance method")
-            raise GuidanceError(f"`{stray[0]}` is a parameter of {' / '.join(owners)}; `method` {spec.name} does not "
-                                f"use it (drop it or choose e.g. `method` {owners[0]})")
         for name, value in (("guided_channels", self.guided_channels), ("max_window_batch", self.max_window_batch)):
             if value is not None and int(value) < 1:
                 raise GuidanceError(f"`{name}` must be >= 1")
         return dataclasses.replace(self, method=spec.name, weights=weights, window_size=size, window_steps=steps,
                                    masked=bool(self.masked), step_interval=interval,
                                    reference_quirks=bool(self.reference_quirks),
-                                   params=spec.param_values(**self.params), sigma_interval=sigma,
+                                   params=method_params(spec, self.params), sigma_interval=sigma,
                                    window_sigma_interval=window_sigma)
 
     def check_input(self, height: int, width: int) -> None:
@@ -106,8 +99,13 @@ class GuidanceSettings:
             WindowGrid.create(height, width, self.window_size, self.window_steps)
 
     def guide(self, denoiser: Callable, neg_denoiser: Optional[Callable] = None, *,
-              perturb: Optional[Callable] = None, still: Optional[Callable] = None) -> GuidedDenoiser:
-        """:func:`guidance.guide` of ``denoiser`` with these settings (the guided ``D(x, sigma, labels)``)."""
+              perturb: Optional[Callable] = None, still: Optional[Callable] = None,
+              sigma_of: Optional[Callable] = None) -> GuidedDenoiser:
+        """:func:`guidance.guide` of ``denoiser`` with these settings (the guided ``D(x, sigma, labels)``).
+
+        The callables the sampler supplies: ``perturb`` (PAG / SEG / SLG's perturbed pass), ``still`` (the
+        prediction that holds ``x`` in place), ``sigma_of`` (sampler time -> noise level, for the intervals).
+        """
         spec = self.spec
         return guide(denoiser, method=spec.name, weight=self.weights or None,
                      neg_denoiser=neg_denoiser, window_size=self.window_size if spec.windows else None,
@@ -115,7 +113,7 @@ class GuidanceSettings:
                      channels=None if self.guided_channels is None else slice(0, self.guided_channels),
                      reference_quirks=self.reference_quirks, max_window_batch=self.max_window_batch,
                      sigma_interval=self.sigma_interval, swg_sigma_interval=self.window_sigma_interval,
-                     perturb=perturb, still=still, **self.params)
+                     perturb=perturb, still=still, sigma_of=sigma_of, **self.params)
 
 
 def _pair(value, name: str, check: bool = True) -> Tuple[int, ...]:

@@ -24,7 +24,7 @@ from .methods import (CFG, FDG, SWG, TCFG, WMG, APGuidance, CFGZeroStar, Guider,
                       PerturbedGuidance, PlusSWG)
 
 __all__ = ["GuidanceError", "MethodSpec", "Param", "METHODS", "method_spec", "method_names", "NEGATIVES",
-           "check_sigma_interval"]
+           "check_sigma_interval", "method_params", "method_param_names", "method_param_help", "parse_sigma_interval"]
 
 
 class GuidanceError(UsageError, ValueError):
@@ -126,6 +126,32 @@ class MethodSpec:
         return ",".join(f"{w:g}" for w in self.example) if self.example else "(none)"
 
 
+def method_params(spec: MethodSpec, given: dict, param: str = "method") -> Dict[str, float]:
+    """``spec``'s parameters from ``given`` (None = unset): checked, defaults filled; another method's refused."""
+    given = {k: v for k, v in given.items() if v is not None}
+    stray = sorted(set(given) - {p.name for p in spec.params})
+    if stray:
+        owners = sorted({s.base or s.name for s in METHODS.values() if any(p.name == stray[0] for p in s.params)})
+        raise GuidanceError(f"`{stray[0]}` is a parameter of {' / '.join(owners) or 'no method'}; `{param}` "
+                            f"{spec.name} does not use it (drop it" + (f" or choose e.g. `{param}` {owners[0]})"
+                                                                       if owners else ")"))
+    return spec.param_values(**given)
+
+
+def method_param_names() -> List[str]:
+    """Every method parameter of the table (APG's ``eta`` ...), each once: the keywords and flags that set them."""
+    return list(dict.fromkeys(p.name for s in METHODS.values() for p in s.params))
+
+
+def method_param_help() -> List[Tuple[str, str]]:
+    """``(name, help)`` of every method parameter, for the command lines' flags."""
+    seen: Dict[str, str] = {}
+    for spec in METHODS.values():
+        for p in spec.params:
+            seen.setdefault(p.name, f"{p.help} [default: {p.default:g}]")
+    return list(seen.items())
+
+
 def check_sigma_interval(lo_hi, what: str = "sigma_interval") -> Tuple[float, float]:
     """``(lo, hi)`` with ``0 <= lo < hi`` (``hi`` may be inf): the noise levels ``lo < sigma <= hi``."""
     try:
@@ -136,6 +162,13 @@ def check_sigma_interval(lo_hi, what: str = "sigma_interval") -> Tuple[float, fl
     if not (0 <= lo < hi) or math.isnan(hi):
         raise GuidanceError(f"`{what}` must satisfy 0 <= lo < hi, got {lo:g},{hi:g}; e.g. 0.28,2.9")
     return lo, hi
+
+
+def parse_sigma_interval(text, what: str) -> Optional[Tuple[float, float]]:
+    """``"lo,hi"`` / ``(lo, hi)`` -> checked ``(lo, hi)``; None, ``""`` or ``"none"`` -> None."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "")):
+        return None
+    return check_sigma_interval(text.split(",") if isinstance(text, str) else text, what)
 
 
 _APG_PARAMS = (
@@ -203,7 +236,7 @@ METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("swg", "D = D_pos + w m (D_pos - D_win)", ("w",),
                lambda ws, masked=True: SWG(w=ws[0], masked=masked),
                windows=True, options=("masked",), aliases=("mswg", "m-swg"), example=(0.2,), label="SWG",
-               paper="Kaiser et al. 2024, sliding window guidance"),
+               paper="Adaloglou, Kaiser et al. 2025, Guiding a diffusion model using sliding windows (arXiv 2411.10257)"),
     MethodSpec("wmg-swg", "D = D_pos + w1 (D_pos - D_weak) + w2 m (D_pos - D_win)", ("w_neg", "w_swg"),
                lambda ws, masked=True, reference_quirks=False: NegSWG(
                    w_neg=ws[0], w_swg=ws[1], masked=masked, reference_quirks=reference_quirks, neg_labels=True),

@@ -1,6 +1,9 @@
 """``python -m metrics``: see :mod:`metrics.cli`."""
 
+import sys
+
 from metrics.cli import main
+from utils.cli import run_command
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main, None, "python -m metrics"))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -44,15 +45,16 @@ import numpy as np
 import torch
 import tqdm
 
-from utils.atomic import ensure_dir, write_text_atomic
+from utils.atomic import atomic_path, ensure_dir, write_text_atomic
 from utils.errors import UsageError
 
 from utils import dist
-from .detectors import get_detector
+from .detectors import get_detector, output_dims
 from .frechet import frechet_distance
 from .images import ImageSource, is_image_source, iterate_batches, open_images, select_indices
 from .refs import load_ref
-from .scores import inception_score, inception_score_from_sums, precision_recall, saturation_sum
+from .scores import (density_coverage, inception_score, inception_score_from_sums, kernel_distance, precision_recall,
+                     saturation_sum)
 from .stats import FeatureStats
 
 __all__ = [
@@ -61,6 +63,10 @@ __all__ = [
     "DETECTOR_ORDER",
     "IS_SPLITS",
     "detectors_for",
+    "blocks_for",
+    "row_blocks",
+    "ALIASES",
+    "BLOCKS",
     "STAT_KEYS",
     "PROB_KEYS",
     "parse_metrics",
@@ -70,6 +76,11 @@ __all__ = [
     "compute_stats",
     "calc_metrics_from_stats",
     "check_stats_cover",
+    "check_resolution",
+    "check_ref_covers",
+    "block_taps",
+    "prepare_reference",
+    "reference_rows",
     "is_stats_file",
     "calc_metrics",
     "write_metrics",
@@ -80,10 +91,10 @@ class MetricSpec:
     """What one metric reads and computes.
 
     ``detector``: the detector it runs (a name of :data:`metrics.detectors.LOADERS`), None for pixel
-    statistics; ``output``: which output of the detector it reads (``'features'``, ``'probs'``);
-    ``kind``: what is computed from it (``'fd'`` Fréchet distance, ``'is'`` Inception score,
-    ``'conf'`` one-split score, ``'saturation'``, ``'pr'`` precision/recall); ``min_images``:
-    the fewest images it can be computed from.
+    statistics; ``output``: which output of the detector it reads (``'features'``, ``'spatial'``,
+    ``'probs'``); ``kind``: what is computed from it (``'fd'`` Fréchet distance, ``'is'`` Inception
+    score, ``'conf'`` one-split score, ``'saturation'``, ``'pr'`` precision/recall, ``'kid'`` kernel
+    distance, ``'dc'`` density/coverage); ``min_images``: the fewest images it can be computed from.
     """
 
     detector: Optional[str]
@@ -93,21 +104,24 @@ class MetricSpec:
 
     @property
     def needs_reference(self) -> bool:
-        """Compares against reference statistics (FD, precision/recall)."""
-        return self.kind in ("fd", "pr")
+        """Compares against a reference (FD, precision/recall, KID, density/coverage)."""
+        return self.kind in ("fd",) + ROW_KINDS
 
     @property
     def block(self) -> Optional[str]:
         """Name of the statistics block it reads in a reference or statistics dict (``'fid'``, ...)."""
-        return STAT_KEYS.get(self.detector) if self.output == "features" else None
+        return BLOCKS.get((self.detector, self.output))
 
     @property
     def needs_rows(self) -> bool:
-        """Needs every feature row, not only running sums (precision/recall)."""
-        return self.kind == "pr"
+        """Needs every feature row (float16), not only running sums (P/R, KID, density/coverage)."""
+        return self.kind in ROW_KINDS
 
 
 IS_SPLITS = 10
+ROW_KINDS = ("pr", "kid", "dc")
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 2020  # torch-fidelity's defaults
+DC_K = 5  # density/coverage neighbourhood (Naeem et al. 2020)
 METRICS: Dict[str, MetricSpec] = {
     "fid": MetricSpec("inception", "features", "fd", 2),
     "fd_dinov2": MetricSpec("dinov2", "features", "fd", 2),
@@ -117,9 +131,23 @@ METRICS: Dict[str, MetricSpec] = {
     "pr_dinov2": MetricSpec("dinov2", "features", "pr", 4),
     "fd_digits": MetricSpec("digits", "features", "fd", 2),
     "conf_digits": MetricSpec("digits", "probs", "conf", 2),
+    "sfid": MetricSpec("inception", "spatial", "fd", 2),
+    "kid_inception": MetricSpec("inception", "features", "kid", 2),
+    "kid_dinov2": MetricSpec("dinov2", "features", "kid", 2),
+    "dc_inception": MetricSpec("inception", "features", "dc", DC_K + 1),
+    "dc_dinov2": MetricSpec("dinov2", "features", "dc", DC_K + 1),
+    "fd_clip": MetricSpec("clip", "features", "fd", 2),
+    "pr_clip": MetricSpec("clip", "features", "pr", 4),
+    "kid_clip": MetricSpec("clip", "features", "kid", 2),
+    "dc_clip": MetricSpec("clip", "features", "dc", DC_K + 1),
 }
+# short names -> metric names; 'adm' is the ADM evaluator's five numbers (DiT's table)
+ALIASES = {"pr": ("pr_inception",), "kid": ("kid_inception",), "dc": ("dc_inception",),
+           "adm": ("fid", "sfid", "is", "pr_inception")}
 # detector -> name of its statistics block in a reference (EDM2's names; 'fd_digits' for the demo)
-STAT_KEYS = {"inception": "fid", "dinov2": "fd_dinov2", "digits": "fd_digits"}
+STAT_KEYS = {"inception": "fid", "dinov2": "fd_dinov2", "digits": "fd_digits", "clip": "fd_clip"}
+# (detector, output) -> statistics block; 'sfid' is ADM's mu_s / sigma_s
+BLOCKS = {**{(kind, "features"): key for kind, key in STAT_KEYS.items()}, ("inception", "spatial"): "sfid"}
 # detector -> key of its class probabilities in compute_stats' result
 PROB_KEYS = {"inception": "probs", "digits": "probs_digits"}
 # the order detectors run in (and are listed in)
@@ -137,6 +165,21 @@ def detectors_for(metrics: Sequence[str], *, reference_only: bool = False) -> li
     kinds = {METRICS[m].detector for m in metrics
              if METRICS[m].detector and (not reference_only or METRICS[m].needs_reference)}
     return sorted(kinds, key=DETECTOR_ORDER.index)
+
+
+def blocks_for(metrics: Sequence[str], *, reference_only: bool = False) -> list[str]:
+    """The statistics blocks (``'fid'``, ``'sfid'``, ...) the metrics ``metrics`` read, each once."""
+    out = []
+    for m in metrics:
+        spec = METRICS[m]
+        if spec.block and (not reference_only or spec.needs_reference) and spec.block not in out:
+            out.append(spec.block)
+    return out
+
+
+def row_blocks(metrics: Sequence[str]) -> list[str]:
+    """The blocks whose feature rows the metrics ``metrics`` need (P/R, KID, density/coverage)."""
+    return [b for b in blocks_for([m for m in metrics if METRICS[m].needs_rows])]
 
 
 def minimum_images(names: Sequence[str]) -> int:
@@ -157,11 +200,12 @@ def parse_metrics(metrics: Union[str, Sequence[str]]) -> list[str]:
     names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
     out = []
     for name in (n.strip().lower() for n in names):
-        if not name or name in out:
-            continue
-        if name not in METRICS:
-            raise UsageError(f"unknown metric '{name}'; choose from {','.join(METRICS)}")
-        out.append(name)
+        for name in ALIASES.get(name, (name,)):
+            if not name or name in out:
+                continue
+            if name not in METRICS:
+                raise UsageError(f"unknown metric '{name}'; choose from {','.join([*METRICS, *ALIASES])}")
+            out.append(name)
     if not out:
         raise UsageError(f"no metrics given; choose from {','.join(METRICS)}")
     return out
@@ -210,43 +254,83 @@ def _local_batches(images: Images, num: Optional[int], batch: int, seed: int):
     return gen(), None, None
 
 
+def block_taps(blocks: Sequence[str]) -> Dict[str, tuple]:
+    """block name -> (detector, output)."""
+    inverse = {key: tap for tap, key in BLOCKS.items()}
+    unknown = [b for b in blocks if b not in inverse]
+    if unknown:
+        raise ValueError(f"unknown statistics block(s) {unknown}; known: {sorted(inverse)}")
+    return {b: inverse[b] for b in blocks}
+
+
+def check_resolution(expected, got, where: str, what: str = "these images") -> None:
+    """Refuse images whose size ``got`` (H, W) differs from the reference's ``expected`` (when known)."""
+    if expected is None or got is None:
+        return
+    expected, got = [int(v) for v in expected], [int(v) for v in got]
+    if expected != got:
+        raise UsageError(f"{where} was made from {expected[1]}x{expected[0]} images but {what} are "
+                         f"{got[1]}x{got[0]}; use a reference of the same resolution "
+                         f"('python -m metrics ref' on {got[1]}x{got[0]} images)")
+
+
 def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dinov2"), *,
-                  probs: Union[bool, Sequence[str]] = False, saturation: bool = False, keep_features: bool = False,
+                  blocks: Optional[Sequence[str]] = None,
+                  probs: Union[bool, Sequence[str]] = False, saturation: bool = False,
+                  keep_features: Union[bool, Sequence[str]] = False,
                   num: Optional[int] = None, batch: int = 64, seed: int = 0, device=None,
-                  detector_kwargs: Optional[Mapping[str, dict]] = None,
+                  detector_kwargs: Optional[Mapping[str, dict]] = None, resolution=None,
                   progress: bool = True, desc: str = "images") -> Dict[str, Any]:
     """Statistics of ``images`` for the given detectors, in EDM2's reference layout.
 
-    Returns ``{'num_images': N, 'fid': {'mu', 'sigma'[, 'features']}, 'fd_dinov2': {...}}``
-    plus class probabilities and ``'saturation'`` when asked: ``probs=True`` keeps the
-    Inception ``'probs'`` [N, 1008]; a list of detectors keeps each one's rows under
+    Returns ``{'num_images': N, 'resolution': [H, W], 'fid': {'mu', 'sigma'[, 'features']},
+    'fd_dinov2': {...}}`` plus class probabilities and ``'saturation'`` when asked: ``probs=True``
+    keeps the Inception ``'probs'`` [N, 1008]; a list of detectors keeps each one's rows under
     :data:`PROB_KEYS` (``'probs'`` for inception, ``'probs_digits'`` [N, 10] for digits).
+    ``blocks``: the statistics blocks to accumulate (default: the ``features`` block of each
+    detector; ``'sfid'`` adds Inception's spatial tap).  ``keep_features``: keep the feature
+    rows (float16) of every ``features`` block (True) or of the named blocks.
+    ``resolution``: the reference's (H, W), checked against the first batch.
     ``images``: a folder/zip/tar/npz path, an :class:`ImageSource`, or an
     iterable of uint8 NHWC batches (under torchrun: this rank's share).
     """
     device = torch.device(device) if device is not None else _default_device()
+    blocks = [STAT_KEYS[k] for k in detectors] if blocks is None else list(blocks)
+    taps = block_taps(blocks)
+    kinds = sorted({*detectors, *(k for k, _ in taps.values())}, key=DETECTOR_ORDER.index)
     batches, num_batches, total = _local_batches(images, num, batch, seed)
     kwargs = dict(detector_kwargs or {})
-    dets = {kind: get_detector(kind, device, **kwargs.get(kind, {})) for kind in detectors}
+    dets = {kind: get_detector(kind, device, **kwargs.get(kind, {})) for kind in kinds}
     prob_kinds = (["inception"] if probs else []) if isinstance(probs, bool) else list(probs)
     for kind in prob_kinds:
         if kind not in dets or kind not in PROB_KEYS:
             raise ValueError(f"probs of {kind!r} need the {kind} detector in detectors (and one with probs)")
-    stats = {kind: FeatureStats(det.feature_dim, keep_rows=keep_features, device=device)
-             for kind, det in dets.items()}
+    keep = ([b for b, (_, out) in taps.items() if out == "features"] if keep_features is True
+            else list(keep_features or []))
+    stats = {b: FeatureStats(output_dims(dets[k])[out], keep_rows=b in keep, device=device)
+             for b, (k, out) in taps.items()}
     prob_rows: Dict[str, list] = {kind: [] for kind in prob_kinds}
     sat = 0.0
     count = 0
+    size = None
     bar = tqdm.tqdm(batches, total=num_batches, desc=desc, unit="batch",
                     disable=not progress or dist.get_rank() != 0, leave=False)
     for x in bar:
+        if size is None:
+            size = list(x.shape[-2:])
+            check_resolution(resolution, size, "the reference")
+        elif list(x.shape[-2:]) != size:
+            raise UsageError(f"images of {x.shape[-1]}x{x.shape[-2]} and {size[1]}x{size[0]} pixels are mixed; "
+                             f"all images must have the same size")
         count += x.shape[0]
         if saturation:
             sat += saturation_sum(x)
         x = x.to(device)
         for kind, det in dets.items():
             out = det(x)
-            stats[kind].append(out["features"])
+            for b, (k, name) in taps.items():
+                if k == kind:
+                    stats[b].append(out[name])
             if kind in prob_rows:
                 prob_rows[kind].append(out["probs"].double().cpu())
     if total is None and num is not None and count < num:
@@ -258,12 +342,14 @@ def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dino
     if n < 2:
         raise UsageError(f"found {n} image(s); statistics need at least 2, point --images at more")
     result["num_images"] = n
-    for kind, st in stats.items():
+    if size is not None:
+        result["resolution"] = size
+    for b, st in stats.items():
         mu, sigma = st.reduce().mean_cov()
         block = {"mu": mu, "sigma": sigma}
-        if keep_features:
+        if b in keep:
             block["features"] = st.features()
-        result[STAT_KEYS[kind]] = block
+        result[b] = block
     for kind, rows in prob_rows.items():
         width = 1008 if kind == "inception" else 10
         local = torch.cat(rows) if rows else torch.zeros([0, width], dtype=torch.float64)
@@ -285,29 +371,50 @@ def _class_score(stats: Mapping[str, Any], kind: str, splits: int) -> tuple[floa
     return inception_score_from_sums(sums["count"], sums["sum"], sums["plogp"])
 
 
+def _needed_block(stats: Mapping[str, Any], metric: str) -> tuple[str, bool]:
+    """(what ``metric`` reads in statistics, whether ``stats`` has it)."""
+    spec = METRICS[metric]
+    if spec.kind in ("is", "conf"):
+        key = PROB_KEYS[spec.detector]
+        return f"{key}_splits", key in stats or f"{key}_splits" in stats
+    if spec.kind == "saturation":
+        return "saturation", "saturation" in stats
+    ok = spec.block in stats and (not spec.needs_rows or stats[spec.block].get("features") is not None)
+    return spec.block, ok
+
+
 def check_stats_cover(stats: Mapping[str, Any], metrics: Sequence[str], where: str) -> None:
     """Refuse statistics (a ``--save_stats`` file) that lack what ``metrics`` need."""
     for metric in parse_metrics(metrics):
-        kind, what = METRICS[metric].detector, METRICS[metric].kind
-        need = {"fd": STAT_KEYS.get(kind), "pr": STAT_KEYS.get(kind), "saturation": "saturation"}.get(what)
-        if what in ("is", "conf"):
-            ok = PROB_KEYS[kind] in stats or f"{PROB_KEYS[kind]}_splits" in stats
-            need = f"{PROB_KEYS[kind]}_splits"
-        else:
-            ok = need in stats and (what != "pr" or stats[need].get("features") is not None)
+        need, ok = _needed_block(stats, metric)
         if not ok:
-            raise UsageError(f"{where} has no '{need}' statistics needed for {metric}; drop {metric} from "
+            rows = " feature rows" if METRICS[metric].needs_rows else ""
+            raise UsageError(f"{where} has no '{need}'{rows} statistics needed for {metric}; drop {metric} from "
                              f"--metrics or compute the statistics with it")
+
+
+def _rows(block: Mapping[str, Any]) -> np.ndarray:
+    """A block's feature rows as the row metrics see them: rounded to float16 (as stored while streaming)."""
+    return np.asarray(block["features"]).astype(np.float16)
 
 
 def calc_metrics_from_stats(stats: Mapping[str, Any], ref: Optional[Mapping[str, Any]],
                             metrics: Sequence[str], device=None) -> Dict[str, float]:
-    """Turn statistics (from :func:`compute_stats`) and a reference into metric values."""
+    """Turn statistics (from :func:`compute_stats`) and a reference into metric values.
+
+    Result keys: the metric's name for FD-type scores and ``conf_digits``; ``is``/``is_std``;
+    ``precision_<detector>``/``recall_<detector>``; ``kid_<detector>``/``kid_<detector>_std``;
+    ``density_<detector>``/``coverage_<detector>``; ``saturation``; and ``num_images``.
+    """
+    names = parse_metrics(metrics)
+    if ref is not None and any(METRICS[m].needs_reference for m in names):
+        check_resolution(ref.get("resolution"), stats.get("resolution"), "the reference",
+                         "the scored images")
     results: Dict[str, float] = {}
-    for metric in parse_metrics(metrics):
-        kind, what = METRICS[metric].detector, METRICS[metric].kind
+    for metric in names:
+        spec = METRICS[metric]
+        kind, what, key = spec.detector, spec.kind, spec.block
         if what == "fd":
-            key = STAT_KEYS[kind]
             a, b = stats[key], ref[key]
             results[metric] = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
         elif what == "is":
@@ -317,31 +424,136 @@ def calc_metrics_from_stats(stats: Mapping[str, Any], ref: Optional[Mapping[str,
         elif what == "saturation":
             results["saturation"] = stats["saturation"]
         elif what == "pr":
-            key = STAT_KEYS[kind]
-            p, r = precision_recall(ref[key]["features"], stats[key]["features"], k=3, device=device)
+            p, r = precision_recall(_rows(ref[key]), _rows(stats[key]), k=3, device=device)
             results[f"precision_{kind}"], results[f"recall_{kind}"] = p, r
+        elif what == "kid":
+            results[f"kid_{kind}"], results[f"kid_{kind}_std"] = kernel_distance(
+                _rows(stats[key]), _rows(ref[key]), KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED, device=device)
+        elif what == "dc":
+            results[f"density_{kind}"], results[f"coverage_{kind}"] = density_coverage(
+                _rows(ref[key]), _rows(stats[key]), k=DC_K, device=device)
     results["num_images"] = int(stats["num_images"])
     return results
 
 
-def _check_ref_covers(ref: Mapping[str, Any], metrics: Sequence[str], where: str) -> None:
+def check_ref_covers(ref: Mapping[str, Any], metrics: Sequence[str], where: str) -> None:
+    """Refuse a reference that lacks what ``metrics`` need: one line naming what it has and what is needed."""
+    from .refs import ADM_LAYOUT, NPZ_BLOCKS
+
+    keys = ref.get("npz_keys")
     for metric in metrics:
-        kind, what = METRICS[metric].detector, METRICS[metric].kind
-        if not METRICS[metric].needs_reference:
+        spec = METRICS[metric]
+        if not spec.needs_reference:
             continue
-        key = STAT_KEYS[kind]
+        key = spec.block
+        if keys is not None:  # an .npz: name its keys
+            if spec.needs_rows and not (key in ref and ref[key].get("features") is not None) and "images" in ref:
+                continue  # the rows come from arr_0
+            need = ("arr_0",) if spec.needs_rows else NPZ_BLOCKS.get(key)
+            if need is None:
+                raise UsageError(f"{where} is an .npz (keys {', '.join(keys)}); {metric} needs '{key}' statistics, "
+                                 f"which only a reference pickle holds ('python -m metrics ref')")
+            if not all(k in keys for k in need):
+                raise UsageError(f"{where} has keys {', '.join(keys)}; {metric} needs {', '.join(need)} "
+                                 f"(ADM reference batch layout: {ADM_LAYOUT})")
+            continue
         if key not in ref:
             raise UsageError(f"{where} has no '{key}' statistics needed for {metric}; "
                              f"use a reference that has them or drop {metric} from --metrics")
-        if what == "pr" and ref[key].get("features") is None:
+        if spec.needs_rows and ref[key].get("features") is None:
             raise UsageError(f"{where} has no '{key}' features needed for {metric}; rebuild it with "
                              f"'python -m metrics ref --features 50000' or pass an image folder as --ref")
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reference_rows(ref: Dict[str, Any], blocks: Sequence[str], *, batch: int = 64, device=None,
+                   detector_kwargs: Optional[Mapping[str, dict]] = None, progress: bool = True) -> Dict[str, Any]:
+    """Fill in the feature rows of ``blocks`` from an ADM reference batch's ``arr_0`` images.
+
+    Rows are computed once and cached as ``<cache>/ref-features/<sha256 of the .npz>-<block>[-<options>].npy``
+    (float16), beside the weights cache (:func:`utils.cache.cache_dir`).  Blocks that already have rows
+    are left alone.  Returns ``ref``.
+    """
+    from utils.cache import cache_dir
+
+    todo = [b for b in blocks if not (b in ref and ref[b].get("features") is not None)]
+    if not todo or "images" not in ref:
+        return ref
+    path = ref["images"]["path"]
+    sha = _sha256(path)
+    kwargs = dict(detector_kwargs or {})
+    for block in todo:
+        kind = block_taps([block])[block][0]
+        options = kwargs.get(kind) or {}
+        tag = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        cached = cache_dir() / "ref-features" / f"{sha}-{block}{'-' + tag if options else ''}.npy"
+        rows = None
+        if cached.is_file():
+            try:
+                rows = np.load(cached, allow_pickle=False)
+            except (ValueError, OSError):
+                rows = None  # a damaged cache file: computed again
+        if rows is None or rows.ndim != 2 or rows.shape[0] != ref["images"]["count"]:
+            stats = compute_stats(path, [kind], blocks=[block], keep_features=[block], batch=batch, device=device,
+                                  detector_kwargs=detector_kwargs, progress=progress, desc="reference images")
+            rows = stats[block]["features"]
+            if dist.get_rank() == 0:
+                ensure_dir(cached.parent)
+                with atomic_path(cached, suffix=".tmp.npy") as tmp:
+                    np.save(tmp, rows)
+        ref.setdefault(block, {})["features"] = rows
+    return ref
 
 
 def is_stats_file(path: Union[str, os.PathLike]) -> bool:
     """True for a statistics pickle (``--save_stats`` / ``python -m metrics ref`` output) given as images."""
     p = pathlib.Path(path)
     return p.is_file() and p.name.lower().endswith(".pkl")
+
+
+def _reference(ref_path, need_ref: Sequence[str], *, batch, device, detector_kwargs, progress):
+    """The reference of ``need_ref``: statistics of an image folder, or a loaded file (checked, no rows yet)."""
+    if ref_path is None:
+        raise UsageError(f"metrics {','.join(need_ref)} need reference statistics; pass --ref / ref_path")
+    if is_image_source(ref_path):
+        return compute_stats(ref_path, detectors_for(need_ref), blocks=blocks_for(need_ref),
+                             keep_features=row_blocks(need_ref), batch=batch, device=device,
+                             detector_kwargs=detector_kwargs, progress=progress, desc="reference images")
+    ref = load_ref(ref_path)
+    check_ref_covers(ref, need_ref, str(ref_path))
+    return ref
+
+
+def prepare_reference(ref_path: Optional[Union[str, os.PathLike]], metrics: Sequence[str], *,
+                      ref: Optional[Mapping[str, Any]] = None, batch: int = 64, device=None,
+                      detector_kwargs: Optional[Mapping[str, dict]] = None, progress: bool = True):
+    """The reference for scoring statistics with :func:`calc_metrics_from_stats` (None if no metric needs one).
+
+    ``ref`` (already loaded) or ``ref_path`` (a file, URL or image folder) is checked to cover
+    ``metrics`` and given the feature rows the row metrics need (an ADM batch's ``arr_0``: computed
+    once, then cached; see :func:`reference_rows`).
+    """
+    need_ref = [m for m in parse_metrics(metrics) if METRICS[m].needs_reference]
+    if not need_ref:
+        return ref
+    opts = dict(batch=batch, device=device, detector_kwargs=detector_kwargs, progress=progress)
+    if ref is None:
+        ref = _reference(ref_path, need_ref, **opts)
+    check_ref_covers(ref, need_ref, str(ref_path) if ref_path is not None else "the reference")
+    return reference_rows(dict(ref), row_blocks(need_ref), **opts)
+
+
+def _first_resolution(source: ImageSource, indices) -> Optional[list]:
+    if len(indices) == 0:
+        return None
+    return list(source.load(int(indices[0])).shape[:2])
 
 
 def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "fd_dinov2"),
@@ -351,8 +563,11 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
                  progress: bool = True) -> Dict[str, float]:
     """Compute ``metrics`` of ``images`` against the reference at ``ref_path`` (or a loaded ``ref``).
 
-    ``ref_path``: an EDM2-format ``.pkl``, an FID-only ``.npz`` (``mu``/``sigma``), a URL
-    (fetched into the cache), or an image folder/zip/tar/npz whose statistics are computed.
+    ``ref_path``: an EDM2-format ``.pkl``, an ADM reference batch ``.npz`` (``mu``/``sigma`` for
+    FID, ``mu_s``/``sigma_s`` for sFID, ``arr_0`` images for the row metrics; pytorch-fid's
+    ``mu``/``sigma`` alone for FID), a URL (fetched into the cache), or an image
+    folder/zip/tar/npz whose statistics are computed.  A reference that lacks what the metrics
+    need is refused before any image is read.
     ``num`` images are drawn with ``seed`` (all when None); fewer present is an error.
     ``images`` may also be a statistics ``.pkl`` (``--save_stats``, :mod:`metrics.stream`):
     then no detector runs and the metrics come from its sums.
@@ -362,7 +577,8 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
     device = torch.device(device) if device is not None else _default_device()
     need_ref = [m for m in names if METRICS[m].needs_reference]
     detectors = detectors_for(names)
-    need_feats = any(METRICS[m].needs_rows for m in names)
+    where = str(ref_path) if ref_path is not None else "the reference"
+    opts = dict(batch=batch, device=device, detector_kwargs=detector_kwargs, progress=progress)
 
     if isinstance(images, (str, os.PathLike)) and is_stats_file(images):
         if num is not None:
@@ -370,50 +586,48 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
         stats = load_ref(images)  # a --save_stats file: no detector runs
         check_stats_cover(stats, names, str(images))
         if need_ref and ref is None:
-            if ref_path is None:
-                raise UsageError(f"metrics {','.join(need_ref)} need reference statistics; pass --ref / ref_path")
-            ref = load_ref(ref_path) if not is_image_source(ref_path) else compute_stats(
-                ref_path, detectors_for(need_ref), batch=batch,
-                device=device, detector_kwargs=detector_kwargs, progress=progress, desc="reference images")
+            ref = _reference(ref_path, need_ref, **opts)
         if need_ref:
-            _check_ref_covers(ref, need_ref, str(ref_path) if ref_path is not None else "the reference")
+            check_ref_covers(ref, need_ref, where)
+            ref = reference_rows(dict(ref), row_blocks(need_ref), **opts)
         return calc_metrics_from_stats(stats, ref, names, device=device)
 
-    # Validate cheap things (reference, image count) before loading any network.
+    # Validate cheap things (reference, image count, resolution) before loading any network.
     if isinstance(images, (str, os.PathLike)):
         images = open_images(images)
+    if need_ref and ref is None and not is_image_source(ref_path or ""):
+        ref = _reference(ref_path, need_ref, **opts)
+    if need_ref and ref is not None:
+        check_ref_covers(ref, need_ref, where)
     if isinstance(images, ImageSource):
-        select_indices(len(images), num, seed)
+        indices = select_indices(len(images), num, seed)
         minimum = minimum_images(names)
         if (num or len(images)) < minimum:
             raise UsageError(f"{','.join(names)} need at least {minimum} images, found {num or len(images)}; "
                              f"point --images at more")
+        if need_ref and ref is not None:
+            check_resolution(ref.get("resolution"), _first_resolution(images, indices), where)
     if need_ref and ref is None:
-        if ref_path is None:
-            raise UsageError(f"metrics {','.join(need_ref)} need reference statistics; pass --ref / ref_path")
-        if is_image_source(ref_path):
-            ref = compute_stats(ref_path, detectors_for(need_ref), keep_features=need_feats, batch=batch, device=device,
-                                detector_kwargs=detector_kwargs, progress=progress, desc="reference images")
-        else:
-            ref = load_ref(ref_path)
-    where = str(ref_path) if ref_path is not None else "the reference"
-    if need_ref:
-        _check_ref_covers(ref, need_ref, where)
+        ref = _reference(ref_path, need_ref, **opts)  # an image folder: its statistics now
     kwargs = dict(detector_kwargs or {})
     for kind in detectors:  # loads (and caches) the networks
         det = get_detector(kind, device, **kwargs.get(kind, {}))
-        key = STAT_KEYS[kind]
-        if ref is not None and key in ref and kind in detectors_for(need_ref):
-            dim = np.asarray(ref[key]["mu"]).reshape(-1).shape[0]
-            if dim != det.feature_dim:
-                raise UsageError(f"{where}: '{key}' statistics have {dim} features but the {kind} detector "
-                                 f"gives {det.feature_dim}; use a reference made with this detector "
+        for block in blocks_for([m for m in need_ref if METRICS[m].detector == kind]):
+            if ref is None or block not in ref or "mu" not in ref[block]:
+                continue
+            dim = np.asarray(ref[block]["mu"]).reshape(-1).shape[0]
+            want = output_dims(det)[block_taps([block])[block][1]]
+            if dim != want:
+                raise UsageError(f"{where}: '{block}' statistics have {dim} features but the {kind} detector "
+                                 f"gives {want}; use a reference made with this detector "
                                  f"('python -m metrics ref')")
+    if need_ref:
+        ref = reference_rows(dict(ref), row_blocks(need_ref), **opts)
 
     prob_kinds = [METRICS[m].detector for m in names if METRICS[m].kind in ("is", "conf")]
-    stats = compute_stats(images, detectors, probs=prob_kinds, saturation="saturation" in names,
-                          keep_features=need_feats, num=num, batch=batch, seed=seed, device=device,
-                          detector_kwargs=detector_kwargs, progress=progress)
+    stats = compute_stats(images, detectors, blocks=blocks_for(names), probs=prob_kinds,
+                          saturation="saturation" in names, keep_features=row_blocks(names), num=num, seed=seed,
+                          resolution=ref.get("resolution") if need_ref else None, **opts)
     return calc_metrics_from_stats(stats, ref, names, device=device)
 
 

@@ -20,18 +20,22 @@ from utils.device import resolve_device
 from utils.errors import UsageError, exit_on_usage_error
 
 from utils import dist
-from .api import METRICS, STAT_KEYS, calc_metrics, compute_stats, parse_metrics, write_metrics
-from .refs import save_ref
+from .api import (METRICS, STAT_KEYS, blocks_for, calc_metrics, compute_stats, detectors_for, parse_metrics,
+                  write_metrics)
+from .images import open_images, select_indices
+from .refs import save_adm_ref, save_ref
 
 __all__ = ["main"]
 
 
-def _detector_kwargs(inception_weights, dinov2_weights, dinov2_resize) -> dict:
-    kw = {"inception": {}, "dinov2": {"resize_mode": dinov2_resize}}
+def _detector_kwargs(inception_weights, dinov2_weights, dinov2_resize, clip_weights=None) -> dict:
+    kw = {"inception": {}, "dinov2": {"resize_mode": dinov2_resize}, "clip": {}}
     if inception_weights:
         kw["inception"]["weights"] = inception_weights
     if dinov2_weights:
         kw["dinov2"]["weights"] = dinov2_weights
+    if clip_weights:
+        kw["clip"]["weights"] = clip_weights
     return kw
 
 
@@ -40,6 +44,7 @@ _common = [
     click.option("--device", default=None, help="torch device (default: cuda when available)"),
     click.option("--inception_weights", default=None, type=click.Path(dir_okay=False), help="local pt_inception-2015-12-05 .pth instead of the cached download"),
     click.option("--dinov2_weights", default=None, type=click.Path(dir_okay=False), help="local DINOv2 ViT-L/14 weights (.safetensors or .pth)"),
+    click.option("--clip_weights", default=None, type=click.Path(dir_okay=False), help="local CLIP ViT-L/14 weights (open_clip state dict, .bin or .safetensors)"),
     click.option("--dinov2_resize", default="torch", show_default=True, type=click.Choice(["torch", "pil"]), help="DINOv2 resize: fast torch bicubic or EDM2's slower PIL mode"),
 ]
 
@@ -50,13 +55,19 @@ def _with_common(fn):
     return fn
 
 
-@click.group()
-def main():
+@click.group(invoke_without_command=True)
+@click.pass_context
+@exit_on_usage_error
+def main(ctx):
     """FID, FD-DINOv2, Inception score, saturation and precision/recall of generated images."""
+    if ctx.invoked_subcommand is None:
+        raise UsageError("no command; use 'python -m metrics calc IMAGES --ref REF' (or ref, combine; "
+                         "--help lists them)")
 
 
 @main.command()
-@click.option("--images", required=True, help="folder (recursive PNG/JPEG, tar shards), .zip, .tar or ADM .npz")
+@click.argument("images_arg", metavar="[IMAGES]", required=False)
+@click.option("--images", default=None, help="folder (recursive PNG/JPEG, tar shards), .zip, .tar or ADM .npz (or give it as IMAGES)")
 @click.option("--ref", "ref", default=None, help="reference .pkl/.npz, URL, or an image folder")
 @click.option("--metrics", default="fid,fd_dinov2", show_default=True, help=f"comma list of {','.join(METRICS)}")
 @click.option("--num", default=None, type=int, help="use N images drawn with --seed (default: all)")
@@ -64,15 +75,22 @@ def main():
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="also write metrics.json and metrics.csv here")
 @_with_common
 @exit_on_usage_error
-def calc(images, ref, metrics, num, seed, out, batch, device, inception_weights, dinov2_weights, dinov2_resize):
-    """Compute metrics of --images against --ref."""
+def calc(images_arg, images, ref, metrics, num, seed, out, batch, device, inception_weights, dinov2_weights,
+         clip_weights, dinov2_resize):
+    """Compute metrics of IMAGES (or --images) against --ref."""
+    if images_arg and images and images_arg != images:
+        raise UsageError(f"two image sources ({images_arg} and --images {images}); give one")
+    images = images or images_arg
+    if not images:
+        raise UsageError("no images given; use 'python -m metrics calc FOLDER --ref REF [--metrics fid,...]' "
+                         "(FOLDER: PNG/JPEG folder, .zip, .tar or ADM .npz)")
     names = parse_metrics(metrics)
     device = resolve_device(device)
     if out and os.environ.get("RANK", "0") == "0":  # rank 0 writes; probing on every rank would race
         check_output_dir(out, "--out")  # before the work, not after
     dist.init()
     results = calc_metrics(images, names, ref_path=ref, num=num, batch=batch, device=device, seed=seed,
-                           detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize))
+                           detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize, clip_weights))
     if dist.get_rank() == 0:
         if out:
             args = dict(images=images, ref=ref, metrics=",".join(names), num=num, seed=seed)
@@ -80,45 +98,63 @@ def calc(images, ref, metrics, num, seed, out, batch, device, inception_weights,
         click.echo(json.dumps(results))
 
 
+ADM_REF_IMAGES = 10000  # images in ADM's reference batches (for precision/recall)
+
+
 @main.command()
 @click.option("--images", required=True, help="folder (recursive), .zip, .tar or ADM .npz of reference images")
-@click.option("--dest", required=True, type=click.Path(dir_okay=False), help="output reference pickle")
-@click.option("--metrics", default="fid,fd_dinov2", show_default=True, help="which statistics: fid and/or fd_dinov2")
+@click.option("--dest", required=True, type=click.Path(dir_okay=False),
+              help="output: a reference pickle (.pkl), or an ADM reference batch (.npz: arr_0, mu, sigma, mu_s, sigma_s)")
+@click.option("--metrics", default=None, help="which statistics: fid, sfid, fd_dinov2 [default: fid,fd_dinov2; "
+              "fid,sfid for an .npz]")
 @click.option("--num", default=None, type=int, help="use N images drawn with --seed (default: all)")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--features", default=0, show_default=True, type=click.IntRange(min=0), help="also store up to N feature rows for precision/recall")
+@click.option("--features", default=None, type=click.IntRange(min=0),
+              help="also store up to N feature rows (.pkl) or N images as arr_0 (.npz) for precision/recall "
+                   f"[default: 0 for .pkl, {ADM_REF_IMAGES} for .npz]")
 @click.option("--overwrite", is_flag=True, help="replace an existing --dest")
 @_with_common
 @exit_on_usage_error
-def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, inception_weights, dinov2_weights, dinov2_resize):
-    """Compute EDM2-format reference statistics of --images into --dest."""
-    names = parse_metrics(metrics)
-    kinds = []
+def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, inception_weights, dinov2_weights, clip_weights, dinov2_resize):
+    """Compute reference statistics of --images into --dest (EDM2 pickle or ADM reference batch)."""
+    adm = dest.lower().endswith(".npz")
+    names = parse_metrics(metrics or ("fid,sfid" if adm else "fid,fd_dinov2"))
     for name in names:
-        kind, what = METRICS[name].detector, METRICS[name].kind
-        if what != "fd":
-            raise UsageError(f"'ref' stores Fréchet statistics only ({','.join(STAT_KEYS.values())}); drop {name}")
-        kinds.append(kind)
+        if METRICS[name].kind != "fd":
+            raise UsageError(f"'ref' stores Fréchet statistics only (fid, sfid, {','.join(list(STAT_KEYS.values())[1:])}); "
+                             f"drop {name}")
+    if adm and set(names) != {"fid", "sfid"}:
+        raise UsageError(f"an ADM reference batch (.npz) holds fid and sfid statistics; use --metrics fid,sfid "
+                         f"or a .pkl --dest for {','.join(sorted(set(names) - {'fid', 'sfid'}))}")
+    features = (ADM_REF_IMAGES if adm else 0) if features is None else features
+    blocks = blocks_for(names)
     device = resolve_device(device)
     if os.path.exists(dest) and not overwrite:
         raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
     if os.environ.get("RANK", "0") == "0":  # rank 0 writes; probing on every rank would race
         check_output_dir(os.path.dirname(os.path.abspath(dest)), "--dest")  # before the work, not after
+    source = open_images(images)
     dist.init()
-    stats = compute_stats(images, kinds, keep_features=features > 0, num=num, batch=batch, seed=seed, device=device,
-                          detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize),
+    keep = [] if adm or features == 0 else [b for b in blocks if b != "sfid"]
+    stats = compute_stats(source, detectors_for(names), blocks=blocks, keep_features=keep, num=num, batch=batch,
+                          seed=seed, device=device,
+                          detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize, clip_weights),
                           desc="reference images")
-    if features > 0:
-        rng = np.random.default_rng(seed)
-        for kind in kinds:
-            block = stats[STAT_KEYS[kind]]
-            rows = block["features"]
-            if rows.shape[0] > features:
-                rows = rows[np.sort(rng.choice(rows.shape[0], features, replace=False))]
-            block["features"] = rows
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(stats["num_images"], min(features, stats["num_images"]), replace=False))
+    for block in keep:
+        stats[block]["features"] = stats[block]["features"][chosen]
     if dist.get_rank() == 0:
-        path = save_ref(stats, dest, overwrite=overwrite)
-        click.echo(f"wrote {path} ({stats['num_images']} images: {', '.join(STAT_KEYS[k] for k in kinds)})")
+        if adm:
+            indices = select_indices(len(source), num, seed)[chosen]
+            arr = np.stack([source.load(int(i)) for i in indices]) if len(indices) else \
+                np.zeros([0, *stats["resolution"], 3], np.uint8)
+            path = save_adm_ref(stats, arr, dest, overwrite=overwrite)
+            click.echo(f"wrote {path} (statistics of {stats['num_images']} images: mu, sigma, mu_s, sigma_s; "
+                       f"{len(indices)} images in arr_0)")
+        else:
+            path = save_ref(stats, dest, overwrite=overwrite)
+            click.echo(f"wrote {path} ({stats['num_images']} images: {', '.join(blocks)})")
     dist.barrier()
 
 

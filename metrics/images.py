@@ -26,6 +26,7 @@ from utils.errors import UsageError
 
 __all__ = [
     "IMAGE_EXTS",
+    "ACCEPTED_MODES",
     "ImageSource",
     "open_images",
     "select_indices",
@@ -41,7 +42,26 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTS)
 
 
-def _to_rgb_array(img: PIL.Image.Image) -> np.ndarray:
+# PIL modes read as 8-bit colour (alpha dropped, palettes looked up, CMYK/YCbCr converted by PIL)
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+# PIL modes of 16-bit grey PNGs (and PIL's 32-bit integer mode, which older Pillow gives them)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ACCEPTED_MODES = EIGHT_BIT_MODES + SIXTEEN_BIT_MODES
+
+
+def _to_rgb_array(img: PIL.Image.Image, name: str = "image") -> np.ndarray:
+    """HWC uint8 RGB of a decoded image.
+
+    16-bit grey (``I;16*``, ``I``) keeps its high byte, ``v >> 8`` (values clipped to
+    [0, 65535] first), as PIL itself reduces 16-bit RGB PNGs; ``convert("RGB")`` would clip
+    every value above 255 to white instead.  Other modes than :data:`ACCEPTED_MODES` are refused.
+    """
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = (np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode not in EIGHT_BIT_MODES:
+        raise UsageError(f"image {name} has PIL mode {img.mode!r}, which is not read as 8-bit RGB "
+                         f"(accepted: {', '.join(ACCEPTED_MODES)}); convert it to 8-bit RGB PNG")
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img, dtype=np.uint8)
@@ -51,7 +71,9 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     try:
         with PIL.Image.open(io.BytesIO(data)) as img:
             img.load()
-            return _to_rgb_array(img)
+            return _to_rgb_array(img, name)
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(f"cannot decode image {name} ({type(exc).__name__}: {exc}); "
                          f"delete or regenerate it, or point --images elsewhere") from exc
@@ -201,7 +223,11 @@ class NpzSource(ImageSource):
 
 
 def is_image_source(path: str | os.PathLike) -> bool:
-    """True for a folder, zip, tar or an .npz holding images (not mu/sigma)."""
+    """True for a folder, zip, tar or an .npz of images only (an ADM sample batch).
+
+    An .npz that also holds ``mu``/``sigma`` is an ADM *reference* batch: statistics
+    of the whole dataset plus a subset of images, read by :func:`metrics.refs.load_ref`.
+    """
     p = pathlib.Path(path)
     name = p.name.lower()
     if p.is_dir() or name.endswith(".zip") or name.endswith(TAR_EXTS):
@@ -209,7 +235,8 @@ def is_image_source(path: str | os.PathLike) -> bool:
     if name.endswith(".npz") and p.is_file():
         try:
             with zipfile.ZipFile(p) as zf:
-                return "arr_0.npy" in zf.namelist()
+                names = zf.namelist()
+                return "arr_0.npy" in names and "mu.npy" not in names
         except zipfile.BadZipFile:
             return False
     return False

@@ -41,6 +41,8 @@ __all__ = [
     "INCEPTION_RESOLUTION",
     "InceptionV3",
     "tf1_resize_bilinear",
+    "spatial_tap",
+    "SPATIAL_CHANNELS",
     "load_inception",
     "check_name_hash",
 ]
@@ -265,26 +267,48 @@ class InceptionV3(nn.Module):
             x = tf1_resize_bilinear(x)
         return (x - 128) / 128
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed 299x299 input -> pool3 features [N, 2048]."""
+    def features(self, x: torch.Tensor, spatial: bool = False):
+        """Preprocessed 299x299 input -> pool3 features [N, 2048] (and the sFID tap when ``spatial``).
+
+        The tap is the ADM evaluator's ``mixed_6/conv``: the TF graph's blocks are named
+        ``mixed, mixed_1, ..., mixed_10`` for ``Mixed_5b .. Mixed_7c``, so ``mixed_6`` is
+        ``Mixed_6d`` and its ``conv`` the 1x1 branch after batch norm and ReLU (17x17x192).
+        ADM keeps its first 7 channels and flattens them in TF's NHWC order:
+        ``[N, 17 * 17 * 7 = 2023]``, index ``(y * 17 + x) * 7 + c``.
+        """
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
+        tap = None
         for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c",
                      "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+            if spatial and name == "Mixed_6d":
+                tap = spatial_tap(self.Mixed_6d.branch1x1(x))
             x = getattr(self, name)(x)
-        return x.mean(dim=(2, 3))
+        pooled = x.mean(dim=(2, 3))
+        return (pooled, tap) if spatial else pooled
 
-    def forward(self, images: torch.Tensor, no_output_bias: bool = False):
-        """uint8 NCHW images -> (pool3 features [N, 2048], logits [N, 1008]).
+    def forward(self, images: torch.Tensor, no_output_bias: bool = False, spatial: bool = False):
+        """uint8 NCHW images -> (pool3 features [N, 2048], logits [N, 1008][, sFID tap [N, 2023]]).
 
         ``no_output_bias=True`` returns ``W f`` instead of ``W f + b`` (the
-        Inception-score convention of StyleGAN3/EDM2).
+        Inception-score convention of StyleGAN3/EDM2); ``spatial=True`` adds
+        the sFID features (:meth:`features`).
         """
-        feats = self.features(self.preprocess(images))
+        out = self.features(self.preprocess(images), spatial=spatial)
+        feats = out[0] if spatial else out
         bias = None if no_output_bias else self.fc.bias
-        return feats, F.linear(feats, self.fc.weight, bias)
+        logits = F.linear(feats, self.fc.weight, bias)
+        return (feats, logits, out[1]) if spatial else (feats, logits)
+
+
+SPATIAL_CHANNELS = 7  # ADM evaluator: spatial[..., :7]
+
+
+def spatial_tap(conv: torch.Tensor) -> torch.Tensor:
+    """``mixed_6/conv`` activations [N, C, 17, 17] -> ADM's sFID features [N, 17 * 17 * 7] (NHWC order)."""
+    return conv[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(conv.shape[0], -1)
 
 
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")  # torch.hub's convention: name-<sha256 prefix>.ext

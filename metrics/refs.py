@@ -20,15 +20,16 @@ import io
 import os
 import pathlib
 import pickle
+import zipfile
 from typing import Any, Dict
 
 import numpy as np
 
-from utils.atomic import write_bytes_atomic
+from utils.atomic import atomic_path, write_bytes_atomic
 from utils.errors import UsageError
 from utils.safe_load import global_exists as _global_exists
 
-__all__ = ["load_ref", "save_ref", "resolve_ref_path", "check_ref", "SafeUnpickler", "RefusedGlobal"]
+__all__ = ["load_ref", "save_ref", "save_adm_ref", "npz_member_shape", "NPZ_BLOCKS", "ADM_LAYOUT", "resolve_ref_path", "check_ref", "SafeUnpickler", "RefusedGlobal"]
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -100,19 +101,58 @@ def check_ref(ref: Dict[str, Any], path="reference") -> Dict[str, Any]:
     return ref
 
 
+# ADM's reference batches (openai/guided-diffusion evaluations): block -> its keys in the .npz
+NPZ_BLOCKS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}
+ADM_LAYOUT = "arr_0 (uint8 [N, H, W, 3] images), mu, sigma (Inception pool3), mu_s, sigma_s (sFID)"
+
+
+def npz_member_shape(path: str | os.PathLike, key: str) -> tuple:
+    """Shape of array ``key`` of an ``.npz``, read from its header only (no image data)."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0(f))
+    return tuple(shape)
+
+
+def _load_npz(path: pathlib.Path) -> Dict[str, Any]:
+    """An ADM reference batch (or pytorch-fid's ``mu``/``sigma``): statistics now, images by shape only.
+
+    Returns ``{'fid': {...}, 'sfid': {...}, 'npz_keys': [...], 'images': {'path', 'count'},
+    'resolution': [H, W]}`` with the blocks and entries the file has; the ``arr_0`` images are
+    read later, and only for metrics that need their feature rows.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = sorted(npz.files)
+            out: Dict[str, Any] = {"npz_keys": keys}
+            for block, (m, sg) in NPZ_BLOCKS.items():
+                if m in keys and sg in keys:
+                    out[block] = {"mu": npz[m].astype(np.float64), "sigma": npz[sg].astype(np.float64)}
+        if "arr_0" in keys:
+            shape = npz_member_shape(path, "arr_0")
+            if len(shape) != 4 or shape[-1] not in (1, 3):
+                raise UsageError(f"{path}: arr_0 has shape {shape}; an ADM reference batch holds uint8 [N, H, W, 3] "
+                                 f"images")
+            out["images"] = {"path": str(path), "count": int(shape[0])}
+            out["resolution"] = [int(shape[1]), int(shape[2])]
+    except (ValueError, OSError, zipfile.BadZipFile, KeyError) as exc:
+        raise UsageError(f"{path}: unreadable .npz reference ({exc}); download it again") from exc
+    if not any(k in out for k in (*NPZ_BLOCKS, "images")):
+        raise UsageError(f"{path} has keys {', '.join(keys) or 'none'}; a reference .npz needs ADM's layout "
+                         f"({ADM_LAYOUT}) or pytorch-fid's mu, sigma")
+    return check_ref(out, path)
+
+
 def load_ref(ref: str | os.PathLike) -> Dict[str, Any]:
-    """Load reference statistics from a ``.pkl`` (EDM2 format) or ``.npz`` (FID only), path or URL."""
+    """Load reference statistics: a ``.pkl`` (EDM2 format) or an ``.npz`` (ADM reference batch, or
+    pytorch-fid's ``mu``/``sigma``), path or URL."""
     path = resolve_ref_path(ref)
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == b"PK":  # .npz is a zip archive
+        return _load_npz(path)
     data = path.read_bytes()
-    if data[:2] == b"PK":  # .npz is a zip archive
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                if "mu" not in npz or "sigma" not in npz:
-                    raise UsageError(f"{path}: an .npz reference needs 'mu' and 'sigma' arrays, found {sorted(npz.files)}")
-                out = {"fid": {"mu": npz["mu"].astype(np.float64), "sigma": npz["sigma"].astype(np.float64)}}
-        except (ValueError, OSError) as exc:
-            raise UsageError(f"{path}: unreadable .npz reference ({exc})") from exc
-        return check_ref(out, path)
     try:
         out = SafeUnpickler(io.BytesIO(data)).load()
     except RefusedGlobal as exc:
@@ -131,4 +171,19 @@ def save_ref(ref: Dict[str, Any], dest: str | os.PathLike, overwrite: bool = Fal
     if dest.exists() and not overwrite:
         raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
     write_bytes_atomic(dest, pickle.dumps(ref))
+    return dest
+
+
+def save_adm_ref(ref: Dict[str, Any], images: np.ndarray, dest: str | os.PathLike,
+                 overwrite: bool = False) -> pathlib.Path:
+    """Write an ADM reference batch: ``arr_0`` = ``images`` (uint8 NHWC), ``mu``/``sigma`` from
+    ``ref['fid']`` and ``mu_s``/``sigma_s`` from ``ref['sfid']`` (uncompressed, as ADM's files)."""
+    dest = pathlib.Path(dest).expanduser()
+    if dest.exists() and not overwrite:
+        raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
+    arrays = {"arr_0": np.asarray(images, dtype=np.uint8)}
+    for block, (m, sg) in NPZ_BLOCKS.items():
+        arrays[m], arrays[sg] = ref[block]["mu"], ref[block]["sigma"]
+    with atomic_path(dest, suffix=".tmp.npz") as tmp:
+        np.savez(tmp, **arrays)
     return dest

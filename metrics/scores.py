@@ -16,7 +16,20 @@ Precision and recall (Kynkäänniemi et al. 2019): each feature set defines a
 manifold, the union of balls around its points whose radius is the distance
 to the point's ``k``-th nearest neighbour in the same set (itself excluded).
 Precision is the share of generated points inside the real manifold, recall
-the share of real points inside the generated one.
+the share of real points inside the generated one (``<=``, as torch-fidelity and ADM).
+
+KID (Bińkowski et al. 2018, as torch-fidelity): ``subsets`` times, ``m`` generated rows
+``X`` and ``m`` real rows ``Y`` are drawn without replacement (numpy ``RandomState(seed)``,
+generated first), and with the kernel ``k(a, b) = (a.b / d + 1)^3``
+
+    MMD^2_u = sum_{i != j} (k(x_i, x_j) + k(y_i, y_j)) / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2;
+
+KID is the mean (and std) over subsets.
+
+Density and coverage (Naeem et al. 2020, as the ``prdc`` package): with ``r_i`` the
+distance of real point ``i`` to its ``k``-th nearest real neighbour,
+``density = 1 / (k M) sum_j #{i : |y_j - x_i| < r_i}`` over the ``M`` generated points
+``y_j`` and ``coverage = 1 / N #{i : min_j |y_j - x_i| < r_i}`` over the ``N`` real points.
 """
 
 from __future__ import annotations
@@ -24,7 +37,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["inception_score", "inception_score_from_sums", "saturation_sum", "precision_recall", "knn_radii"]
+__all__ = ["inception_score", "inception_score_from_sums", "saturation_sum", "precision_recall", "knn_radii",
+           "kernel_distance", "density_coverage"]
 
 
 def inception_score(probs, splits: int = 10) -> tuple[float, float]:
@@ -106,3 +120,48 @@ def precision_recall(real, fake, k: int = 3, batch: int = 1024, device=None) -> 
     precision = _coverage(fake, real, knn_radii(real, k, batch), batch)
     recall = _coverage(real, fake, knn_radii(fake, k, batch), batch)
     return precision, recall
+
+
+def kernel_distance(fake, real, subsets: int = 100, subset_size: int = 1000, seed: int = 2020,
+                    device=None) -> tuple[float, float]:
+    """KID mean and std of ``fake`` rows against ``real`` rows (float64; see the module docstring).
+
+    ``subset_size`` is lowered to the smaller set's size when either has fewer rows
+    (torch-fidelity refuses instead).
+    """
+    x_all = torch.as_tensor(np.asarray(fake), dtype=torch.float64, device=device)
+    y_all = torch.as_tensor(np.asarray(real), dtype=torch.float64, device=device)
+    if x_all.shape[1] != y_all.shape[1]:
+        raise ValueError(f"feature dimensions differ: {x_all.shape[1]} vs {y_all.shape[1]}")
+    n1, n2, d = x_all.shape[0], y_all.shape[0], x_all.shape[1]
+    m = min(subset_size, n1, n2)
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 rows on each side, got {n1} and {n2}")
+    rng = np.random.RandomState(seed)
+    values = []
+    for _ in range(subsets):
+        x = x_all[torch.as_tensor(rng.choice(n1, m, replace=False), device=x_all.device)]
+        y = y_all[torch.as_tensor(rng.choice(n2, m, replace=False), device=y_all.device)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        same = (kxx.sum() - kxx.diagonal().sum() + kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+        values.append(float(same - 2 * kxy.sum() / (m * m)))
+    return float(np.mean(values)), float(np.std(values))
+
+
+def density_coverage(real, fake, k: int = 5, batch: int = 1024, device=None) -> tuple[float, float]:
+    """Density and coverage of ``fake`` rows against ``real`` rows (see the module docstring)."""
+    real = torch.as_tensor(np.asarray(real), dtype=torch.float64, device=device)
+    fake = torch.as_tensor(np.asarray(fake), dtype=torch.float64, device=device)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature dimensions differ: {real.shape[1]} vs {fake.shape[1]}")
+    radii = knn_radii(real, k, batch)
+    inside = 0
+    covered = 0
+    for i in range(0, real.shape[0], batch):
+        d = _pairwise_dist(real[i:i + batch], fake)
+        r = radii[i:i + batch, None]
+        inside += int((d < r).sum())
+        covered += int((d.min(dim=1).values < radii[i:i + batch]).sum())
+    return inside / (k * fake.shape[0]), covered / real.shape[0]

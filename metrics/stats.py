@@ -24,7 +24,12 @@ __all__ = ["FeatureStats"]
 
 
 class FeatureStats:
-    """Accumulates mean/covariance of ``dim``-d features; optionally keeps the raw rows."""
+    """Accumulates mean/covariance of ``dim``-d features; optionally keeps the rows, rounded to float16.
+
+    The rows feed the metrics that need every image (precision/recall, KID, density/coverage);
+    float16 halves their memory and is what the streaming state stores, so both paths see the
+    same rows (the float64 sums are taken before rounding).
+    """
 
     def __init__(self, dim: int, keep_rows: bool = False, device=None):
         self.dim = int(dim)
@@ -47,7 +52,7 @@ class FeatureStats:
         self.sum += x.sum(0)
         self.sum_outer += x.T @ x
         if self.keep_rows:
-            self.rows.append(feats.detach().float().cpu())
+            self.rows.append(feats.detach().to(torch.float16).cpu())
 
     def reduce(self) -> "FeatureStats":
         """Sum the accumulators over ranks (call once, on every rank, after the last batch)."""
@@ -56,7 +61,7 @@ class FeatureStats:
             self.sum = dist.all_reduce_sum(self.sum)
             self.sum_outer = dist.all_reduce_sum(self.sum_outer)
             if self.keep_rows:
-                local = torch.cat(self.rows) if self.rows else torch.zeros([0, self.dim])
+                local = torch.cat(self.rows) if self.rows else torch.zeros([0, self.dim], dtype=torch.float16)
                 self.rows = [dist.gather_rows(local)]
             self._reduced = True
         return self
@@ -70,8 +75,8 @@ class FeatureStats:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
     def features(self) -> Optional[np.ndarray]:
-        """All kept rows ``[N, dim]`` (float32) or None when ``keep_rows`` is off."""
+        """All kept rows ``[N, dim]`` (float16, as the streaming state keeps them) or None when ``keep_rows`` is off."""
         if not self.keep_rows:
             return None
-        rows = torch.cat(self.rows) if self.rows else torch.zeros([0, self.dim])
+        rows = torch.cat(self.rows) if self.rows else torch.zeros([0, self.dim], dtype=torch.float16)
         return rows.numpy()

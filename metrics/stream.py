@@ -5,7 +5,10 @@ together with their seeds, on the sampling device, and keeps per detector the
 float64 sums ``N``, ``sum f`` and ``sum f f^T`` (:class:`metrics.stats.FeatureStats`),
 for the Inception score the per-split sums of ``p(y|x)`` and of
 ``sum_y p log p`` (:func:`metrics.scores.inception_score_from_sums`), and the
-saturation sum.  Nothing else of an image is kept.
+saturation sum; for the metrics that need every image (precision/recall, KID,
+density/coverage) each image's detector features, rounded to float16 and kept per chunk
+(``rows/chunk-KKKKKK.pt`` in the state folder: 4 KiB per image for Inception's 2048
+features, 2 KiB for DINOv2's 1024).  Nothing else of an image is kept.
 
 Same numbers as write-then-score
     Detector features of an image can depend (at ~1e-7) on the other images
@@ -46,8 +49,9 @@ from utils import dist
 from utils.atomic import atomic_path
 from utils.errors import UsageError
 
-from .api import IS_SPLITS, METRICS, PROB_KEYS, STAT_KEYS, detectors_for, minimum_images, parse_metrics
-from .detectors import get_detector
+from .api import (IS_SPLITS, METRICS, PROB_KEYS, block_taps, blocks_for, detectors_for, minimum_images, parse_metrics,
+                  row_blocks)
+from .detectors import get_detector, output_dims
 from .scores import saturation_sum
 from .stats import FeatureStats
 
@@ -55,7 +59,8 @@ __all__ = ["StreamingStats", "check_streamable", "split_sums_key", "combine_stat
 
 STATE_DIR = "stream_state"
 DEFAULT_SAVE_EVERY = 1000
-_FORMAT = "swg-stream-1"
+_FORMAT = "swg-stream-2"  # 2: blocks by name (fid, sfid, ...), float16 rows per chunk, resolution
+ROWS_DIR = "rows"
 _FILE_RE = re.compile(r"^stream-g(\d+)-r(\d+)\.pt$")
 _TEMP_RE = re.compile(r"^\.stream-g(\d+)-r\d+\.pt\..*\.tmp\.pt$")  # left by a save killed midway
 # detector with class probabilities -> number of Inception-score splits of its metric, number of classes
@@ -69,13 +74,8 @@ def split_sums_key(kind: str) -> str:
 
 
 def check_streamable(metrics: Sequence[str]) -> list[str]:
-    """Validated metric names that can be computed from running sums (all but precision/recall)."""
-    names = parse_metrics(metrics)
-    rows = [m for m in names if METRICS[m].needs_rows]
-    if rows:
-        raise UsageError(f"{','.join(rows)} need every feature row, which streaming does not keep; "
-                         f"drop them from --metrics or sample with --save png and run 'python -m metrics calc'")
-    return names
+    """Validated metric names for streaming (every metric: the row metrics keep float16 rows per chunk)."""
+    return parse_metrics(metrics)
 
 
 
@@ -129,7 +129,12 @@ class StreamingStats:
         self.state_dir = pathlib.Path(state_dir).expanduser() if state_dir is not None else None
 
         self.detectors = {kind: get_detector(kind, self.device, **kwargs.get(kind, {})) for kind in self.kinds}
-        self.features = {kind: FeatureStats(det.feature_dim, device=self.device) for kind, det in self.detectors.items()}
+        self.taps = block_taps(blocks_for(self.metrics))  # block -> (detector, output)
+        self.features = {b: FeatureStats(output_dims(self.detectors[k])[out], device=self.device)
+                         for b, (k, out) in self.taps.items()}
+        self.rows: Dict[str, Dict[int, torch.Tensor]] = {b: {} for b in row_blocks(self.metrics)}  # float16, CPU
+        self._unsaved_rows: set = set()
+        self.resolution: Optional[list] = None
         self.splits = {}
         for kind in self.prob_kinds:
             s = _SPLITS[kind]
@@ -205,14 +210,28 @@ class StreamingStats:
                 m = _TEMP_RE.match(p.name)
                 if m and int(m.group(1)) < self._gen:
                     p.unlink(missing_ok=True)
+            rows_dir = self.state_dir / ROWS_DIR
+            for p in rows_dir.iterdir() if rows_dir.is_dir() else ():
+                if p.name.startswith("."):  # a rows file whose save was killed midway
+                    p.unlink(missing_ok=True)
 
     def _absorb(self, st: Mapping[str, Any]) -> None:
         self.num += int(st["num"])
         self.sat_sum += float(st["saturation"])
-        for kind, fs in self.features.items():
-            fs.num += int(st["features"][kind]["num"])
-            fs.sum += st["features"][kind]["sum"].to(self.device)
-            fs.sum_outer += st["features"][kind]["sum_outer"].to(self.device)
+        self.resolution = self.resolution or st.get("resolution")
+        for b, fs in self.features.items():
+            fs.num += int(st["features"][b]["num"])
+            fs.sum += st["features"][b]["sum"].to(self.device)
+            fs.sum_outer += st["features"][b]["sum_outer"].to(self.device)
+        for k in st["chunks"] if self.rows else ():
+            path = self._rows_path(k)
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                for b in self.rows:
+                    self.rows[b][k] = saved[b]
+            except Exception as exc:
+                raise UsageError(f"cannot read the feature rows {path} ({type(exc).__name__}); delete "
+                                 f"{self.state_dir} to start the statistics afresh") from exc
         for kind, sp in self.splits.items():
             block = st["splits"][kind]
             sp["count"] += block["count"].to(self.device)
@@ -223,10 +242,10 @@ class StreamingStats:
         return {
             "format": _FORMAT, "settings": json.dumps(self.settings, sort_keys=True),
             "chunks": sorted(self.covered), "seeds": compact_ranges([s for k in sorted(self.covered) for s in self.chunks[k]]),
-            "num": self.num, "saturation": self.sat_sum, "complete": complete,
+            "num": self.num, "saturation": self.sat_sum, "complete": complete, "resolution": self.resolution,
             "supersedes": list(self._absorbed) if dist.get_rank() == 0 else [],
-            "features": {k: {"num": fs.num, "sum": fs.sum.cpu(), "sum_outer": fs.sum_outer.cpu()}
-                         for k, fs in self.features.items()},
+            "features": {b: {"num": fs.num, "sum": fs.sum.cpu(), "sum_outer": fs.sum_outer.cpu()}
+                         for b, fs in self.features.items()},
             "splits": {k: {"count": sp["count"].cpu(), "plogp": sp["plogp"].cpu(),
                            "sum": sp["sum"].cpu()} for k, sp in self.splits.items()},
         }
@@ -240,10 +259,22 @@ class StreamingStats:
             if name != keep:
                 (self.state_dir / name).unlink(missing_ok=True)
 
+    def _rows_path(self, k: int) -> pathlib.Path:
+        return self.state_dir / ROWS_DIR / f"chunk-{k:06d}.pt"
+
     def save(self) -> None:
-        """Write this rank's statistics (atomic); a no-op without ``state_dir`` or new chunks."""
+        """Write this rank's statistics (atomic); a no-op without ``state_dir`` or new chunks.
+
+        The float16 feature rows of each new chunk go to their own file first
+        (``rows/chunk-KKKKKK.pt``, written once), then the sums and the list of chunks.
+        """
         if self.state_dir is None or self._unsaved == 0:
             return
+        for k in sorted(self._unsaved_rows):
+            self._rows_path(k).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self._rows_path(k), suffix=".tmp.pt") as tmp:
+                torch.save({b: rows[k] for b, rows in self.rows.items()}, tmp)
+        self._unsaved_rows.clear()
         name = f"stream-g{self._gen:04d}-r{dist.get_rank():04d}.pt"
         self._write(self._state(), name)
         if dist.get_rank() == 0 and not self._saved_once:
@@ -305,9 +336,15 @@ class StreamingStats:
         if self.saturation:
             self.sat_sum += saturation_sum(x)
         positions = torch.tensor([self.position[s] for s in self.chunks[k]], device=self.device)
+        self.resolution = self.resolution or [int(v) for v in x.shape[-2:]]
         for kind, det in self.detectors.items():
             out = det(x)
-            self.features[kind].append(out["features"])
+            for b, (tap_kind, name) in self.taps.items():
+                if tap_kind == kind:
+                    self.features[b].append(out[name])
+                    if b in self.rows:
+                        self.rows[b][k] = out[name].detach().to(torch.float16).cpu()
+                        self._unsaved_rows.add(k)
             if kind in self.splits:
                 self._add_probs(self.splits[kind], out["probs"], positions)
         self.num += x.shape[0]
@@ -346,6 +383,16 @@ class StreamingStats:
         sat = float(dist.all_reduce_sum(torch.tensor([self.sat_sum], dtype=torch.float64, device=self.device)).item())
         for fs in self.features.values():
             fs.reduce()
+        for b, rows in self.rows.items():  # each chunk's rows live on one rank: a sum with zeros gathers them
+            full = torch.zeros([len(self.seeds), self.features[b].dim], dtype=torch.float32)
+            for k, r in rows.items():
+                full[k * self.batch:k * self.batch + r.shape[0]] = r.float()
+            full = dist.all_reduce_sum(full).to(torch.float16)
+            self.rows[b] = {k: full[k * self.batch:(k + 1) * self.batch] for k in range(len(self.chunks))}
+        # image size: known on the ranks that saw a chunk (all the same); [H, W, ranks that know it] summed
+        res = dist.all_reduce_sum(torch.tensor([*(self.resolution or [0, 0]), int(self.resolution is not None)],
+                                               dtype=torch.int64, device=self.device)).tolist()
+        self.resolution = [res[0] // res[2], res[1] // res[2]] if res[2] else None
         for sp in self.splits.values():
             sp["count"] = dist.all_reduce_sum(sp["count"])
             sp["plogp"] = dist.all_reduce_sum(sp["plogp"])
@@ -363,9 +410,14 @@ class StreamingStats:
     def stats(self) -> Dict[str, Any]:
         """The statistics so far (after :meth:`finish`: of the whole run)."""
         out: Dict[str, Any] = {"num_images": self.num}
-        for kind, fs in self.features.items():
+        if self.resolution is not None:
+            out["resolution"] = list(self.resolution)
+        for b, fs in self.features.items():
             mu, sigma = fs.mean_cov()
-            out[STAT_KEYS[kind]] = {"mu": mu, "sigma": sigma}
+            out[b] = {"mu": mu, "sigma": sigma}
+            if b in self.rows:  # in seed order, as write-then-score reads the PNGs named by seed
+                rows = [self.rows[b][k] for k in sorted(self.rows[b])]
+                out[b]["features"] = (torch.cat(rows) if rows else torch.zeros([0, fs.dim], dtype=torch.float16)).numpy()
         for kind, sp in self.splits.items():
             out[split_sums_key(kind)] = {"count": sp["count"].cpu().numpy(), "sum": sp["sum"].cpu().numpy(),
                                          "plogp": sp["plogp"].cpu().numpy()}
@@ -401,6 +453,12 @@ def combine_stats(parts: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
             outer = outer + (count - 1) * sigma + count * np.outer(mu, mu)
         mu = total / n
         out[key] = {"mu": mu, "sigma": (outer - n * np.outer(mu, mu)) / (n - 1)}
+    sizes = {tuple(p["resolution"]) for p in parts if p.get("resolution") is not None}
+    if len(sizes) > 1:
+        raise UsageError(f"the statistics are of images of different sizes ({sorted(sizes)}); combine statistics "
+                         f"of one resolution")
+    if sizes:
+        out["resolution"] = list(sizes.pop())
     if all("saturation" in p for p in parts):
         out["saturation"] = float(sum(float(p["saturation"]) * c for p, c in zip(parts, counts)) / n)
     return out

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import click
 
+from guidance.table import METHODS, method_param_help
 from sampling import dit_run
 from utils import dist
 from utils.cli import CONTEXT, flag_names, run_command
@@ -35,7 +36,49 @@ def _switch(*names, help):  # noqa: A002 - click's argument name
                         show_default=True, help=help)
 
 
+def _method_options(fn):
+    """``--method``, ``--weights``, every method parameter of the table and the sigma intervals."""
+    for name, text in reversed(method_param_help()):
+        flag = name.replace("_", "-")
+        fn = click.option(*dict.fromkeys((f"--{flag}", f"--{name}")), name, type=float, default=None, help=text)(fn)
+    for flag, text in (("swg-sigma-interval", "With --method X-swg: the window term only where lo < sigma <= hi"),
+                       ("g-sigma-interval", "With --method: its negative's terms only where lo < sigma <= hi "
+                                            "(sigma = sqrt(1/alpha_bar - 1)), e.g. 0.28,2.9"),
+                       ("weights", "With --method: its weights, comma separated (table convention: "
+                                   "D = D_pos + w rule), e.g. 0.4 or 0.4,0.2 for X-swg"),
+                       ("method", "Another guidance method instead of the switches: "
+                                  + ", ".join(n for n in METHODS if n not in ("none", "swg", "cfg", "cfg-swg", "wmg",
+                                                                              "wmg-swg")) + " (--list-methods)")):
+        name = flag.replace("-", "_")
+        fn = click.option(*dict.fromkeys((f"--{flag}", f"--{name}")), name, default=None, help=text)(fn)
+    return fn
+
+
+def _list_methods(ctx, _param, value):
+    if value:
+        click.echo(format_methods())
+        ctx.exit(0)
+
+
+def format_methods() -> str:
+    """DiT's methods: the reference switches and each table method with its example weights and parameters."""
+    rows = [("method", "flags", "weights (example)", "parameters")]
+    rows += [("swg", "--crop 1 [--mask 1] --g-scale W", "0.5", "-"), ("cfg", "--vanila-cfg 1 --g-scale S", "1.5", "-"),
+             ("cfg-swg", "--cfg-crop 1 [--mask 1] --g-scale W1 --crop-scale W2", "0.6,0.5", "-")]
+    for name, spec in METHODS.items():
+        if name in ("none", "swg", "cfg", "cfg-swg") or spec.negative == "weak":
+            continue
+        mask = " [--mask 1]" if spec.windows else ""
+        rows.append((name, f"--method {name} --weights {','.join(spec.weights)}{mask}", spec.example_text(),
+                     ",".join(f"{p.name}={p.default:g}" for p in spec.params) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
 @click.command(context_settings=CONTEXT)
+@click.option("--list-methods", "--list_methods", is_flag=True, expose_value=False, is_eager=True,
+              callback=_list_methods, help="Print every guidance method with its flags and example weights, and exit.")
+@_method_options
 @click.option("--model", default=D.model, show_default=True, help="DiT model zoo name (DiT-{S,B,L,XL}/{2,4,8})")
 @click.option("--model-kwargs", "--model_kwargs", "model_kwargs", default=D.model_kwargs,
               help="JSON constructor overrides for custom checkpoints, e.g. '{\"hidden_size\": 384}'")

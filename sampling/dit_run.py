@@ -31,14 +31,15 @@ from typing import Optional, Sequence
 import torch
 
 from guidance import WindowError
-from guidance.dit import DiTDenoiser, default_window_size, dit_settings
+from guidance.dit import DIT_MODES, default_window_size, dit_settings, guide_dit
 from guidance.settings import GuidanceSettings
+from guidance.table import method_param_names, method_params, method_spec, parse_sigma_interval
 from metrics.api import needs_reference
 from networks.dit import DiT_models, PRETRAINED_DIT
 from networks.dit_diffusers import load_dit_weights, snapshot_source
 from networks.encoders import load_vae as load_autoencoder
 from networks.zoo import close_names
-from sampling import run, run_settings
+from sampling import run, run_folder, run_settings
 from sampling.gaussian_diffusion import create_diffusion, space_timesteps
 from sampling.seeds import draw_dit
 from utils.cache import prefetch as cache_prefetch
@@ -49,7 +50,8 @@ VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-m
 # Settings an existing output folder must share with a resumed run (the rest may change).
 IDENTITY_KEYS = ("model", "model_kwargs", "ckpt", "image_size", "vae", "num_classes", "method", "g_scale",
                  "crop_scale", "mask", "window_size", "window_steps", "cfg_channels", "pos_embed",
-                 "num_sampling_steps", "global_seed")
+                 "num_sampling_steps", "global_seed", "weights", "g_params", "g_sigma_interval",
+                 "swg_sigma_interval")
 
 __all__ = ["DiTOptions", "VAE_REPOS", "LATENT_SCALE", "IDENTITY_KEYS", "DiTConfig", "DiTBackend", "build_config",
            "resolve_config", "folder_name", "run_dir", "decode_latents",
@@ -99,6 +101,12 @@ class DiTOptions:
     use_wandb: int = 0
     wandb_group: Optional[str] = None
     wandb_runname: Optional[str] = None
+    # Any other method of guidance.table (apg, cfg-zero-swg, ...), its weights and sigma intervals; its
+    # parameters (eta ...) are keywords too, named by guidance.table.method_param_names().
+    method: Optional[str] = None
+    weights: Optional[str] = None          # text or a list
+    g_sigma_interval: Optional[str] = None
+    swg_sigma_interval: Optional[str] = None
 
 
 # Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder).
@@ -139,8 +147,12 @@ class DiTConfig(run_settings.RunSettings):
         """The settings as saved beside the images, in the keys and order of earlier versions (they resume)."""
         record = super().to_json()
         g = self.guidance
+        table = g.method not in DIT_MODES  # a table method (--method), not one of the switches
         legacy = {**self.switches, "method": "uncond" if self.unconditional else g.method,
+                  "weights": g.weights if table else (), "g_params": dict(g.params),
+                  "g_sigma_interval": g.sigma_interval, "swg_sigma_interval": g.window_sigma_interval,
                   "window_size": g.window_size[0] if g.window_size else None, "window_steps": g.window_steps[0]}
+        legacy = {k: run_folder.json_value(v) for k, v in legacy.items()}
         out = {}
         for key, value in record.items():
             if key == "switches":
@@ -201,6 +213,44 @@ def _seed_list(seeds, num_fid_samples) -> list[int]:
     return list(range(n))
 
 
+def _table_method(o: dict, mode: str):
+    """``(mode, weights, params, g_sigma, swg_sigma)``: a `method` of the guidance table, checked, or the switches'."""
+    name = o["method"]
+    params = {k: o[k] for k in method_param_names()}
+    intervals = (o["g_sigma_interval"], o["swg_sigma_interval"])
+    if name is None or str(name).strip().lower() in ("", "none"):
+        if o["weights"] is not None or any(v is not None for v in (*params.values(), *intervals)):
+            raise UsageError("`weights`, the method parameters and the sigma intervals belong to `method`; "
+                             "choose one, e.g. `method` apg")
+        return mode, (), {}, None, None
+    spec = method_spec(name, "method")
+    if spec.name in DIT_MODES:
+        switch = {"swg": "`crop` 1", "cfg": "`vanila_cfg` 1", "cfg-swg": "`cfg_crop` 1", "none": "no switch"}
+        raise UsageError(f"`method` {spec.name} is one of DiT's reference modes: use {switch[spec.name]} "
+                         f"with `g_scale` (see --help)")
+    if mode != "none" or o["g_scale"] or o["crop_scale"]:
+        raise UsageError(f"`method` {spec.name} replaces the switches `crop`, `cfg_crop`, `vanila_cfg`, `uncond` "
+                         f"and `g_scale` / `crop_scale`; give its weights with `weights` (e.g. {spec.example_text()})")
+    try:
+        weights = tuple(float(w) for w in str(o["weights"] if o["weights"] is not None else "").replace(
+            "(", "").replace(")", "").split(",") if str(w).strip()) if not isinstance(o["weights"], (list, tuple)) \
+            else tuple(float(w) for w in o["weights"])
+    except ValueError:
+        raise UsageError(f"`weights`: cannot parse {o['weights']!r}; give numbers separated by a comma, "
+                         f"e.g. {spec.example_text()}") from None
+    if len(weights) != spec.num_weights:
+        raise UsageError(f"`method` {spec.name} takes {spec.num_weights} weight(s) ({', '.join(spec.weights)}), "
+                         f"got {len(weights)}; e.g. `weights` {spec.example_text()}")
+    if spec.negative == "weak":
+        raise UsageError(f"`method` {spec.name} needs a weaker network; DiT samples with one network "
+                         f"(the null class is the unconditional negative: e.g. `method` cfg-zero)")
+    g_sigma = parse_sigma_interval(o["g_sigma_interval"], "g_sigma_interval")
+    swg_sigma = parse_sigma_interval(o["swg_sigma_interval"], "swg_sigma_interval")
+    if swg_sigma is not None and not spec.windows:
+        raise UsageError(f"`swg_sigma_interval` limits the window term, but `method` {spec.name} has no windows")
+    return spec.name, weights, method_params(spec, params, "method"), g_sigma, swg_sigma
+
+
 def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     """Resolved configuration from keyword options (the flags' underscore names; :data:`DEFAULTS` fill the rest).
 
@@ -211,11 +261,12 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     names raise ``TypeError``; bad values :class:`UsageError`.  Nothing is read or written.
     """
     fields = {f.name: f for f in dataclasses.fields(DiTOptions)}
-    unknown = sorted(set(opts) - set(fields))
+    unknown = sorted(set(opts) - set(fields) - set(method_param_names()))
     if unknown:
         raise TypeError(f"build_config() got unknown option(s) {', '.join(unknown)}; "
-                        f"options are {', '.join(fields)}")
-    o = dataclasses.asdict(DiTOptions(**opts))
+                        f"options are {', '.join([*fields, *method_param_names()])}")
+    params = {name: opts.pop(name, None) for name in method_param_names()}
+    o = {**dataclasses.asdict(DiTOptions(**opts)), **params}
     for key, field in fields.items():
         if field.type in _CONVERT and o[key] is not None:
             o[key] = _CONVERT[field.type](o[key])
@@ -249,8 +300,10 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         raise UsageError(f"guidance scales must be >= 0, got `g_scale` {g} `crop_scale` {c}")
     if c > 0 and mode != "cfg-swg":
         raise UsageError("`crop_scale` is the SWG weight of `cfg_crop` 1; with `crop` 1 the weight is `g_scale`")
-    if o["mask"] and mode not in ("swg", "cfg-swg"):
-        raise UsageError("`mask` 1 (M-SWG) needs `crop` 1 or `cfg_crop` 1")
+    mode, weights, g_params, g_sigma, swg_sigma = _table_method(o, mode)
+    windows = mode in ("swg", "cfg-swg") or (mode not in DIT_MODES and method_spec(mode).windows)
+    if o["mask"] and not windows:
+        raise UsageError("`mask` 1 (M-SWG) needs `crop` 1 or `cfg_crop` 1 (or a `method` with windows, e.g. apg-swg)")
     if mode == "uncond" and g > 0:
         raise UsageError("`uncond` 1 samples without guidance; drop `g_scale`")
     if mode == "cfg" and g < 1:
@@ -263,12 +316,13 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         raise UsageError("`g_scale` needs a guidance switch: `crop` 1 (SWG), `cfg_crop` 1 (CFG+SWG) "
                          "or `vanila_cfg` 1 (CFG)")
     window = None
-    if mode in ("swg", "cfg-swg"):
+    if windows:
         window = o["window_size"] or max(patch, default_window_size(latent) // patch * patch)
         if window % patch:
             raise UsageError(f"`window_size` {window} must be a multiple of the patch size {patch}")
     guidance = dit_settings(mode, g, c, o["mask"], window, o["window_steps"], o["cfg_channels"],
-                            kwargs.get("in_channels", 4), o["max_window_batch"])
+                            kwargs.get("in_channels", 4), o["max_window_batch"], weights, g_params, g_sigma,
+                            swg_sigma)
     try:
         guidance.check_input(latent, latent)
     except WindowError as exc:
@@ -315,6 +369,13 @@ def folder_name(cfg: DiTConfig) -> str:
         name += f"_cfg_swg_{s['crop_scale']}_mask_{int(s['mask'])}"
     if s["uncond"]:
         name += "_uncond"
+    g = cfg.guidance
+    if g.method not in DIT_MODES:  # a table method (--method)
+        params = "".join(f"_{k}_{v:g}" for k, v in sorted(g.params.items()))
+        name += f"_{g.method}_w_{','.join(f'{w:g}' for w in g.weights)}{params}_mask_{int(s['mask'])}"
+        for key, lo_hi in (("g_sigma_interval", g.sigma_interval), ("swg_sigma_interval", g.window_sigma_interval)):
+            if lo_hi:
+                name += f"_{key.split('_')[0]}sig_{lo_hi[0]:g}-{lo_hi[1]:g}"
     if s["vanila_cfg"]:
         name += "_vanila_cfg"
     return name.replace(", ", "_").replace("[", "").replace("]", "").replace(" ", "_")
@@ -388,9 +449,11 @@ class DiTBackend(run.Backend):
         cfg = self.settings
         self.model, self.vae = model, vae
         self.diffusion = create_diffusion(cfg.num_sampling_steps)
-        den = DiTDenoiser(model)
-        self.denoiser = cfg.guidance.guide(den, neg_denoiser=den if cfg.guidance.spec.needs_neg else None)
+        self.denoiser = guide_dit(cfg.guidance, model, sigma_of=self.diffusion.sigma_of)
         return self
+
+    def cost(self) -> Optional[dict]:
+        return self.denoiser.cost() if self.denoiser is not None else None
 
     def describe(self) -> str:
         cfg = self.settings

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import click
 
-from guidance.table import METHODS
+from guidance.table import METHODS, method_param_help
 from sampling import edm2_run
 from sampling.presets import format_presets
 from utils import dist
@@ -26,6 +26,16 @@ __all__ = ["cli", "main", "settings", "FLAGS"]
 FLAGS = {"class_idx": "--class", "window_size": "--swg_sizes", "window_steps": "--swg_steps",
          "weight": "--g_weight", "method": "--g_method", "neg_denoiser": "--net_neg_pkl",
          "masked": "--scale_window_guide"}
+
+
+def _method_options(fn):
+    """Every method parameter of the guidance table (``--eta`` ...) and the sigma intervals."""
+    for name, text in reversed(method_param_help()):
+        fn = option(f"--{name}", type=float, default=None, help=text)(fn)
+    fn = option("--swg_sigma_interval", default=None,
+                help="The window term only where lo < sigma <= hi (e.g. 0.28,2.9) [default: every sigma].")(fn)
+    return option("--g_sigma_interval", default=None,
+                  help="The negative's terms only where lo < sigma <= hi (EDM2's guidance interval, e.g. 0.28,2.9).")(fn)
 
 
 @click.command(context_settings=CONTEXT)
@@ -53,7 +63,8 @@ FLAGS = {"class_idx": "--class", "window_size": "--swg_sizes", "window_steps": "
 @option("--S_min", type=float, default=None, help="Stochastic min noise level [default: 0].")
 @option("--S_max", type=float, default=None, help="Stochastic max noise level [default: inf].")
 @option("--S_noise", type=float, default=None, help="Stochastic noise inflation [default: 1].")
-@option("--g_method", default=None, help=f"{' | '.join(METHODS)} (aliases such as cfg_swg accepted).")
+@option("--g_method", default=None, help=" | ".join(n for n, s in METHODS.items() if not s.base or n in (
+    "wmg-swg", "cfg-swg")) + "; X-swg adds (M-)SWG to X (README: methods).")
 @option("--g_weight", default=None, help="Guidance weight w, or two (w_neg,w_swg) for combinations.")
 @option("--swg_sizes", default=None, help="Window size k in latent pixels (or kh,kw).")
 @option("--swg_steps", default=None, help="Windows per axis n (or nh,nw) [default: 2].")
@@ -62,6 +73,7 @@ FLAGS = {"class_idx": "--class", "window_size": "--swg_sizes", "window_steps": "
         help="Guide only at sampler steps first..last (inclusive), e.g. 4,20.")
 @option("--clean_combos", is_flag=True,
         help="wmg-swg/cfg-swg: apply the mask and the labels as documented instead of the reference's behaviour.")
+@_method_options
 @option("--max_window_batch", type=int, default=None, help="Cap on the batch of one window network call.")
 @option("--metrics", default=None,
         help="Metrics after sampling: fid,fd_dinov2 (need --ref_path); fd_digits,conf_digits for the demo presets.")

@@ -31,7 +31,7 @@ import torch
 
 from guidance import method_spec
 from guidance.settings import GuidanceSettings
-from guidance.table import METHODS, NEGATIVES
+from guidance.table import NEGATIVES, method_param_names, parse_sigma_interval
 from guidance.windows import WindowError
 from networks import zoo
 from networks.edm2_pickle import EDM2Checkpoint, load_checkpoint
@@ -56,7 +56,7 @@ GUIDANCE_NAMES = {"method": "g_method", "weight": "g_weight", "window_size": "sw
                   "masked": "scale_window_guide", "step_interval": "g_interval", "sigma_interval": "g_sigma_interval",
                   "window_sigma_interval": "swg_sigma_interval"}
 # Every method parameter of the table (APG's eta ...): a keyword of build_config and a flag.
-METHOD_PARAMS = {p.name: p for spec in METHODS.values() for p in spec.params}
+METHOD_PARAMS = method_param_names()
 
 
 @dataclasses.dataclass
@@ -147,13 +147,6 @@ def _interval(text) -> Optional[tuple]:
     return vals
 
 
-def _sigma_interval(text) -> Optional[tuple]:
-    """``'lo,hi'`` (or a pair) as a pair; ``none`` as None (checked in :meth:`GuidanceSettings.checked`)."""
-    if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "")):
-        return None
-    return tuple(text.split(",")) if isinstance(text, str) else tuple(text)
-
-
 def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = None,
                  net_neg_pkl: Optional[str] = None, outdir: Optional[str] = None, seeds="0-63",
                  g_method: Optional[str] = None, g_weight=None, swg_sizes=None, swg_steps=None,
@@ -195,8 +188,8 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
         window_steps=_ints(given["swg_steps"] if given["swg_steps"] is not None else 2, "swg_steps"),
         masked=bool(int(sw)), step_interval=_interval(g_interval),
         reference_quirks=not kwargs.pop("clean_combos", False), params=params,
-        sigma_interval=_sigma_interval(kwargs.pop("g_sigma_interval", None)),
-        window_sigma_interval=_sigma_interval(kwargs.pop("swg_sigma_interval", None)),
+        sigma_interval=parse_sigma_interval(kwargs.pop("g_sigma_interval", None), "g_sigma_interval"),
+        window_sigma_interval=parse_sigma_interval(kwargs.pop("swg_sigma_interval", None), "swg_sigma_interval"),
         max_window_batch=kwargs.pop("max_window_batch", None))
     try:
         guidance = guidance.checked()

@@ -134,6 +134,15 @@ class GaussianDiffusion:
         """``table[i]`` as a float32 scalar tensor on ``like``'s device (the reference casts after indexing)."""
         return torch.tensor(table[i], dtype=torch.float64).float().to(like.device)
 
+    def sigma_of(self, t) -> torch.Tensor:
+        """The noise level ``sqrt(1 / alpha_bar - 1)`` of original timesteps ``t`` (what the model is given),
+        the EDM-style sigma that guidance intervals compare."""
+        t = torch.as_tensor(t)
+        table = torch.zeros(int(self.timestep_map.max()) + 1, dtype=torch.float64)
+        table[torch.as_tensor(self.timestep_map)] = torch.as_tensor(self.sqrt_recipm1_alphas_cumprod,
+                                                                     dtype=torch.float64)
+        return table[t.long().cpu()].to(t.device)
+
     def model_timesteps(self, i: int, batch: int, device=None) -> torch.Tensor:
         """The original timesteps ``[batch]`` the network sees at respaced step ``i``."""
         return torch.full((batch,), int(self.timestep_map[i]), dtype=torch.long, device=device)

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from metrics.api import (METRICS, calc_metrics, calc_metrics_from_stats, compute_stats, detectors_for, needs_reference,
-                         write_metrics)
+from metrics.api import (calc_metrics, calc_metrics_from_stats, check_ref_covers, detectors_for, needs_reference,
+                         prepare_reference, write_metrics)
 from metrics.detectors import get_detector
 from metrics.images import is_image_source
 from metrics.refs import load_ref, save_ref
@@ -45,10 +45,7 @@ def load_reference(settings: RunSettings) -> Optional[dict]:
             raise UsageError(f"`ref_path` {path} not found; pass an existing .pkl/.npz (e.g. "
                              f"{reference_hint(settings.metrics)}) or build one with 'python -m metrics ref'")
     ref = load_ref(settings.ref_path)
-    for m in settings.metrics:
-        if METRICS[m].needs_reference and METRICS[m].block not in ref:
-            raise UsageError(f"`ref_path` {settings.ref_path} has no '{METRICS[m].block}' statistics for {m}; "
-                             f"use a reference with them (e.g. {reference_hint([m])}) or drop {m} from `metrics`")
+    check_ref_covers(ref, settings.metrics, f"`ref_path` {settings.ref_path}")
     return ref
 
 
@@ -115,10 +112,7 @@ def open_stream(settings: RunSettings, outdir: pathlib.Path, record: Mapping[str
 
 def reference_stats(settings: RunSettings, ref: Optional[dict], metrics: Sequence[str], device) -> Optional[dict]:
     """The reference statistics for scoring streamed statistics (a reference image folder is read now)."""
-    if ref is not None or not needs_reference(metrics):
-        return ref
-    kinds = detectors_for(metrics, reference_only=True)
-    return compute_stats(settings.ref_path, kinds, device=device, progress=False, desc="reference images")
+    return prepare_reference(settings.ref_path, metrics, ref=ref, device=device, progress=False)
 
 
 def finish_stream(stream, settings: RunSettings, outdir: pathlib.Path, ref: Optional[dict], metrics: Sequence[str],

@@ -14,7 +14,7 @@ process; the weights and the output folder are set by each trial:
 
 * EDM2: ``--g_weight w1[,w2]`` and ``--outdir <outdir>/trial_NNNN_<weights>/samples``;
 * DiT: ``--g-scale w1`` (and ``--crop-scale w2`` for ``--cfg-crop 1``) and
-  ``--sample-dir <outdir>/trial_NNNN_<weights>``.
+  ``--sample-dir <outdir>/trial_NNNN_<weights>`` (with ``--method X``: ``--weights w1[,w2...]``).
 
 One ``--weight lo:hi`` per guidance weight spans the search space, sampled on a grid of
 ``--step`` (0 = continuous).  The objective is read from the ``metrics.json`` the sampler
@@ -75,7 +75,8 @@ def trial_folder(outdir: os.PathLike | str, number: int, weights: Sequence[float
 
 def _check_base_args(sampler: str, args: Sequence[str]) -> None:
     owned = {"edm2": ("--g_weight", "--outdir"),
-             "dit": ("--g-scale", "--g_scale", "--crop-scale", "--crop_scale", "--sample-dir", "--sample_dir")}[sampler]
+             "dit": ("--g-scale", "--g_scale", "--crop-scale", "--crop_scale", "--sample-dir", "--sample_dir",
+                     "--weights")}[sampler]
     clash = [a for a in args if a.split("=")[0] in owned]
     if clash:
         raise UsageError(f"{clash[0]} is set by the search for every trial; drop it from the sampler arguments")
@@ -85,6 +86,8 @@ def sampler_argv(sampler: str, base: Sequence[str], weights: Sequence[float], fo
     """The sampler's arguments for one trial."""
     if sampler == "edm2":
         return [*base, "--g_weight", ",".join(repr(float(w)) for w in weights), "--outdir", str(folder / "samples")]
+    if any(a.split("=")[0] == "--method" for a in base):   # a table method (apg, fdg-swg ...): all its weights
+        return [*base, "--weights", ",".join(repr(float(w)) for w in weights), "--sample-dir", str(folder)]
     if len(weights) > 2:
         raise UsageError("DiT takes at most two weights (--g-scale and, with --cfg-crop 1, --crop-scale)")
     argv = [*base, "--g-scale", repr(float(weights[0])), "--sample-dir", str(folder)]

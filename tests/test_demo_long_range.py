@@ -107,7 +107,8 @@ def test_tiny_long_range_run(tmp_path):
     chosen = [long_range.Row("uncond/none", "uncond"),
               long_range.Row("uncond/m-swg-k12-w1", "uncond", "swg", 1.0, window=12),
               long_range.Row("uncond/swg-k12-w1", "uncond", "swg", 1.0, window=12, masked=0),
-              long_range.Row("cond/cfg-1", "cond", "cfg", 1.0, "uncond")]
+              long_range.Row("cond/cfg-1", "cond", "cfg", 1.0, "uncond"),
+              long_range.Row("cond/apg-1", "cond", "apg", 1.0, "uncond", params="eta=0,momentum=-0.5")]
     out = tmp_path / "lr"
     log = []
     table = long_range.run_long_range(out, num=4, steps=2, batch=3, chosen=chosen, log=log.append, progress=False)
@@ -122,6 +123,9 @@ def test_tiny_long_range_run(tmp_path):
     assert img["uncond/none"].shape == (4, 3, 32, 32)
     assert (img["uncond/none"] != img["uncond/m-swg-k12-w1"]).any()
     assert (img["uncond/m-swg-k12-w1"] != img["uncond/swg-k12-w1"]).any()
+    assert (img["cond/cfg-1"] != img["cond/apg-1"]).any()   # APG's projection and momentum reach the sampler
+    defaults = [r.name for r in long_range.default_rows(long_range.DEFAULT)]
+    assert {"cond/apg-1", "cond/cfg-zero-1"} <= set(defaults)
     for name in ("results.csv", "results.md", "results.png", "samples.png"):
         assert (out / name).stat().st_size > 100, name
     md = (out / "results.md").read_text()

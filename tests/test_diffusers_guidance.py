@@ -1,4 +1,4 @@
-"""SWG / M-SWG for diffusers models (guidance/diffusers.py) on tiny random models built from configs.
+"""SWG / M-SWG for diffusers models (guidance/diffusers/) on tiny random models built from configs.
 
 Independent expectations: guide() on the adapter, the toolkit's own DiT
 (networks/dit.py) and guidance.dit, per-window single-sample model calls, the
@@ -210,14 +210,15 @@ def test_pipeline_cfg_gives_the_toolkits_cfg_swg(sdxl, unet, sdxl_unet):
             {"encoder_hidden_states": uncond["encoder_hidden_states"]}
     t = torch.tensor(250)
     with torch.no_grad():
-        result, raw = _cfg_call(SlidingWindowGuided(model, weight=w, window_size=10), x, t, cond, uncond, s)
+        result, raw = _cfg_call(SlidingWindowGuided(model, weight=w, window_size=10, cfg_batch=True), x, t, cond,
+                                uncond, s)
         # The toolkit's cfg-swg through guide(): positive = cond inputs, negative (labels=None) = uncond inputs.
         pos, neg = DiffusersDenoiser(model, cond, n), DiffusersDenoiser(model, uncond, n)
         expected = guide(pos, "cfg-swg", weight=(s - 1, w), neg_denoiser=lambda xx, tt, _: neg(xx, tt),
                          window_size=10, window_steps=2)(x, t, torch.arange(n))
         both = torch.cat([x] * 2)
         unwrapped = model(both, t, return_dict=False, **_cfg_batch(cond, uncond))[0]
-        half = SlidingWindowGuided(model, weight=w, window_size=10, shift_uncond=False)(
+        half = SlidingWindowGuided(model, weight=w, window_size=10, shift_uncond=False, cfg_batch=True)(
             both, t, return_dict=False, **_cfg_batch(cond, uncond))[0]
     torch.testing.assert_close(result, expected, atol=5e-5, rtol=1e-5)
     # shift_uncond=False: the unconditional half is bit-identical to the unwrapped model, the conditional
@@ -226,17 +227,6 @@ def test_pipeline_cfg_gives_the_toolkits_cfg_swg(sdxl, unet, sdxl_unet):
     torch.testing.assert_close(half[n:], raw[n:], atol=0, rtol=0)
     torch.testing.assert_close(raw[:n] - unwrapped[:n], raw[n:] - unwrapped[n:], atol=1e-6, rtol=0)
     assert (raw[n:] - unwrapped[n:]).abs().max() > 1e-3
-
-
-def test_cfg_off_is_plain_swg_and_batches_are_told_apart(unet):
-    wrapped = SlidingWindowGuided(unet, weight=0.5, window_size=10)
-    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(9))
-    cond, uncond = wrapped.halves(torch.cat([x[:1], x[:1]]))
-    assert cond.tolist() == [1] and uncond.tolist() == [0]      # SD: [uncond; cond]
-    assert wrapped.halves(x)[1] is None                          # two images, no CFG
-    dit = SlidingWindowGuided(to_diffusers(_our_dit()), weight=0.5)
-    assert dit.halves(torch.cat([x[:1], x[:1]]))[0].tolist() == [0]  # DiTPipeline: [cond; uncond]
-    assert SlidingWindowGuided(unet, weight=0.5, cfg_batch=False).halves(torch.cat([x[:1], x[:1]]))[1] is None
 
 
 # ----------------------------------------------------------------------------
@@ -279,6 +269,21 @@ def test_wrapper_looks_like_the_model(sdxl_unet):
     assert torch.equal(out.sample, tup[0])
     with pytest.raises(UsageError):
         SlidingWindowGuided(wrapped, weight=0.1)
+    # Writes: the model's attributes are set on the model; SWG settings live in .swg (a plain attribute would
+    # be ignored silently, so it is refused).
+    with pytest.raises(UsageError, match=r"swg\.weight"):
+        wrapped.weight = 0.0
+    wrapped.swg.weight = 0.0
+    with torch.no_grad():
+        assert torch.equal(wrapped(x, 10, **_sdxl_inputs(1)).sample, sdxl_unet(x, 10, **_sdxl_inputs(1)).sample)
+    embedding = sdxl_unet.add_embedding
+    wrapped.add_embedding = torch.nn.Identity()
+    assert isinstance(sdxl_unet.add_embedding, torch.nn.Identity) and "add_embedding" not in wrapped._modules
+    wrapped.add_embedding = embedding
+    wrapped.eval()
+    assert not wrapped.training and not sdxl_unet.training
+    with pytest.raises(UsageError, match="pos_embed"):
+        SlidingWindowGuidance(pos_embed="bicubic")
 
 
 def test_bad_windows_and_inputs_are_refused(unet):
@@ -338,7 +343,7 @@ def test_dit_pipeline_end_to_end():
     plain_cfg, plain = sample(1.5), sample(1.0)
     pipe.transformer = SlidingWindowGuided(pipe.transformer, weight=0.5, window_size=10, window_steps=2)
     swg_cfg, swg = sample(1.5), sample(1.0)
-    pipe.transformer.weight = 0.0
+    pipe.transformer.swg.weight = 0.0
     off = sample(1.5)
     pipe.transformer = pipe.transformer.model
     assert swg_cfg.shape == (2, 3, 16, 16) and torch.isfinite(swg_cfg).all()
@@ -355,7 +360,7 @@ def test_dit_pipeline_step_is_cfg_swg():
     y = torch.tensor([4, 8])
     t = torch.tensor(700)
     with torch.no_grad():
-        out = SlidingWindowGuided(model, weight=w, window_size=10)(
+        out = SlidingWindowGuided(model, weight=w, window_size=10, cfg_batch=True)(
             torch.cat([x, x]), timestep=t.expand(4), class_labels=torch.cat([y, torch.full_like(y, 1000)])).sample
         c, u = out[:2, :4], out[2:, :4]  # DiTPipeline: [cond; uncond], CFG on the eps channels
         ref = dit_guidance(net, "cfg-swg", g_scale=s - 1, crop_scale=w, mask=True, window_size=10)(x, t, y)
@@ -420,7 +425,8 @@ def test_guider_matches_the_wrapper(sdxl_unet):
         pred = guider(batches)[0]
         after = sdxl_unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
                           added_cond_kwargs=cond["added_cond_kwargs"]).sample
-        expected, _ = _cfg_call(SlidingWindowGuided(sdxl_unet, weight=w, window_size=10), x, t, cond, uncond, s)
+        expected, _ = _cfg_call(SlidingWindowGuided(sdxl_unet, weight=w, window_size=10, cfg_batch=True), x, t, cond,
+                                uncond, s)
     torch.testing.assert_close(pred, expected, atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(after, batches[0].noise_pred, atol=0, rtol=0)  # the hook is gone
     # Outside start/stop only the conditional prediction is asked for.
@@ -486,78 +492,3 @@ def test_transformer_windows_equal_single_sample_calls(build):
     torch.testing.assert_close(win, expected / grid.count(), atol=2e-5, rtol=1e-5)
     m = (grid.count() > 1).float()
     torch.testing.assert_close(wrapped.sample, plain + 0.5 * m * (plain - win), atol=2e-5, rtol=1e-5)
-
-
-def test_readme_dit_pipeline_example_runs(monkeypatch):
-    """The DiTPipeline example of docs/diffusers.md, as written, with a tiny random pipeline for the hub model."""
-    import pathlib
-    import re
-
-    section = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "diffusers.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    (block,) = [b for b in blocks if "DiTPipeline.from_pretrained" in b]
-    tiny = _dit_pipe(to_diffusers(_our_dit(num_classes=1000)))
-    monkeypatch.setattr(DiTPipeline, "from_pretrained", classmethod(lambda cls, *args, **kwargs: tiny))
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
-    assert isinstance(namespace["pipe"].transformer, SlidingWindowGuided)
-    assert namespace["pipe"].transformer.grid(16, 16).kh == 10  # 5/8 of the 16x16 latent
-    for key in ("swg", "cfg_swg"):
-        assert namespace[key].shape == (2, 3, 16, 16) and torch.isfinite(namespace[key]).all()
-
-
-class _StandInSDPipeline:
-    """Stand-in for diffusers' SD / SDXL pipelines (they need `transformers`, which the toolkit does not
-    install): from_pretrained gives a tiny UNet, and __call__ runs their denoising loop -- a [uncond; cond]
-    batch through ``self.unet``, CFG on the two chunks, a DDIM step."""
-
-    sdxl = False
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        pipe = cls()
-        pipe.unet, pipe.scheduler = _unet(cls.sdxl), DDIMScheduler()
-        return pipe
-
-    def to(self, *args, **kwargs):
-        return self
-
-    def __call__(self, prompt, guidance_scale=7.5, num_inference_steps=3):
-        import types
-
-        g = torch.Generator().manual_seed(len(prompt))
-        cond, uncond = _sdxl_inputs(1, len(prompt)), _sdxl_inputs(1, 0)
-        if not self.sdxl:
-            cond, uncond = {"encoder_hidden_states": cond["encoder_hidden_states"]}, \
-                {"encoder_hidden_states": uncond["encoder_hidden_states"]}
-        latents = torch.randn(1, 4, 16, 16, generator=g)
-        self.scheduler.set_timesteps(num_inference_steps)
-        with torch.no_grad():
-            for t in self.scheduler.timesteps:
-                noise = self.unet(torch.cat([latents] * 2), t, return_dict=False, **_cfg_batch(cond, uncond))[0]
-                u, c = noise.chunk(2)
-                latents = self.scheduler.step(u + guidance_scale * (c - u), t, latents).prev_sample
-        return types.SimpleNamespace(images=[latents[0]])
-
-
-class _StandInSDXLPipeline(_StandInSDPipeline):
-    sdxl = True
-
-
-@pytest.mark.parametrize("name", ["StableDiffusionPipeline", "StableDiffusionXLPipeline"])
-def test_readme_sd_examples_run(monkeypatch, name):
-    """The SD 1.5 / SDXL examples of docs/diffusers.md, as written, with stand-in pipelines (see _StandInSDPipeline)."""
-    import pathlib
-    import re
-
-    section = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "diffusers.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    (block,) = [b for b in blocks if f"{name}.from_pretrained" in b]
-    stand_in = _StandInSDXLPipeline if "XL" in name else _StandInSDPipeline
-    monkeypatch.setattr(diffusers, name, stand_in)
-    namespace: dict = {"torch": torch, "SlidingWindowGuided": SlidingWindowGuided}
-    exec(compile(block, "README.md", "exec"), namespace)
-    pipe, image = namespace["pipe"], namespace["image"]
-    assert image.shape == (4, 16, 16) and torch.isfinite(image).all()
-    plain = stand_in.from_pretrained("any")("a photo of a cat", guidance_scale=7.5 if "XL" not in name else 5.0)
-    assert (plain.images[0] - image).abs().max() > 1e-4  # the wrapper acted

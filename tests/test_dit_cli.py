@@ -22,6 +22,7 @@ from sampling.run_folder import check_outdir
 from sampling.writer import ImageIndex
 from networks.dit import create_dit
 from guidance.dit import dit_guidance
+from guidance.table import method_param_names
 from sampling.gaussian_diffusion import create_diffusion
 from utils import cache
 from utils.errors import UsageError
@@ -236,7 +237,7 @@ BAD = [
     (["--seeds", "0-3", "--num-fid-samples", "4"], "give one of them"),
     (["--num-fid-samples", "0"], "must be >= 1"),
     (["--num-sampling-steps", "2000"], "at most 1000"),
-    (["--metrics", "fid,kid"], "unknown metric 'kid'"),
+    (["--metrics", "fid,kidd"], "unknown metric 'kidd'"),
     (["--metrics", "saturation", "--seeds", "0"], "at least 2 images"),
     (["--metrics", "fid", "--ref-path", "/nonexistent/img256.pkl", "--num-fid-samples", "1"], "at least 2"),
     (["--vae", "kl"], "'kl' is not one of"),
@@ -312,7 +313,7 @@ def test_api_defaults_are_the_command_line_defaults():
     """build_config() with no options resolves exactly as the command line with no flags."""
     ctx = sample_dit.cli.make_context("sample_dit.py", [])
     defaults = dataclasses.asdict(dit_run.DiTOptions())
-    assert set(ctx.params) == set(defaults) | {"prefetch"}
+    assert set(ctx.params) == set(defaults) | set(method_param_names()) | {"prefetch"}
     assert {k: ctx.params[k] for k in defaults} == defaults
     cfg = dit_run.build_config()
     assert cfg == sample_dit.settings([])

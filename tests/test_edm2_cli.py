@@ -237,7 +237,7 @@ BAD = {
     "batch-text": (["--batch", "many"], "batch"),
     "sigma": (["--sigma_min", "0"], "sigma_min"),
     "metrics-no-ref": (["--metrics", "fid"], "--ref_path"),
-    "metrics-unknown": (["--metrics", "kid", "--ref_path", "x.pkl"], "unknown metric"),
+    "metrics-unknown": (["--metrics", "kidd", "--ref_path", "x.pkl"], "unknown metric"),
     "class-range": (["--class", "10"], "out of range"),
     "unknown-preset": (["--preset", "nope"], "unknown preset"),
     "tar-and-subdirs": (["--save_tar", "--subdirs"], "--subdirs"),

@@ -135,3 +135,35 @@ def test_results_collect_shows_the_counted_evaluations(nets, tmp_path):
     assert rows["tcfg-swg"]["evals_per_step"] == pytest.approx(6 * 5 / 3, abs=1e-3)
     assert rows["tcfg-swg"]["cost_per_step"] == pytest.approx((2 + 4 * 144 / 256) * 5 / 3, abs=1e-3)
     assert "evals/step" in to_markdown(list(rows.values())).splitlines()[0]
+
+
+def test_cli_flags_one_vs_two_ranks_identical(nets, tmp_path, capsys):
+    """sample_edm2.py with a zoo method and its own flags: 2 torchrun ranks write the images of 1 rank."""
+    import os
+    import subprocess
+    import sys
+
+    import sample_edm2
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    common = ["--net_pos_pkl", str(nets / "pos.pkl"), "--net_neg_pkl", str(nets / "uncond.pkl"), "--seeds", "0-3",
+              "--steps", "3", "--batch", "2", "--g_method", "apg-swg", "--g_weight", "1.0,0.2", "--swg_sizes", "12",
+              "--eta", "0.3", "--momentum", "-0.5", "--g_sigma_interval", "0.1,50"]
+    one = tmp_path / "one"
+    assert sample_edm2.main([*common, "--outdir", str(one)]) == 0, capsys.readouterr().err
+    saved = json.loads((one / "settings.json").read_text())
+    assert saved["g_params"] == {"eta": 0.3, "norm_threshold": 0.0, "momentum": -0.5}
+    two = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "sample_edm2.py", *common, "--outdir", str(two)], cwd=root, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pngs = lambda d: {p.name: p.read_bytes() for p in sorted(d.glob("*.png"))}  # noqa: E731
+    assert len(pngs(two)) == 4 and pngs(one) == pngs(two)
+    # A flag of another method is refused before any image, naming this command line's flag.
+    capsys.readouterr()
+    assert sample_edm2.main([*common[:-6], "--zero_steps", "2", "--outdir", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--zero_steps is a parameter of cfg-zero; --g_method apg-swg does not use it" in err
+    assert not (tmp_path / "bad").exists()

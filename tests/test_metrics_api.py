@@ -136,7 +136,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
     ref = tmp_path / "ref.pkl"
     one_error_line(*run_cli("calc", "--images", gen, "--ref", tmp_path / "none.pkl"), "not found")
     one_error_line(*run_cli("calc", "--images", tmp_path / "nowhere", "--ref", ref), "images not found")
-    one_error_line(*run_cli("calc", "--images", gen, "--ref", ref, "--metrics", "fid,kid"), "unknown metric 'kid'")
+    one_error_line(*run_cli("calc", "--images", gen, "--ref", ref, "--metrics", "fid,kidd"), "unknown metric 'kidd'")
     with open(ref, "wb") as f:
         pickle.dump({"num_images": 9, "fid": {"mu": np.zeros(1000), "sigma": np.eye(1000)}}, f)
     one_error_line(*run_cli("calc", "--images", gen, "--ref", ref, "--metrics", "fid"), "1000 features")

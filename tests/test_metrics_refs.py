@@ -58,10 +58,10 @@ def test_npz_reference_is_fid_only(tmp_path):
     mu, sigma = rng.standard_normal(6), np.eye(6)
     np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
     got = load_ref(tmp_path / "ref.npz")
-    assert set(got) == {"fid"}
+    assert set(got) == {"fid", "npz_keys"} and got["npz_keys"] == ["mu", "sigma"]
     np.testing.assert_array_equal(got["fid"]["mu"], mu)
     np.savez(tmp_path / "bad.npz", m=mu)
-    with pytest.raises(UsageError, match="'mu' and 'sigma'"):
+    with pytest.raises(UsageError, match="has keys m; .* pytorch-fid's mu, sigma"):
         load_ref(tmp_path / "bad.npz")
 
 

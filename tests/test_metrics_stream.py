@@ -30,7 +30,7 @@ DIGITS_REF = ROOT / "demo" / "refs" / "digits-ref.pkl"
 
 
 # Inception stand-in: 24-d features, 1008 probabilities of which some are exactly 0 (0 log 0).
-TinyInception = functools.partial(InceptionStandIn, dim=24, seed=1, sharpness=3, zero_from=500)
+TinyInception = functools.partial(InceptionStandIn, dim=24, seed=1, sharpness=3, zero_from=500, spatial_dim=12)
 
 
 def tiny_dinov2():
@@ -87,7 +87,16 @@ def rel(a, b):
 
 SEEDS = list(range(5, 5 + 150))
 TINY = "fid,fd_dinov2,is,saturation"
-FAST = "fid,is,saturation"  # no DINOv2: for the tests that start processes
+FAST = "fid,is,saturation,sfid,pr,kid,dc"  # no DINOv2: for the tests that start processes
+ROWS = "fid,sfid,is,pr,kid,dc,kid_dinov2,dc_dinov2"  # the metrics that keep float16 rows per chunk
+
+
+def rows_ref(seed=7):
+    """A reference with rows for the row metrics (random, 24-d and 12-d for the stand-in)."""
+    rng = np.random.default_rng(seed)
+    f = rng.standard_normal((40, 24)) * 0.3
+    return {"fid": {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False), "features": f.astype(np.float16)},
+            "sfid": {"mu": np.zeros(12), "sigma": np.eye(12)}}
 
 
 def test_inception_score_from_sums_matches_rows():
@@ -103,14 +112,16 @@ def test_inception_score_from_sums_matches_rows():
     assert got == pytest.approx(inception_score(p, splits), rel=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["tiny", "digits"])
+@pytest.mark.parametrize("kind", ["tiny", "rows", "digits"])
 def test_stream_equals_write_then_score(tmp_path, kind):
-    """Streaming (sampler batches of 7, out of seed order) == `python -m metrics calc` on the PNGs, <= 1e-9."""
-    if kind == "tiny":
-        metrics, grey = TINY, False
+    """Streaming (sampler batches of 7, out of seed order) == `python -m metrics calc` on the PNGs, <= 1e-9
+    (FD, IS, KID on float64 sums of the same float16 rows), exactly for counts (precision, recall, density,
+    coverage)."""
+    if kind in ("tiny", "rows"):
+        metrics, grey = (TINY if kind == "tiny" else ROWS), False
         ref = tmp_path / "ref.pkl"
         other = write_pngs(tmp_path / "other", range(40), make_images(range(1000, 1040)))
-        run_cli("ref", "--images", other, "--dest", ref, "--metrics", "fid,fd_dinov2")
+        run_cli("ref", "--images", other, "--dest", ref, "--metrics", "fid,sfid,fd_dinov2", "--features", 40)
     else:  # the real digit classifier: its features depend on the batch, so chunking matters
         metrics, grey, ref = "fd_digits,conf_digits,saturation", True, DIGITS_REF
     st = StreamingStats(metrics, SEEDS[::-1], batch=64, device="cpu")
@@ -123,7 +134,12 @@ def test_stream_equals_write_then_score(tmp_path, kind):
     written = run_cli("calc", "--images", folder, "--ref", ref, "--metrics", metrics, "--device", "cpu")
     assert set(streamed) == set(written) and streamed["num_images"] == 150
     for key, value in written.items():
-        assert rel(streamed[key], value) <= 1e-9, (key, streamed[key], value)
+        if key.startswith(("precision", "recall", "density", "coverage")):
+            assert streamed[key] == value, key
+        else:
+            assert rel(streamed[key], value) <= 1e-9, (key, streamed[key], value)
+    if kind == "rows":
+        assert {"sfid", "kid_inception", "kid_dinov2", "coverage_dinov2", "recall_inception"} <= set(written)
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path):
@@ -170,8 +186,6 @@ def test_other_settings_are_refused(tmp_path):
         with pytest.raises(UsageError, match=word) as err:
             StreamingStats(args.pop("metrics"), args.pop("seeds"), device="cpu", state_dir=state, **args)
         assert "\n" not in str(err.value)
-    with pytest.raises(UsageError, match="pr_inception"):
-        StreamingStats("fid,pr_inception", SEEDS, device="cpu")
     with pytest.raises(UsageError, match="at least 10 images"):
         StreamingStats("is", range(9), device="cpu")
 
@@ -225,14 +239,16 @@ def test_two_ranks_with_resume_equal_one(tmp_path):
                                                     str(tmp_path / "r.pkl")), nprocs=2, join=True)
     with open(tmp_path / "r.pkl", "rb") as f:
         multi = pickle.load(f)
-    ref = {"fid": {"mu": np.zeros(24), "sigma": np.eye(24)}}
+    np.testing.assert_array_equal(multi["fid"]["features"], expect["fid"]["features"])  # rows gathered in seed order
+    ref = rows_ref()
     a = api.calc_metrics_from_stats(multi, ref, api.parse_metrics(FAST))
     b = api.calc_metrics_from_stats(expect, ref, api.parse_metrics(FAST))
     for key in b:
         # is_std is a spread of ten split scores: its rounding error scales with the scores, not with itself
         scale = abs(b["is"]) if key == "is_std" else abs(b[key])
         assert abs(a[key] - b[key]) <= 1e-9 * scale, key
-    assert [p.name for p in (tmp_path / "state").iterdir()] == ["stream-g0003-r0000.pt"]
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["rows", "stream-g0003-r0000.pt"]
+    assert len(list((tmp_path / "state" / "rows").glob("chunk-*.pt"))) == 10  # 150 images in chunks of 16
 
 
 _KILL_SCRIPT = textwrap.dedent("""
@@ -273,6 +289,12 @@ def test_kill_minus_nine_then_rerun(tmp_path):
     np.testing.assert_allclose(got["fid"]["sigma"], expect["fid"]["sigma"], rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(got["fid"]["mu"], expect["fid"]["mu"], rtol=1e-12, atol=1e-15)
     assert got["saturation"] == pytest.approx(expect["saturation"], rel=1e-12)
+    np.testing.assert_array_equal(got["fid"]["features"], expect["fid"]["features"])  # the float16 rows survive
+    a = api.calc_metrics_from_stats(got, rows_ref(), api.parse_metrics(FAST))
+    b = api.calc_metrics_from_stats(expect, rows_ref(), api.parse_metrics(FAST))
+    for key in b:
+        scale = abs(b["is"]) if key == "is_std" else abs(b[key])
+        assert abs(a[key] - b[key]) <= 1e-9 * scale, key
 
 
 def test_combine_equals_statistics_of_the_union(tmp_path):

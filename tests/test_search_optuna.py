@@ -137,6 +137,11 @@ def test_dit_trial_arguments():
     assert S.trial_folder("/o", 3, [0.6, 0.5]) == folder
     with pytest.raises(UsageError):
         S.run_search("dit", ["--sample-dir", "x"], [(0, 1)], "/tmp/unused", n_trials=1)
+    # A table method: every weight through --weights (three for fdg-swg).
+    argv = S.sampler_argv("dit", ["--method", "fdg-swg", "--mask", "1"], [0.2, 0.4, 0.1], folder)
+    assert argv == ["--method", "fdg-swg", "--mask", "1", "--weights", "0.2,0.4,0.1", "--sample-dir", str(folder)]
+    cfg = S._flags("dit").settings([*argv, "--metrics", "none", "--ckpt", "c.pt", "--model", "DiT-S/2"])
+    assert cfg.guidance.method == "fdg-swg" and cfg.guidance.weights == (0.2, 0.4, 0.1)
 
 
 RANK_SCRIPT = """
