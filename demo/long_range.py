@@ -52,7 +52,6 @@ if str(REPO) not in sys.path:
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from demo.common import (Timings, check_outdir, counted_evals, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
                          requested_classes, sample_grid, sample_row, save_figure, write_settings)
@@ -300,7 +299,8 @@ def write_results(table: list[dict], chosen: Sequence[Row], outdir: pathlib.Path
     write_text_atomic(outdir / "results.csv", csv_text(table))
     plot(table, outdir / "results.png")
     grid = [(row.name, outdir / folder_name(row)) for row in chosen]
-    sample_grid(grid, list(range(min(GRID_SEEDS, num))), outdir / "samples.png")
+    sample_grid(grid, list(range(min(GRID_SEEDS, num))), outdir / "samples.png",
+                title=f"Long-range demo samples: one row per method, the same seeds in each ({steps} Heun steps)")
     write_text_atomic(outdir / "results.md", md)
     return md
 
@@ -350,7 +350,8 @@ def plot(table: list[dict], path: pathlib.Path) -> None:
         ax_f.set_ylim(0, top * 1.08)
         ax_f.set_ylabel("FD of the quadrants")
         ax_f.set_title(f"positive: {pos}  (lower is better)")
-        ax_f.legend(fontsize=7, ncol=2, loc="upper left")
+        for ax in (ax_c, ax_f):  # the same lines in both panels: each panel names them
+            ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -397,7 +398,6 @@ def main(outdir, full, num, steps, windows, weights, positives, batch, no_progre
         raise UsageError(f"--windows {','.join(map(str, bad))}: window sizes must lie in 4..32 and be divisible "
                          f"by 4 (the U-Net halves 32x32 twice)")
     chosen = rows(sweep, windows, weights, [k for k in base["swg_windows"] if k in windows], probe, base["probe_at"])
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     run_long_range(outdir, num if num is not None else base["num"], steps if steps is not None else base["steps"],
                    batch, chosen, progress=not no_progress)
 

@@ -136,12 +136,16 @@ METRICS: Dict[str, MetricSpec] = {
     "kid_dinov2": MetricSpec("dinov2", "features", "kid", 2),
     "dc_inception": MetricSpec("inception", "features", "dc", DC_K + 1),
     "dc_dinov2": MetricSpec("dinov2", "features", "dc", DC_K + 1),
+    "fd_clip": MetricSpec("clip", "features", "fd", 2),
+    "pr_clip": MetricSpec("clip", "features", "pr", 4),
+    "kid_clip": MetricSpec("clip", "features", "kid", 2),
+    "dc_clip": MetricSpec("clip", "features", "dc", DC_K + 1),
 }
 # short names -> metric names; 'adm' is the ADM evaluator's five numbers (DiT's table)
 ALIASES = {"pr": ("pr_inception",), "kid": ("kid_inception",), "dc": ("dc_inception",),
            "adm": ("fid", "sfid", "is", "pr_inception")}
 # detector -> name of its statistics block in a reference (EDM2's names; 'fd_digits' for the demo)
-STAT_KEYS = {"inception": "fid", "dinov2": "fd_dinov2", "digits": "fd_digits"}
+STAT_KEYS = {"inception": "fid", "dinov2": "fd_dinov2", "digits": "fd_digits", "clip": "fd_clip"}
 # (detector, output) -> statistics block; 'sfid' is ADM's mu_s / sigma_s
 BLOCKS = {**{(kind, "features"): key for kind, key in STAT_KEYS.items()}, ("inception", "spatial"): "sfid"}
 # detector -> key of its class probabilities in compute_stats' result

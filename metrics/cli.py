@@ -28,12 +28,14 @@ from .refs import save_adm_ref, save_ref
 __all__ = ["main"]
 
 
-def _detector_kwargs(inception_weights, dinov2_weights, dinov2_resize) -> dict:
-    kw = {"inception": {}, "dinov2": {"resize_mode": dinov2_resize}}
+def _detector_kwargs(inception_weights, dinov2_weights, dinov2_resize, clip_weights=None) -> dict:
+    kw = {"inception": {}, "dinov2": {"resize_mode": dinov2_resize}, "clip": {}}
     if inception_weights:
         kw["inception"]["weights"] = inception_weights
     if dinov2_weights:
         kw["dinov2"]["weights"] = dinov2_weights
+    if clip_weights:
+        kw["clip"]["weights"] = clip_weights
     return kw
 
 
@@ -42,6 +44,7 @@ _common = [
     click.option("--device", default=None, help="torch device (default: cuda when available)"),
     click.option("--inception_weights", default=None, type=click.Path(dir_okay=False), help="local pt_inception-2015-12-05 .pth instead of the cached download"),
     click.option("--dinov2_weights", default=None, type=click.Path(dir_okay=False), help="local DINOv2 ViT-L/14 weights (.safetensors or .pth)"),
+    click.option("--clip_weights", default=None, type=click.Path(dir_okay=False), help="local CLIP ViT-L/14 weights (open_clip state dict, .bin or .safetensors)"),
     click.option("--dinov2_resize", default="torch", show_default=True, type=click.Choice(["torch", "pil"]), help="DINOv2 resize: fast torch bicubic or EDM2's slower PIL mode"),
 ]
 
@@ -73,7 +76,7 @@ def main(ctx):
 @_with_common
 @exit_on_usage_error
 def calc(images_arg, images, ref, metrics, num, seed, out, batch, device, inception_weights, dinov2_weights,
-         dinov2_resize):
+         clip_weights, dinov2_resize):
     """Compute metrics of IMAGES (or --images) against --ref."""
     if images_arg and images and images_arg != images:
         raise UsageError(f"two image sources ({images_arg} and --images {images}); give one")
@@ -87,7 +90,7 @@ def calc(images_arg, images, ref, metrics, num, seed, out, batch, device, incept
         check_output_dir(out, "--out")  # before the work, not after
     dist.init()
     results = calc_metrics(images, names, ref_path=ref, num=num, batch=batch, device=device, seed=seed,
-                           detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize))
+                           detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize, clip_weights))
     if dist.get_rank() == 0:
         if out:
             args = dict(images=images, ref=ref, metrics=",".join(names), num=num, seed=seed)
@@ -112,7 +115,7 @@ ADM_REF_IMAGES = 10000  # images in ADM's reference batches (for precision/recal
 @click.option("--overwrite", is_flag=True, help="replace an existing --dest")
 @_with_common
 @exit_on_usage_error
-def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, inception_weights, dinov2_weights, dinov2_resize):
+def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, inception_weights, dinov2_weights, clip_weights, dinov2_resize):
     """Compute reference statistics of --images into --dest (EDM2 pickle or ADM reference batch)."""
     adm = dest.lower().endswith(".npz")
     names = parse_metrics(metrics or ("fid,sfid" if adm else "fid,fd_dinov2"))
@@ -135,7 +138,7 @@ def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, in
     keep = [] if adm or features == 0 else [b for b in blocks if b != "sfid"]
     stats = compute_stats(source, detectors_for(names), blocks=blocks, keep_features=keep, num=num, batch=batch,
                           seed=seed, device=device,
-                          detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize),
+                          detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize, clip_weights),
                           desc="reference images")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(stats["num_images"], min(features, stats["num_images"]), replace=False))

@@ -1,11 +1,12 @@
 """Feature detectors: uint8 NCHW RGB batches in, named float outputs out.
 
-Three detectors exist.  ``inception`` yields ``features`` (pool3, 2048-d) and
+Four detectors exist.  ``inception`` yields ``features`` (pool3, 2048-d) and
 ``probs`` (softmax of the 1008 bias-free logits, for the Inception score);
 ``dinov2`` yields ``features`` (CLS token, 1024-d); ``digits``, the offline
 demo's small digit classifier (:mod:`metrics.digits`, weights shipped
 in ``demo/models/``), yields ``features`` (128-d penultimate layer) and
-``probs`` (10 classes).  Each metric names the detector and output it needs
+``probs`` (10 classes); ``clip``, CLIP ViT-L/14's image tower (:mod:`metrics.clip`),
+yields ``features`` (1024-d, as dgm-eval).  Each metric names the detector and output it needs
 (see ``metrics.api.METRICS``).
 
 Loaders live in :data:`LOADERS` so that tests (or users with local weight
@@ -21,10 +22,11 @@ import torch
 
 from utils.errors import UsageError
 
+from . import clip as _clip
 from . import dinov2 as _dinov2
 from . import inception as _inception
 
-__all__ = ["full_precision", "output_dims", "Detector", "InceptionDetector", "DINOv2Detector", "LOADERS", "get_detector", "clear_cache",
+__all__ = ["full_precision", "output_dims", "Detector", "InceptionDetector", "DINOv2Detector", "CLIPDetector", "LOADERS", "get_detector", "clear_cache",
            "prefetch"]
 
 
@@ -109,6 +111,25 @@ class DINOv2Detector(Detector):
             return {"features": self.model(x.to(next(self.model.parameters()).device))}
 
 
+class CLIPDetector(Detector):
+    """CLIP ViT-L/14 image tower: ``features`` [N, 1024] (class token after ``ln_post``, as dgm-eval)."""
+
+    name = "clip"
+
+    def __init__(self, model: torch.nn.Module, resize_mode: str = "pil"):
+        if resize_mode not in ("torch", "pil"):
+            raise UsageError(f"unknown CLIP resize mode {resize_mode!r}; use 'pil' or 'torch'")
+        self.model = model
+        self.resize_mode = resize_mode
+        self.feature_dim = model.embed_dim
+
+    @torch.no_grad()
+    def __call__(self, images):
+        x = _clip.preprocess_clip(images, self.resize_mode)
+        with full_precision():
+            return {"features": self.model(x.to(next(self.model.parameters()).device))}
+
+
 def _load_inception(device, **kwargs) -> Detector:
     return InceptionDetector(_inception.load_inception(kwargs.get("weights"), device=device))
 
@@ -125,17 +146,23 @@ def _load_digits(device, **kwargs) -> Detector:
     return DigitsDetector(kwargs.get("weights") or DEFAULT_CLASSIFIER, device=device)
 
 
+def _load_clip(device, **kwargs) -> Detector:
+    model = _clip.load_clip(kwargs.get("weights"), device=device)
+    return CLIPDetector(model, resize_mode=kwargs.get("resize_mode", "pil"))
+
+
 LOADERS: Dict[str, Callable[..., Detector]] = {
     "inception": _load_inception,
     "dinov2": _load_dinov2,
     "digits": _load_digits,
+    "clip": _load_clip,
 }
 
 _cache: Dict[tuple, Detector] = {}
 
 
 def get_detector(kind: str, device=None, **kwargs) -> Detector:
-    """The detector ``kind`` ('inception' | 'dinov2' | 'digits') on ``device``, loaded once per process."""
+    """The detector ``kind`` ('inception' | 'dinov2' | 'digits' | 'clip') on ``device``, loaded once per process."""
     if kind not in LOADERS:
         raise UsageError(f"unknown detector {kind!r}; use one of {sorted(LOADERS)}")
     device = torch.device(device or "cpu")
@@ -156,6 +183,8 @@ def _weights(kind: str):
         return _inception.INCEPTION_URL
     if kind == "dinov2":
         return _dinov2.DINOV2_SOURCE
+    if kind == "clip":
+        return _clip.CLIP_SOURCE
     if kind == "digits":
         from .digits import DEFAULT_CLASSIFIER
         return DEFAULT_CLASSIFIER

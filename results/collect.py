@@ -66,9 +66,13 @@ MAIN_COLUMNS = ("method", "weights", "windows", "model", "N", "fid", "fd_dinov2"
 PLOT_METRICS = {"fid": "FID", "fd_dinov2": "FD-DINOv2", "is": "Inception score", "saturation": "Saturation",
                 "fd_digits": "FD (digits)", "conf_digits": "Confidence (digits)"}
 # Markdown columns, in this order; each appears when at least one row has it.
-TABLE_METRICS = {"fid": "FID", "fd_dinov2": "FDD", "is": "IS", "saturation": "saturation",
+TABLE_METRICS = {"fid": "FID", "sfid": "sFID", "fd_dinov2": "FDD", "is": "IS",
+                 "precision_inception": "precision", "recall_inception": "recall", "kid_inception": "KID",
+                 "fd_clip": "FD-CLIP", "saturation": "saturation",
                  "fd_digits": "FD-digits", "conf_digits": "confidence", "class_match": "class match",
                  "evals_per_step": "evals/step"}
+_DIGITS = {"saturation": 3, "conf_digits": 3, "class_match": 3, "precision_inception": 3, "recall_inception": 3,
+           "kid_inception": 4}  # decimals of these columns (others: --digits)
 DEMO_SETTINGS = "demo_settings.json"  # the record demo/run_demo.py keeps beside its results.csv
 _DEMO_SCORES = {"fd_digits": ("fd_digits", "fd"), "conf_digits": ("conf_digits", "confidence"),
                 "class_match": ("class_match",)}  # our name <- the demo table's column(s)
@@ -205,8 +209,8 @@ def _describe(args: Mapping[str, Any]) -> dict:
         method = str(args.get("g_method") or "none").replace("_", "-")
         weights = [float(w) for w in _as_list(args.get("g_weight"))]
         mask = str(args.get("scale_window_guide", 1)) in ("1", "True", "true")
-        if _windows(method) and METHODS[method].needs_neg and not args.get("clean_combos", False):
-            mask = False  # the reference's combined methods never apply the mask
+        if method in METHODS and "reference_quirks" in METHODS[method].options and not args.get("clean_combos"):
+            mask = False  # the reference's wmg-swg / cfg-swg never apply the mask (the newer X-swg do)
         model = args.get("preset") or pathlib.PurePosixPath(str(args.get("net_pos_pkl") or "?")).name
         model = re.sub(r"\.(pkl|pt|safetensors)$", "", model)
         sizes, steps = _as_list(args.get("swg_sizes")), _as_list(args.get("swg_steps")) or [2]
@@ -334,18 +338,27 @@ def _cell(v, digits: int) -> str:
     return str(v).replace("|", "\\|")
 
 
-def to_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
-    """A Markdown table: method (display name), weights, windows, model, N, then the metrics any row has.
+def _run_name(row: Mapping[str, Any]) -> str:
+    run, k = str(row.get("run") or ""), row.get("evaluation") or 0
+    return f"{run} (metrics-{k})" if k else run
 
-    The metrics are those of :data:`TABLE_METRICS` (FID, FDD, IS, saturation, and the digits
-    demo's FD-digits, confidence and class match); a column no row has is left out.
+
+def to_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
+    """A Markdown table: method (display name), weights, windows, model, N, the metrics any row has, run.
+
+    The metrics are those of :data:`TABLE_METRICS` (FID, sFID, FDD, IS, precision, recall, KID,
+    FD-CLIP, saturation, and the digits demo's FD-digits, confidence and class match); a column
+    no row has is left out.  The last column is the run folder (relative to the collected root;
+    ``(metrics-k)`` for a re-evaluation), so that rows with the same settings can be told apart.
     """
     present = [k for k in TABLE_METRICS if any(isinstance(r.get(k), (int, float)) for r in rows)]
-    head = ["method", "weights", "windows", "model", "N", *(TABLE_METRICS[k] for k in present)]
+    head = ["method", "weights", "windows", "model", "N", *(TABLE_METRICS[k] for k in present), "run"]
     keys = ["label", "weights", "windows", "model", "N", *present]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 4 else "---:" for i in range(len(head))) + "|"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i < 4 or i == len(head) - 1 else "---:" for i in range(len(head))) + "|"]
     for r in rows:
-        cells = [_cell(r.get(k), 3 if k in ("saturation", "conf_digits", "class_match") else digits) for k in keys]
+        cells = [_cell(r.get(k), _DIGITS.get(k, digits)) for k in keys]
+        cells.append(_cell(_run_name(r), digits))
         lines.append("| " + " | ".join(c if c else " " for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -221,6 +221,8 @@ BAD = {
                              "divisible"),
     "window-uncovered": (["--g_method", "swg", "--g_weight", "0.2", "--swg_sizes", "12", "--swg_steps", "1"],
                          "cover"),
+    "window-repeats": (["--g_method", "swg", "--g_weight", "0.2", "--swg_sizes", "12", "--swg_steps", "100"],
+                       "--swg_steps <= 5"),  # 16 - 12 + 1 distinct positions (issue 23 item 6)
     "no-window-size": (["--g_method", "swg", "--g_weight", "0.2"], "--swg_sizes"),
     "missing-negative": (["--g_method", "wmg", "--g_weight", "1"], "--net_neg_pkl"),
     "corrupt-negative": (["--g_method", "wmg", "--g_weight", "1", "--net_neg_pkl", "trunc.pkl"], "corrupt"),

@@ -240,3 +240,28 @@ def test_wrong_npz_is_one_line_before_any_image_is_read(tmp_path, folders, monke
                    r"has keys images, labels; a reference \.npz needs ADM's layout")
     one_error_line(*run_cli("calc", gen, "--ref", tmp_path / "no_images.npz", "--metrics", "fd_dinov2"),
                    r"fd_dinov2 needs 'fd_dinov2' statistics, which only a reference pickle holds")
+
+
+def test_dits_table_from_a_finished_run_folder(tmp_path, folders):
+    """One command gives a DiT run's five ADM numbers, into the run's metrics file; results.collect shows them."""
+    from results import collect
+    from tests.test_results_collect import dit_run
+
+    real, gen = folders
+    run = dit_run(tmp_path / "samples", {"fid": 9.9, "num_images": 20},
+                  **{"--cfg-crop": 1, "--mask": 1, "--g-scale": 0.6, "--num-fid-samples": 20})
+    for png in sorted(gen.glob("*.png")):  # the run's images (as the sampler names them)
+        (run / png.name).write_bytes(png.read_bytes())
+    assert run_cli("ref", "--images", real, "--dest", tmp_path / "adm.npz")[0] == 0
+    code, out, err = run_cli("calc", run, "--ref", tmp_path / "adm.npz", "--metrics", "adm", "--out", run)
+    assert code == 0, err
+    five = json.loads(out)
+    saved = json.loads((run / "metrics-1.json").read_text())["results"]
+    assert saved == five and (run / "metrics.json").exists()  # the sampler's own file is kept
+    rows = collect.collect(tmp_path / "samples")
+    assert len(rows) == 1 and rows[0]["sfid"] == five["sfid"] and rows[0]["N"] == 20
+    table = collect.to_markdown(rows)
+    head = table.splitlines()[0]
+    for column in ("FID", "sFID", "IS", "precision", "recall"):
+        assert f" {column} |" in head, head
+    assert f"{five['precision_inception']:.3f}" in table and f"{five['sfid']:.2f}" in table

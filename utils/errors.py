@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Optional
 
+from utils.threads import apply_default_threads
+
 __all__ = ["UsageError", "OutputError", "exit_on_usage_error", "describe_os_error", "INTERRUPTED"]
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
@@ -166,13 +168,16 @@ def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED):
     :class:`UsageError` and :class:`OSError` exit 2, Ctrl-C exits 130 with the
     line ``interrupted`` (printed by rank 0 only, as every rank receives it;
     commands that cannot resume pass :data:`INTERRUPTED_RESTART`).  Other
-    exceptions are bugs and keep their traceback.
+    exceptions are bugs and keep their traceback.  Before the command runs, torch's CPU
+    thread count gets this project's default unless the user chose one
+    (:func:`utils.threads.apply_default_threads`).
     """
     if fn is None:
         return functools.partial(exit_on_usage_error, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        apply_default_threads()  # every CLI passes here first: torch's CPU threads (utils/threads.py)
         try:
             return fn(*args, **kwargs)
         except UsageError as exc:
