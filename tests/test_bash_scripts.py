@@ -76,8 +76,8 @@ def test_edm2_defaults_are_the_papers_settings():
     from networks.zoo import MODELS
 
     swg = [validate(*split_launcher(c)[1:]) for c in dry_commands("edm2_swg.sh")]
-    assert [c.g_weight for c in swg] == [(0.2,), (1.1,)]
-    assert all(c.g_method == "swg" and c.swg_sizes == (40,) and c.swg_steps == (2,) and c.scale_window_guide == 1
+    assert [c.guidance.weights for c in swg] == [(0.2,), (1.1,)]
+    assert all(c.guidance.method == "swg" and c.guidance.window_size == (40,) and c.guidance.window_steps == (2,) and c.guidance.masked
                and len(c.seeds) == 50000 and c.metrics == ("fid", "fd_dinov2") for c in swg)
     assert swg[0].net_pos_pkl.endswith("edm2-img512-s/edm2-img512-s-2147483-0.100.pkl")
 
@@ -88,40 +88,40 @@ def test_edm2_defaults_are_the_papers_settings():
     for (size, neg), (pos_name, neg_name, weight) in expected.items():
         (cmd,) = dry_commands("edm2_wmg_swg.sh", model_size=size, negative=neg)
         cfg = validate(*split_launcher(cmd)[1:])
-        assert (cfg.net_pos_pkl, cfg.net_neg_pkl, cfg.g_weight) == (MODELS[pos_name], MODELS[neg_name], weight)
-        assert cfg.g_method == "wmg-swg"
+        assert (cfg.net_pos_pkl, cfg.net_neg_pkl, cfg.guidance.weights) == (MODELS[pos_name], MODELS[neg_name], weight)
+        assert cfg.guidance.method == "wmg-swg"
         assert f"/IN512/{size}/{neg}_SWG/" in cfg.outdir
     assert MODELS["raw-img512-xxl-T8"].endswith("edm2-img512-xxl/edm2-img512-xxl-0268435-0.100.pkl")
 
     (cmd,) = dry_commands("edm2_cfg_swg.sh")
     cfg = validate(*split_launcher(cmd)[1:])
-    assert (cfg.g_method, cfg.g_weight) == ("cfg-swg", (0.3, 0.3))
+    assert (cfg.guidance.method, cfg.guidance.weights) == ("cfg-swg", (0.3, 0.3))
     assert cfg.net_neg_pkl == MODELS["raw-img512-xs-uncond"]
 
 
 def test_dit_defaults_are_the_papers_settings():
     swg = [validate(*split_launcher(c)[1:]) for c in dry_commands("dit_swg.sh")]
-    assert [(c.method, c.g_scale, c.mask, c.window_size) for c in swg] == \
-        [("swg", 0.5, 1, 20), ("swg", 1.5, 1, 20)]
+    assert [(c.guidance.method, c.guidance.weights, c.guidance.masked, c.guidance.window_size) for c in swg] == \
+        [("swg", (0.5,), True, (20,)), ("swg", (1.5,), True, (20,))]
     assert all(c.save_tar and len(c.seeds) == 50000 and c.batch == 32 for c in swg)
     (cmd,) = dry_commands("dit_cfg_swg.sh")
     cfg = validate(*split_launcher(cmd)[1:])
-    assert (cfg.method, cfg.g_scale, cfg.crop_scale, cfg.mask) == ("cfg-swg", 0.6, 0.5, 1)
+    assert (cfg.guidance.method, cfg.guidance.weights, cfg.guidance.masked) == ("cfg-swg", (0.6, 0.5), True)
 
 
 def test_environment_overrides_and_weight_list():
     cmds = dry_commands("edm2_swg.sh", g_weight="0.1 0.25 0.4", seeds="0-9", batch=8, swg_sizes=32,
                         scale_window_guide=0, base_out_dir="out dir", metrics="none")
     cfgs = [validate(*split_launcher(c)[1:]) for c in cmds]
-    assert [c.g_weight for c in cfgs] == [(0.1,), (0.25,), (0.4,)]
-    assert all(c.seeds == list(range(10)) and c.batch == 8 and c.swg_sizes == (32,) and c.scale_window_guide == 0
+    assert [c.guidance.weights for c in cfgs] == [(0.1,), (0.25,), (0.4,)]
+    assert all(c.seeds == list(range(10)) and c.batch == 8 and c.guidance.window_size == (32,) and not c.guidance.masked
                and c.metrics == () for c in cfgs)
     assert [c.outdir for c in cfgs] == [f"out dir/IN512/s/SWG/{w}/samples" for w in ("0.1", "0.25", "0.4")]
 
     cmds = dry_commands("dit_cfg_swg.sh", g_weight="0.7,0.1 0.6,0.5", mask=0, save_tar=0, swg_sizes=16)
     cfgs = [validate(*split_launcher(c)[1:]) for c in cmds]
-    assert [(c.g_scale, c.crop_scale, c.mask, c.save_tar, c.window_size) for c in cfgs] == \
-        [(0.7, 0.1, 0, False, 16), (0.6, 0.5, 0, False, 16)]
+    assert [(c.guidance.weights, c.guidance.masked, c.save_tar, c.guidance.window_size) for c in cfgs] == \
+        [((0.7, 0.1), False, False, (16,)), ((0.6, 0.5), False, False, (16,))]
 
 
 def test_cli_validation_catches_bad_sweeps():
