@@ -606,7 +606,7 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
     # Validate cheap things (reference, image count, resolution) before loading any network.
     if isinstance(images, (str, os.PathLike)):
         images = open_images(images)
-    if need_ref and ref is None and not is_image_source(ref_path or ""):
+    if need_ref and ref is None and (ref_path is None or not is_image_source(ref_path)):
         ref = _reference(ref_path, need_ref, **opts)
     if need_ref and ref is not None:
         check_ref_covers(ref, need_ref, where)
