@@ -23,6 +23,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+from sampling.run_folder import EVALS_FILE
 from utils.atomic import atomic_path, write_text_atomic
 from utils.errors import UsageError
 
@@ -202,8 +203,12 @@ def save_figure(fig, path: pathlib.Path, dpi: int = 100) -> None:
 
 
 def sample_grid(rows: Sequence[tuple[str, pathlib.Path]], seeds: Sequence[int], path: pathlib.Path,
-                scale: float = 1.0) -> None:
-    """One row of images per ``(label, folder)``, the same ``seeds`` in every row, labels on the left."""
+                scale: float = 1.0, title: str = "") -> None:
+    """One row of images per ``(label, folder)``, the same ``seeds`` in every row, labels on the left.
+
+    ``title`` goes above the grid; the layout makes room for the row labels, the seed numbers, the
+    ``seed`` axis label and the title, so that nothing is cut off at the figure's edges.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,14 +224,17 @@ def sample_grid(rows: Sequence[tuple[str, pathlib.Path]], seeds: Sequence[int], 
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             canvas[y:y + h, x:x + w] = image
     inch = scale * (w + pad) / 40
-    fig = plt.figure(figsize=(1.6 + len(seeds) * inch, 0.4 + len(rows) * inch * (h + pad) / (w + pad)))
-    ax = fig.add_axes([1.6 / fig.get_figwidth(), 0.2 / fig.get_figheight(),
-                       1 - 1.7 / fig.get_figwidth(), 1 - 0.4 / fig.get_figheight()])
+    label_inch = 0.2 + 0.065 * max(len(name) for name, _ in rows)   # row labels at 8 pt
+    width = max(label_inch + len(seeds) * inch + 0.2, 0.4 + 0.075 * len(title))  # room for the title at 9 pt
+    height = 0.9 + len(rows) * inch * (h + pad) / (w + pad)          # seed numbers, "seed", the title
+    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(len(rows))], [name for name, _ in rows],
                   fontsize=8)
     ax.set_xticks([pad + j * (w + pad) + w / 2 for j in range(len(seeds))], [str(s) for s in seeds], fontsize=7)
     ax.set_xlabel("seed", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
@@ -250,3 +258,11 @@ def exit_on_interrupt(outdir_of: Callable[..., str]):
                 sys.exit(130)
         return wrapper
     return wrap
+
+
+def counted_evals(folder: pathlib.Path) -> Optional[float]:
+    """Network evaluations per image per sampler step, counted while the row sampled (its ``evals.json``)."""
+    try:
+        return float(json.loads((folder / EVALS_FILE).read_text())["evals_per_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -50,9 +50,8 @@ if str(REPO) not in sys.path:
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from demo.common import (Timings, check_outdir, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
+from demo.common import (Timings, check_outdir, counted_evals, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
                          requested_classes, network_shape, sample_grid, sample_row, save_figure, write_settings)
 from sampling.presets import ZOO_PARAMS  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
@@ -138,27 +137,47 @@ def score_folder(folder: pathlib.Path, seeds: Sequence[int], ref, classes: Optio
 
 def write_table(rows: list[dict], outdir: pathlib.Path, num: int, steps: int, chosen: Sequence[Method] = ()
                 ) -> tuple[str, pathlib.Path]:
-    """``results.csv``, ``results.png``, ``samples.png`` and, last, ``results.md`` (atomic); returns the Markdown."""
-    base = rows[0]
-    which = {(DEFAULT["num"], DEFAULT["steps"]): " (default command)",
-             (FULL["num"], FULL["steps"]): " (--full)"}.get((num, steps), "")
+    """``results.csv``, ``results.png``, ``samples.png`` and, last, ``results.md`` (atomic); returns the Markdown.
+
+    ``chosen``: the methods that ran.  The heading names the command (``default command``, ``--full``) only
+    when every method ran with its counts, else the ``--methods``; ΔFD is against the ``none`` row, ``-``
+    when it did not run.
+    """
+    base = _unguided(rows)
+    names = [m.name for m in chosen] or [r["method"] for r in rows]
+    if names != [m.name for m in METHODS]:
+        which = f" (--methods {','.join(names)})"
+    else:
+        which = {(DEFAULT["num"], DEFAULT["steps"]): " (default command)",
+                 (FULL["num"], FULL["steps"]): " (--full)"}.get((num, steps), "")
     lines = [f"Digits demo{which}: {num} images per method, {steps} Heun steps, windows {WINDOW}x{WINDOW} "
              f"({WINDOW_STEPS} per axis) on 16x16.", "",
              "| method | g_method | weight | negative | FD (lower better) | ΔFD vs none | confidence (higher better) "
-             "| class match | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| class match | evals/step | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         secs = "-" if r["seconds"] != r["seconds"] else f"{r['seconds']:.0f}"
+        evals = "-" if r.get("evals_per_step") is None else f"{r['evals_per_step']:.2f}"
         lines.append(f"| {r['method']} | {r['g_method']} | {r['weight'] or '-'} | {r['negative'] or '-'} "
-                     f"| {r['fd']:.2f} | {r['fd'] - base['fd']:+.2f} | {r['confidence']:.3f} "
-                     f"| {r['class_match']:.3f} | {secs} |")
+                     f"| {r['fd']:.2f} | {_delta(r, base)} | {r['confidence']:.3f} "
+                     f"| {r['class_match']:.3f} | {evals} | {secs} |")
     md = "\n".join(lines) + "\n"
     write_text_atomic(outdir / "results.csv", csv_text(rows))
     plot(rows, outdir / "results.png")
     sample_grid([(r["method"], outdir / r["method"]) for r in rows], list(range(min(GRID_SEEDS, num))),
-                outdir / "samples.png")
+                outdir / "samples.png", title=f"Digits demo samples: one row per method, the same seeds in each "
+                f"({steps} Heun steps)")
     write_text_atomic(outdir / "results.md", md)  # last: marks the run as finished
     return md, outdir / "results.md"
+
+
+def _unguided(rows: list[dict]) -> Optional[dict]:
+    """The row without guidance (method ``none``), or None when it did not run."""
+    return next((r for r in rows if r["g_method"] == "none"), None)
+
+
+def _delta(row: dict, base: Optional[dict]) -> str:
+    return f"{row['fd'] - base['fd']:+.2f}" if base is not None else "-"
 
 
 def _kind(g_method: str) -> str:
@@ -175,18 +194,22 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
     colors = {"unguided": "tab:gray", "other guidance": "tab:blue", "with windows (SWG)": "tab:orange"}
     names = [r["method"] for r in rows]
+    base = _unguided(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for ax, key, title, ylim in ((axes[0], "fd", "demo FD (lower is better)", None),
                                  (axes[1], "confidence", "confidence score (higher is better, range 1-10)",
                                   (1, 10))):
         vals = [r[key] for r in rows]
         ax.bar(range(len(vals)), vals, color=[colors[_kind(r["g_method"])] for r in rows])
-        ax.axhline(vals[0], color="k", linestyle="--", linewidth=1)
+        if base is not None:
+            ax.axhline(base[key], color="k", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(vals)), names, rotation=45, ha="right")
         ax.set_title(title)
         ax.set_ylim(*(ylim or (0, max(vals) * 1.08)))
-    handles = [Patch(color=c, label=k) for k, c in colors.items()]
-    handles.append(plt.Line2D([], [], color="k", linestyle="--", linewidth=1, label="unguided value"))
+    kinds = {_kind(r["g_method"]) for r in rows}
+    handles = [Patch(color=c, label=k) for k, c in colors.items() if k in kinds]  # only the kinds shown
+    if base is not None:
+        handles.append(plt.Line2D([], [], color="k", linestyle="--", linewidth=1, label="unguided value"))
     axes[0].legend(handles=handles, fontsize=8, loc="upper left")
     fig.tight_layout()
     save_figure(fig, path)
@@ -247,10 +270,11 @@ def run_demo(outdir: str | pathlib.Path, num: int = DEFAULT["num"], steps: int =
         p = get_preset(m.preset)
         weight = m.weight or ",".join(f"{w:g}" for w in (p.g_weight or ()))
         rows.append({"method": m.name, "g_method": p.g_method, "weight": weight, "negative": m.negative,
-                     "masked": m.masked if "swg" in p.g_method else "", **res, "seconds": seconds})
+                     "masked": m.masked if "swg" in p.g_method else "", **res,
+                     "evals_per_step": counted_evals(outdir / m.name), "seconds": seconds})
         log(f"{m.name:12s} FD {res['fd']:7.2f}  confidence {res['confidence']:.3f}  "
             f"class match {res['class_match']:.3f}  ({seconds:.0f}s sampling)")
-    md, _ = write_table(rows, outdir, num, steps)
+    md, _ = write_table(rows, outdir, num, steps, chosen)
     log("")
     log(md)
     log(f"wrote {outdir / 'results.md'}, results.csv, results.png, samples.png")
@@ -277,7 +301,6 @@ def _clock(seconds: float) -> str:
 def main(outdir, full, num, steps, batch, methods, no_progress):
     """Run every guidance method on the shipped digits models and tabulate demo FD / confidence."""
     base = FULL if full else DEFAULT
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     run_demo(outdir, num if num is not None else base["num"], steps if steps is not None else base["steps"], batch,
              methods.split(",") if methods else None, progress=not no_progress)
 

@@ -44,7 +44,9 @@ def window_origins(size: int, k: int, n: int) -> list[int]:
     ``(i * (size - k)) // (n - 1)`` instead, which keeps the first window flush
     with the start, the last flush with the end, and equals the reference's
     origins whenever those are valid.  Configurations that cannot cover the
-    axis raise :class:`WindowError`.
+    axis raise :class:`WindowError`, and so do more windows than the axis has
+    distinct positions (``size - k + 1``): the extra ones repeat a position and
+    only cost time.
     """
     if n < 1:
         raise WindowError(f"need at least one window per axis, got n={n}; use `window_steps` >= 1")
@@ -52,6 +54,11 @@ def window_origins(size: int, k: int, n: int) -> list[int]:
         raise WindowError(f"window size must be positive, got k={k}; use `window_size` > 0")
     if k > size:
         raise WindowError(f"window size {k} exceeds the input size {size}; use `window_size` <= {size}")
+    positions = size - k + 1  # distinct origins of a window of k pixels on size pixels
+    if n > positions:
+        raise WindowError(
+            f"{n} windows per axis repeat positions: a window of {k} on {size} pixels has only {positions} "
+            f"distinct position(s), and each repeat costs a network call; use `window_steps` <= {positions}")
     if n == 1:
         if k != size:
             raise WindowError(

@@ -209,8 +209,8 @@ def _describe(args: Mapping[str, Any]) -> dict:
         method = str(args.get("g_method") or "none").replace("_", "-")
         weights = [float(w) for w in _as_list(args.get("g_weight"))]
         mask = str(args.get("scale_window_guide", 1)) in ("1", "True", "true")
-        if _windows(method) and METHODS[method].needs_neg and not args.get("clean_combos", False):
-            mask = False  # the reference's combined methods never apply the mask
+        if method in METHODS and "reference_quirks" in METHODS[method].options and not args.get("clean_combos"):
+            mask = False  # the reference's wmg-swg / cfg-swg never apply the mask (the newer X-swg do)
         model = args.get("preset") or pathlib.PurePosixPath(str(args.get("net_pos_pkl") or "?")).name
         model = re.sub(r"\.(pkl|pt|safetensors)$", "", model)
         sizes, steps = _as_list(args.get("swg_sizes")), _as_list(args.get("swg_steps")) or [2]
@@ -338,19 +338,27 @@ def _cell(v, digits: int) -> str:
     return str(v).replace("|", "\\|")
 
 
+def _run_name(row: Mapping[str, Any]) -> str:
+    run, k = str(row.get("run") or ""), row.get("evaluation") or 0
+    return f"{run} (metrics-{k})" if k else run
+
+
 def to_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
-    """A Markdown table: method (display name), weights, windows, model, N, then the metrics any row has.
+    """A Markdown table: method (display name), weights, windows, model, N, the metrics any row has, run.
 
     The metrics are those of :data:`TABLE_METRICS` (FID, sFID, FDD, IS, precision, recall, KID,
     FD-CLIP, saturation, and the digits demo's FD-digits, confidence and class match); a column
-    no row has is left out.
+    no row has is left out.  The last column is the run folder (relative to the collected root;
+    ``(metrics-k)`` for a re-evaluation), so that rows with the same settings can be told apart.
     """
     present = [k for k in TABLE_METRICS if any(isinstance(r.get(k), (int, float)) for r in rows)]
-    head = ["method", "weights", "windows", "model", "N", *(TABLE_METRICS[k] for k in present)]
+    head = ["method", "weights", "windows", "model", "N", *(TABLE_METRICS[k] for k in present), "run"]
     keys = ["label", "weights", "windows", "model", "N", *present]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 4 else "---:" for i in range(len(head))) + "|"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i < 4 or i == len(head) - 1 else "---:" for i in range(len(head))) + "|"]
     for r in rows:
         cells = [_cell(r.get(k), _DIGITS.get(k, digits)) for k in keys]
+        cells.append(_cell(_run_name(r), digits))
         lines.append("| " + " | ".join(c if c else " " for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

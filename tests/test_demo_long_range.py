@@ -147,3 +147,30 @@ def test_cli_refuses_bad_windows(tmp_path):
     assert r.exit_code == 2 and "divisible by 4" in r.output and not (tmp_path / "x").exists()
     r = CliRunner().invoke(long_range.main, ["--outdir", str(tmp_path / "x"), "--positives", "big"])
     assert r.exit_code == 2 and "unknown --positives big" in r.output
+
+
+def test_every_panel_has_a_legend(tmp_path, monkeypatch):
+    """results.png: the consistency panels name their lines too, not only the FD panels (issue 23 #11)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def row(method, pos, g, weight="", window="", masked="", c=0.5, fd=20.0):
+        return {"method": method, "positive": pos, "g_method": g, "weight": weight, "window": window,
+                "masked": masked, "consistency": c, "fd": fd}
+
+    table = [row("training data", "-", "-", c=1.0, fd=1.0)]
+    for pos in ("cond", "uncond"):
+        table += [row(f"{pos}/none", pos, "none"), row(f"{pos}/autoguidance-1", pos, "autoguidance", "1"),
+                  row(f"{pos}/m-swg-k16-w1", pos, "m-swg", "1", 16, 1, 0.6, 18.0),
+                  row(f"{pos}/swg-k16-w1", pos, "swg", "1", 16, 0, 0.55, 19.0)]
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    long_range.plot(table, tmp_path / "results.png")
+    axes = figs[0].axes
+    assert len(axes) == 4
+    for ax in axes:
+        assert ax.get_legend() is not None, ax.get_title()
+        labels = {t.get_text() for t in ax.get_legend().get_texts()}
+        assert {"M-SWG k=16", "SWG k=16", "autoguidance", "unguided", "training data"} <= labels

@@ -46,6 +46,9 @@ def test_demo_end_to_end_rerun_and_resume(tmp_path):
     assert (out / "results.png").stat().st_size > 1000 and (out / "samples.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "| m-swg | swg | 0.2 |" in md and "| cfg-swg | cfg-swg | 0.3,0.3 | uncond |" in md
+    # The counted evaluations per step: 2 Heun steps = 3 guided calls; cfg-swg: 2 + 4 windows per call.
+    evals = {row["method"]: float(row["evals_per_step"]) for row in rows}
+    assert evals["none"] == pytest.approx(1.5) and evals["cfg-swg"] == pytest.approx(6 * 1.5)
     settings = json.loads((out / "demo_settings.json").read_text())
     assert (settings["num"], settings["steps"]) == (4, 2)
     assert [m["name"] for m in settings["methods"]] == ROWS.split(",")
@@ -193,3 +196,75 @@ def test_plot_axes_are_honest(tmp_path, monkeypatch):
     labels = [t.get_text() for t in ax_fd.get_legend().get_texts()]
     assert {"unguided", "other guidance", "with windows (SWG)", "unguided value"} <= set(labels)
     assert (tmp_path / "p.png").stat().st_size > 1000
+    # Without the unguided row (--methods m-swg,cfg): no dashed "unguided value" line, no legend entry
+    # for a kind that is not shown.
+    figs.clear()
+    run_demo.plot(rows[1:], tmp_path / "q.png")
+    ax_fd = figs[0].axes[0]
+    assert [t.get_text() for t in ax_fd.get_legend().get_texts()] == ["other guidance", "with windows (SWG)"]
+    assert not [ln for ln in ax_fd.get_lines() if ln.get_linestyle() == "--"]
+
+
+def _grey_run(folder: pathlib.Path, seeds, size: int = 16) -> pathlib.Path:
+    """A run folder of random grey PNGs named as the sampler names them."""
+    import PIL.Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in seeds:
+        PIL.Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(folder / f"{s:07d}.png")
+    return folder
+
+
+def _inside(fig, artists) -> list[str]:
+    """Texts of ``artists`` whose drawn extent leaves the figure (cut off in the saved PNG)."""
+    fig.canvas.draw()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    return [t.get_text() for t in artists if t.get_text() and not (
+        t.get_window_extent(renderer).x0 >= box.x0 - 0.5 and t.get_window_extent(renderer).y0 >= box.y0 - 0.5
+        and t.get_window_extent(renderer).x1 <= box.x1 + 0.5 and t.get_window_extent(renderer).y1 <= box.y1 + 0.5)]
+
+
+@pytest.mark.parametrize("names,seeds,size", [
+    (["none", "cfg", "wmg-RT", "wmg-RCT", "swg", "m-swg", "m-swg-1.1", "wmg-swg-RT", "wmg-swg-RCT", "cfg-swg"], 12, 16),
+    (["none", "m-swg"], 2, 16),                                        # narrower than its title
+    (["cond/none", "uncond-early/autoguidance-1", "cond/m-swg-k28-w0.25"], 10, 32)])  # long-range labels
+def test_sample_grid_labels_and_title_fit(tmp_path, monkeypatch, names, seeds, size):
+    """samples.png: a title, and no label (rows, seeds, the ``seed`` axis label, the title) cut off (issue 23 #11)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from demo.common import sample_grid
+
+    rows = [(n, _grey_run(tmp_path / n.replace("/", "_"), range(seeds), size)) for n in names]
+    figs = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig))
+    title = "Digits demo samples: one row per method, the same seeds in each (16 Heun steps)"
+    sample_grid(rows, list(range(seeds)), tmp_path / "samples.png", title=title)
+    (ax,) = figs[0].axes
+    assert ax.get_title() == title and ax.get_xlabel() == "seed"
+    texts = [ax.title, ax.xaxis.label, *ax.get_xticklabels(), *ax.get_yticklabels()]
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    assert _inside(figs[0], texts) == []
+    assert (tmp_path / "samples.png").stat().st_size > 1000
+
+
+def test_table_without_unguided_row_and_heading(tmp_path, monkeypatch):
+    """``--methods swg``: no ΔFD against a ``none`` that did not run, no "(default command)" (issue 23 #9)."""
+    monkeypatch.setattr(run_demo, "plot", lambda rows, path: None)
+    monkeypatch.setattr(run_demo, "sample_grid", lambda *a, **k: None)
+    row = {"method": "swg", "g_method": "swg", "weight": "0.2", "negative": "", "masked": 0, "fd": 12.5,
+           "confidence": 9.1, "class_match": 0.9, "seconds": 3.0}
+    swg = [m for m in run_demo.METHODS if m.name == "swg"]
+    md, _ = run_demo.write_table([row], tmp_path, run_demo.DEFAULT["num"], run_demo.DEFAULT["steps"], swg)
+    head, line = md.splitlines()[0], md.splitlines()[-1]
+    assert "default command" not in head and "(--methods swg)" in head
+    assert line.split("|")[6].strip() == "-"                       # ΔFD vs none
+    # With the unguided row, ΔFD is against it (not against the first row), and every method: the default command.
+    none = dict(row, method="none", g_method="none", weight="", fd=10.0)
+    rows = [row, none] + [dict(row, method=m.name) for m in run_demo.METHODS if m.name not in ("none", "swg")]
+    md, _ = run_demo.write_table(rows, tmp_path, run_demo.DEFAULT["num"], run_demo.DEFAULT["steps"], run_demo.METHODS)
+    assert "(default command)" in md.splitlines()[0]
+    assert [line.split("|")[6].strip() for line in md.splitlines()[4:6]] == ["+2.50", "+0.00"]

@@ -174,9 +174,10 @@ class _Wrapped:
 # ----------------------------------------------------------------------------
 # Item 17: the wrapper shadows nothing of the model.
 
-def _same(a, b, model) -> bool:
+def _same(a, b) -> bool:
+    """The same attribute: the same object, the same function bound to the same owner, or an equal value."""
     if inspect.ismethod(a):
-        return inspect.ismethod(b) and b.__func__ is a.__func__ and (b.__self__ is a.__self__)
+        return inspect.ismethod(b) and b.__func__ is a.__func__ and b.__self__ is a.__self__
     return a is b or (type(a) is type(b) and not torch.is_tensor(a) and a == b)
 
 
@@ -189,7 +190,7 @@ def test_every_attribute_of_the_model_shows_through(pipes, name):
         shown = getattr(pipe, _denoiser_name(pipe))
         assert shown is wrapper and wrapper.model is model
         different = [n for n in sorted(set(dir(model)) - plain - {"save_pretrained"})
-                     if not n.startswith("__") and not _same(getattr(model, n), getattr(wrapper, n), model)]
+                     if not n.startswith("__") and not _same(getattr(model, n), getattr(wrapper, n))]
         assert different == []
         if name not in ("sd", "sdxl"):
             assert wrapper.pos_embed is model.pos_embed  # the PatchEmbed, not the wrapper's pos_embed= argument

@@ -135,3 +135,24 @@ def test_notebook_runs_headless(models, tmp_path):
     # The notebook's own output lists what it saved.
     text = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
     assert "edm2_grid.png" in text and "dit_mosaic.png" in text
+
+
+@pytest.mark.parametrize("kernel_dir", ["notebooks", "."])
+def test_default_figures_folder_is_the_ignored_one_and_printed(kernel_dir):
+    """Run as README says (``jupyter execute`` starts the kernel in notebooks/) or from the repository root
+    (papermill), the default figures folder is notebooks/figures/, which git ignores, and the notebook says so
+    (issue 23 #10: it wrote to notebooks/notebooks/figures/ without saying where)."""
+    import subprocess
+
+    nb = nbformat.read(ROOT / "notebooks" / "visualize.ipynb", as_version=4)
+    (index,) = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell("run_edm2 = False\nrun_dit = False"))  # no model needed
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / kernel_dir)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    expected = ROOT / "notebooks" / "figures"
+    assert f"figures go to {expected}\n" in text, text
+    assert "nothing saved" in text
+    if (ROOT / ".git").exists():
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(expected / "edm2_grid.png")], cwd=ROOT)
+        assert ignored.returncode == 0, "notebooks/figures/ must be git-ignored"

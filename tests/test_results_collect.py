@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 from click.testing import CliRunner
 
+from guidance import METHODS
 from metrics.api import write_metrics
 from results import collect as C
 from utils.errors import UsageError
@@ -107,8 +108,9 @@ def test_tables_and_plot(runs, tmp_path):
     row = next(t for t in table if t["method"] == "swg" and t["weights"] == "0.6")
     assert float(row["fid"]) == 3.1 and float(row["saturation"]) == 0.36 and row["windows"] == "k=40,n=2"
     md = paths["markdown"].read_text().splitlines()
-    assert md[0] == "| method | weights | windows | model | N | FID | FDD | IS | saturation |"
-    assert "| M-SWG | 1.1 | k=40,n=2 | edm2-img512-s-2147483-0.100 | 100 | 4.96 | 53.45 | – | 0.420 |" in md
+    assert md[0] == "| method | weights | windows | model | N | FID | FDD | IS | saturation | run |"
+    assert "| M-SWG | 1.1 | k=40,n=2 | edm2-img512-s-2147483-0.100 | 100 | 4.96 | 53.45 | – | 0.420 " \
+        "| s/MSWG/1.1/samples |" in md
     assert len(md) == 2 + 7
     img = PIL.Image.open(paths["plot"])
     assert img.format == "PNG"
@@ -181,7 +183,7 @@ def test_demo_run_metrics_in_table_and_plot(tmp_path, monkeypatch):
     assert (rows["none"]["label"], rows["m-swg-1.1"]["label"], rows["m-swg-1.1"]["weights"]) == \
         ("no guidance", "M-SWG", "1.1")
     md = (report / "results.md").read_text().splitlines()
-    assert md[0] == "| method | weights | windows | model | N | FD-digits | confidence | class match |"
+    assert md[0] == "| method | weights | windows | model | N | FD-digits | confidence | class match | run |"
     assert any(line.startswith("| M-SWG | 1.1 | k=12,n=2 | demo-digits | 2 | ") for line in md)
     assert C._series(list(rows.values()), "fd_digits")["demo-digits: M-SWG, k=12,n=2"] == \
         [(0.2, pytest.approx(float(table["m-swg"]["fd"]))), (1.1, pytest.approx(float(table["m-swg-1.1"]["fd"])))]
@@ -201,3 +203,79 @@ def test_unwritable_out_is_one_line(runs, tmp_path):
     assert res.exit_code == 2 and res.output.count("\n") == 1
     assert res.output.startswith(f"error: cannot write {blocker / 'sub'}: ") and "--out" in res.output
     assert blocker.read_text() == "keep"
+
+
+def test_markdown_names_the_run_of_each_row(tmp_path):
+    """Two runs with the same settings and scores are two rows that the run column tells apart (issue 23 #12)."""
+    root = tmp_path / "samples"
+    for name in ("seed-a", "seed-b"):
+        edm2_run(root, name, {"fid": 3.0, "num_images": 100}, net_pos_pkl="raw-img512-s")
+    (root / "seed-b" / "samples" / "metrics-1.json").write_text(
+        json.dumps({"results": {"fid": 2.5, "num_images": 100}, "args": {}}))
+    md = C.to_markdown(C.collect(root, all_evals=True))
+    head, rule, *body = md.splitlines()
+    assert head.split("|")[-2].strip() == "run" and len(rule.split("|")) == len(head.split("|"))
+    runs = [line.split("|")[-2].strip() for line in body]
+    assert runs == ["seed-a/samples", "seed-b/samples", "seed-b/samples (metrics-1)"]
+    assert len(set(body)) == 3
+
+
+def _mask_applied(guided, without_windows) -> bool:
+    """Whether ``guided`` zeroes the window term where one window covers a pixel (M-SWG's mask).
+
+    The window term is ``guided`` minus the same method with the window weight 0.  Toy networks on
+    16x16: D_pos = 2x + mean(x), so a window's prediction differs from the whole image's; D_neg = x / 2.
+    Windows 12, 2 per axis: pixel (0, 0) lies in one window, (8, 8) in four.
+    """
+    import torch
+
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigma = torch.ones(1)
+    term = guided(x, sigma, None) - without_windows(x, sigma, None)
+    assert term[0, 0, 8, 8].abs() > 1e-5  # the window term is there where windows overlap
+    return bool(term[0, 0, 0, 0].abs() < 1e-7)
+
+
+QUIRKS = ("wmg-swg", "cfg-swg")  # the EDM2 reference's combinations: no mask unless --clean_combos
+
+
+@pytest.mark.parametrize("method", [n for n, s in METHODS.items() if s.windows and not getattr(s, "perturbation", None)])
+@pytest.mark.parametrize("masked", [0, 1])
+@pytest.mark.parametrize("clean", [False, True])
+def test_label_says_m_swg_exactly_when_the_sampler_masks(tmp_path, method, masked, clean):
+    """EDM2: the table's label and ``masked`` column agree with what the sampler's guided denoiser does.
+
+    The reference's combined methods never apply the mask (``WMG+SWG`` / ``CFG+SWG``, also with
+    ``--scale_window_guide 1``); with ``--clean_combos`` they do (``WMG+M-SWG`` / ``CFG+M-SWG``).
+    The newer ``X-swg`` (``apg-swg``, ``tcfg-swg`` ...) always honour the mask: ``APG+M-SWG``
+    (they were labelled ``APG+SWG``, masked 0).
+    """
+    import torch
+
+    from sampling import edm2_run as R
+
+    class Toy(torch.nn.Module):
+        def __init__(self, scale, shift):
+            super().__init__()
+            self.scale, self.shift = scale, shift
+
+        def forward(self, x, sigma, labels=None):
+            return self.scale * x + (x.mean(dim=(1, 2, 3), keepdim=True) if self.shift else 0)
+
+    spec = METHODS[method]
+    weights = list(spec.example) if spec.example else [0.5] * spec.num_weights
+    opts = dict(net_pos_pkl="raw-img512-s", g_method=method, g_weight=",".join(map(str, weights)), swg_sizes="12",
+                swg_steps="2", scale_window_guide=masked, clean_combos=clean)
+    if spec.needs_neg:
+        opts["net_neg_pkl"] = "raw-img512-xs-uncond"
+    folder = edm2_run(tmp_path / "samples", "run", {"fid": 3.0, "num_images": 100}, **opts)
+    nets = (Toy(2.0, True), Toy(0.5, False) if spec.needs_neg else None)
+    guided = R.make_guided(R.build_config(outdir=str(folder), seeds="0-99", **opts), *nets)
+    no_win = dict(opts, g_weight=",".join(map(str, weights[:-1] + [0.0])))
+    applied = _mask_applied(guided, R.make_guided(R.build_config(outdir=str(folder), seeds="0-99", **no_win), *nets))
+    assert applied == bool(masked and (clean or method not in QUIRKS))
+    (row,) = C.collect(tmp_path / "samples")
+    assert row["masked"] == int(applied)
+    base = {"swg": "SWG", "wmg-swg": "WMG+SWG", "cfg-swg": "CFG+SWG"}.get(method, spec.label)
+    assert base.endswith("+SWG") or base == "SWG"
+    assert row["label"] == (base.replace("SWG", "M-SWG") if applied else base)

@@ -15,7 +15,7 @@ def axis(draw):
     size = draw(st.integers(1, 96))
     k = draw(st.integers(1, size))
     n_min = 1 if k == size else -(-(size - k) // k) + 1  # fewest windows that can cover
-    n = draw(st.integers(max(n_min, 1), max(n_min, 1) + 6))
+    n = draw(st.integers(max(n_min, 1), min(max(n_min, 1) + 6, size - k + 1)))  # at most the distinct positions
     return size, k, n
 
 
@@ -34,7 +34,7 @@ def test_origins_cover_and_stay_in_bounds(a):
     assert (covered >= 1).all()
 
 
-@given(st.integers(1, 64), st.integers(2, 8), st.integers(0, 16))
+@given(st.integers(1, 64), st.integers(2, 8), st.integers(1, 16))  # stride 0 repeats a position: refused
 @settings(max_examples=300, deadline=None)
 def test_reference_origins_when_divisible(k, n, stride):
     stride = min(stride, k)  # windows touch or overlap: the reference covers the image
@@ -59,6 +59,42 @@ def test_bad_configurations(size, k, n, match):
         window_origins(size, k, n)
 
 
+@given(st.integers(1, 64), st.data())
+@settings(max_examples=200, deadline=None)
+def test_at_most_one_window_per_distinct_position(size, data):
+    """Up to ``size - k + 1`` windows every origin is distinct; one more is refused, naming that maximum."""
+    k = data.draw(st.integers(1, size))
+    positions = size - k + 1
+    lo = 1 if k == size else -(-(size - k) // k) + 1
+    origins = window_origins(size, k, positions) if positions >= lo else None
+    if origins is not None:
+        assert len(set(origins)) == positions == len(origins)
+    extra = data.draw(st.integers(positions + 1, positions + 200))
+    with pytest.raises(WindowError) as e:
+        window_origins(size, k, extra)
+    assert f"`window_steps` <= {positions}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_too_many_windows_named_per_command_line(tmp_path, capsys):
+    """12x12 windows on 16x16 have 5 positions per axis; DiT-XL/2 at 256 px: 24 on a 32 latent, 9 positions.
+
+    The refusal is one line naming each command line's flag and the maximum, before anything is written
+    (the EDM2 flag ``--swg_steps`` is covered by tests/test_edm2_cli.py's ``window-repeats`` case).
+    """
+    from sampling.dit_flags import main as dit_main
+
+    with pytest.raises(WindowError, match="<= 5"):
+        WindowGrid.create(16, 16, 12, (2, 100))
+    assert WindowGrid.create(16, 16, 12, 5).xs == (0, 1, 2, 3, 4)
+    out = tmp_path / "dit"
+    capsys.readouterr()
+    assert dit_main(["--image-size", "256", "--crop", "1", "--g-scale", "0.5", "--window-size", "24",
+                     "--window-steps", "30", "--sample-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "--window-steps <= 9" in err
+    assert not out.exists()
+
+
 def test_error_is_one_line_with_a_fix():
     with pytest.raises(WindowError) as e:
         window_origins(32, 40, 2)
@@ -71,8 +107,8 @@ def test_non_square_grid_count(h, w, data):
     kh, kw = data.draw(st.integers(1, h)), data.draw(st.integers(1, w))
     lo_h = 1 if kh == h else -(-(h - kh) // kh) + 1
     lo_w = 1 if kw == w else -(-(w - kw) // kw) + 1
-    nh = data.draw(st.integers(lo_h, lo_h + 4))
-    nw = data.draw(st.integers(lo_w, lo_w + 4))
+    nh = data.draw(st.integers(lo_h, min(lo_h + 4, h - kh + 1)))  # at most the distinct positions
+    nw = data.draw(st.integers(lo_w, min(lo_w + 4, w - kw + 1)))
     grid = WindowGrid.create(h, w, (kh, kw), (nh, nw))
     count = grid.count()
     assert count.shape == (h, w) and (count >= 1).all()
