@@ -25,7 +25,7 @@ from typing import Optional
 
 from utils.threads import apply_default_threads
 
-__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "describe_os_error", "INTERRUPTED"]
+__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "describe_os_error", "report_once", "INTERRUPTED"]
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 RANK_WAIT_S = 5.0  # how long a failing rank other than 0 waits to see whether rank 0 reports the error
@@ -118,7 +118,7 @@ def _close_progress_bars() -> None:
             pass
 
 
-def _report_once(line: str, wait_s: Optional[float] = None) -> None:
+def report_once(line: str, wait_s: Optional[float] = None) -> None:
     """Print ``error: <line>`` once for the job (see the module docstring)."""
     _close_progress_bars()
     wait_s = RANK_WAIT_S if wait_s is None else wait_s
@@ -181,10 +181,10 @@ def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED):
         try:
             return fn(*args, **kwargs)
         except UsageError as exc:
-            _report_once(_one_line(exc))
+            report_once(_one_line(exc))
             sys.exit(exc.exit_code)
         except OSError as exc:
-            _report_once(_one_line(describe_os_error(exc)))
+            report_once(_one_line(describe_os_error(exc)))
             sys.exit(UsageError.exit_code)
         except KeyboardInterrupt:
             _ignore_sigint()  # torchrun forwards the terminal's Ctrl-C: a second one must not print a traceback
