@@ -152,16 +152,16 @@ def write_evals(outdir: os.PathLike | str, evals: Mapping[str, Any]) -> pathlib.
     return path
 
 
-def pending_seeds(seeds: Sequence[int], outdir: os.PathLike | str, device=None) -> list[int]:
+def pending_seeds(seeds: Sequence[int], outdir: os.PathLike | str, device=None, done=None) -> list[int]:
     """Seeds of ``seeds`` without a finished image in ``outdir``, in order.
 
-    Rank 0 lists the folder and shares the answer, so every rank splits the same list
-    even while another rank is already writing.
+    Rank 0 lists the folder (unless ``done``, the finished seeds it listed already, is given) and shares
+    the answer, so every rank splits the same list even while another rank is already writing.
     """
     device = device if device is not None else torch.device("cpu")
     mask = torch.zeros(len(seeds), dtype=torch.int32)
     if dist.get_rank() == 0:
-        done = done_seeds(outdir)
+        done = done_seeds(outdir) if done is None else done
         mask = torch.tensor([s not in done for s in seeds], dtype=torch.int32)
     mask = dist.all_reduce_sum(mask.to(device)).cpu()
     return [s for s, m in zip(seeds, mask.tolist()) if m]

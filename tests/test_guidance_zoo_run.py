@@ -167,3 +167,13 @@ def test_cli_flags_one_vs_two_ranks_identical(nets, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--zero_steps is a parameter of cfg-zero; --g_method apg-swg does not use it" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_sweep_lines_take_the_zoo_presets():
+    """results.sweep (and bash/sweep.sh, which passes its lines on) runs a zoo preset at each weight of its line."""
+    from results.sweep import parse_line
+
+    line = parse_line("APG+M-SWG=demo-digits-apg-mswg:0.4,0.1 0.4,0.3")
+    cfg = edm2_run.build_config(preset=line.preset, g_weight=line.weights[1], outdir=None, require_outdir=False)
+    assert (cfg.guidance.method, cfg.guidance.weights) == ("apg-swg", (0.4, 0.3))
+    assert cfg.guidance.params == {"eta": 0.0, "norm_threshold": 0.0, "momentum": -0.5}
