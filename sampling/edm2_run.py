@@ -223,7 +223,7 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
 def _check_numbers(cfg: GenerateConfig) -> None:
     for name in ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise"):
         value = getattr(cfg, name)
-        if math.isnan(value) or (math.isinf(value) and name != "S_max"):
+        if math.isnan(value) or (math.isinf(value) and not (name == "S_max" and value > 0)):  # S_max inf: no bound
             raise UsageError(f"`{name}`: '{value}' is not finite; give ordinary numbers")
     if cfg.steps < 1:
         raise UsageError(f"`steps` must be >= 1, got {cfg.steps}")
