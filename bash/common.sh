@@ -16,11 +16,27 @@
 #
 # The sweeps run from the repository root: relative paths (base_out_dir, ref_path) are the repo's.
 # A failed run does not stop the sweep; the script exits 1 at the end (rerun it to resume).
+# SIGTERM or SIGUSR1 (preemption) stops the sweep: the running sampler stops cleanly (outside srun the
+# signal is passed on to it as SIGTERM; under srun every process of the step gets it already), no
+# further run starts, and the script exits 75 (rerun it to resume; docs/clusters.md).
 
 SWG_BASH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 SWG_ROOT="$(dirname "$SWG_BASH_DIR")"
 swg_failures=0
 swg_run_index=0
+swg_stopped=""
+swg_child=""
+
+# Preemption: remember the signal, pass it on to the running launcher (unless srun already did), stop the sweep.
+swg_on_signal() {
+    swg_stopped="$1"
+    echo "sweep: $1 received: stopping the running sampler cleanly; no further run starts" >&2
+    if [ -n "$swg_child" ] && [ -z "${SLURM_STEP_ID:-}" ]; then
+        kill -TERM "$swg_child" 2>/dev/null
+    fi
+}
+trap 'swg_on_signal SIGTERM' TERM
+trap 'swg_on_signal SIGUSR1' USR1
 
 # Number of processes per node when the user did not set nproc_per_node.
 swg_default_nproc() {
@@ -87,13 +103,25 @@ swg_launch() {
         swg_print_command "${cmd[@]}"
         return 0
     fi
+    [ -n "$swg_stopped" ] && exit 75
     echo "+ ${cmd[*]}" >&2
     local rc=0
     if [ "${poll:-0}" = "1" ]; then
-        "$SWG_BASH_DIR/gpu_wait.sh" --gpus "$nproc_per_node" --min-free-mb "${min_free_mb:-30000}" \
-            --interval "${poll_interval:-10m}" -- "${cmd[@]}" || rc=$?
-    else
-        "${cmd[@]}" || rc=$?
+        cmd=("$SWG_BASH_DIR/gpu_wait.sh" --gpus "$nproc_per_node" --min-free-mb "${min_free_mb:-30000}"
+             --interval "${poll_interval:-10m}" -- "${cmd[@]}")
+    fi
+    # In the background, so that a signal reaches the trap while the run goes on; wait again after a trap.
+    "${cmd[@]}" &
+    swg_child=$!
+    while true; do
+        wait "$swg_child"
+        rc=$?
+        kill -0 "$swg_child" 2>/dev/null || break
+    done
+    swg_child=""
+    if [ -n "$swg_stopped" ]; then
+        echo "sweep: stopped by $swg_stopped (status $rc); rerun the same command to resume" >&2
+        exit 75
     fi
     if [ "$rc" -ne 0 ]; then
         echo "warning: run failed with status $rc: ${cmd[*]}" >&2

@@ -23,6 +23,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+from sampling.run_folder import EVALS_FILE
 from utils.atomic import atomic_path, write_text_atomic
 from utils.errors import UsageError
 
@@ -257,3 +258,11 @@ def exit_on_interrupt(outdir_of: Callable[..., str]):
                 sys.exit(130)
         return wrapper
     return wrap
+
+
+def counted_evals(folder: pathlib.Path) -> Optional[float]:
+    """Network evaluations per image per sampler step, counted while the row sampled (its ``evals.json``)."""
+    try:
+        return float(json.loads((folder / EVALS_FILE).read_text())["evals_per_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -53,7 +53,7 @@ if str(REPO) not in sys.path:
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-from demo.common import (Timings, check_outdir, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
+from demo.common import (Timings, check_outdir, counted_evals, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
                          requested_classes, sample_grid, sample_row, save_figure, write_settings)
 from sampling.presets import ZOO_PARAMS  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
@@ -178,7 +178,7 @@ def data_row(num: int, ref) -> dict:
     x, labels = load_quad_digits(num, seed=12345, split="train")
     res = score_images(to_uint8(x).numpy(), ref, labels.numpy())
     return {"method": "training data", "positive": "-", "g_method": "-", "weight": "", "window": "",
-            "masked": "", "negative": "", **res, "seconds": 0.0}
+            "masked": "", "negative": "", **res, "evals_per_step": None, "seconds": 0.0}
 
 
 # ----------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def run_long_range(outdir, num: int = DEFAULT["num"], steps: int = DEFAULT["step
         table.append({"method": row.name, "positive": row.pos, "g_method": _label(row),
                       "weight": f"{row.weight:g}" if row.g_method != "none" else "",
                       "window": row.window or "", "masked": row.masked if row.window else "",
-                      "negative": row.neg, **res, "seconds": seconds})
+                      "negative": row.neg, **res, "evals_per_step": counted_evals(folder), "seconds": seconds})
         log(f"{row.name:28s} consistency {res['consistency']:.3f}  FD {res['fd']:7.2f}  "
             f"confidence {res['confidence']:.3f}  ({seconds:.0f}s sampling)")
     md = write_results(table, chosen, outdir, num, steps)
@@ -284,8 +284,8 @@ def write_results(table: list[dict], chosen: Sequence[Row], outdir: pathlib.Path
     lines = [f"Long-range demo: {num} images per row (32x32, 2x2 digits of one class), {steps} Heun steps; "
              f"scores over the 4 quadrants of each image.", "",
              "| method | positive | guidance | weight | window (per axis) | consistency (higher better) "
-             "| Δ vs none | FD (lower better) | ΔFD vs none | confidence | class match | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Δ vs none | FD (lower better) | ΔFD vs none | confidence | class match | evals/step | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         base = unguided.get(r["positive"])
         dc = f"{r['consistency'] - base['consistency']:+.3f}" if base else "-"
@@ -293,7 +293,8 @@ def write_results(table: list[dict], chosen: Sequence[Row], outdir: pathlib.Path
         win = f"{r['window']} ({window_steps(int(r['window']))})" if r["window"] else "-"
         lines.append(f"| {r['method']} | {r['positive']} | {r['g_method']} | {r['weight'] or '-'} | {win} "
                      f"| {r['consistency']:.3f} | {dc} | {r['fd']:.2f} | {dfd} | {r['confidence']:.3f} "
-                     f"| {_fmt(r['class_match'], 3)} | {_fmt(r['seconds'], 0)} |")
+                     f"| {_fmt(r['class_match'], 3)} | {_fmt(r.get('evals_per_step') or math.nan, 2)} "
+                     f"| {_fmt(r['seconds'], 0)} |")
     md = "\n".join(lines) + "\n"
     write_text_atomic(outdir / "results.csv", csv_text(table))
     plot(table, outdir / "results.png")

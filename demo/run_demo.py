@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-from demo.common import (Timings, check_outdir, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
+from demo.common import (Timings, check_outdir, counted_evals, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
                          requested_classes, network_shape, sample_grid, sample_row, save_figure, write_settings)
 from sampling.presets import ZOO_PARAMS  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
@@ -153,13 +153,14 @@ def write_table(rows: list[dict], outdir: pathlib.Path, num: int, steps: int, ch
     lines = [f"Digits demo{which}: {num} images per method, {steps} Heun steps, windows {WINDOW}x{WINDOW} "
              f"({WINDOW_STEPS} per axis) on 16x16.", "",
              "| method | g_method | weight | negative | FD (lower better) | ΔFD vs none | confidence (higher better) "
-             "| class match | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| class match | evals/step | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         secs = "-" if r["seconds"] != r["seconds"] else f"{r['seconds']:.0f}"
+        evals = "-" if r.get("evals_per_step") is None else f"{r['evals_per_step']:.2f}"
         lines.append(f"| {r['method']} | {r['g_method']} | {r['weight'] or '-'} | {r['negative'] or '-'} "
                      f"| {r['fd']:.2f} | {_delta(r, base)} | {r['confidence']:.3f} "
-                     f"| {r['class_match']:.3f} | {secs} |")
+                     f"| {r['class_match']:.3f} | {evals} | {secs} |")
     md = "\n".join(lines) + "\n"
     write_text_atomic(outdir / "results.csv", csv_text(rows))
     plot(rows, outdir / "results.png")
@@ -269,7 +270,8 @@ def run_demo(outdir: str | pathlib.Path, num: int = DEFAULT["num"], steps: int =
         p = get_preset(m.preset)
         weight = m.weight or ",".join(f"{w:g}" for w in (p.g_weight or ()))
         rows.append({"method": m.name, "g_method": p.g_method, "weight": weight, "negative": m.negative,
-                     "masked": m.masked if "swg" in p.g_method else "", **res, "seconds": seconds})
+                     "masked": m.masked if "swg" in p.g_method else "", **res,
+                     "evals_per_step": counted_evals(outdir / m.name), "seconds": seconds})
         log(f"{m.name:12s} FD {res['fd']:7.2f}  confidence {res['confidence']:.3f}  "
             f"class match {res['class_match']:.3f}  ({seconds:.0f}s sampling)")
     md, _ = write_table(rows, outdir, num, steps, chosen)

@@ -35,11 +35,11 @@ from typing import Optional
 
 import torch
 
-from .guided import guide
-from .table import method_spec
+from .settings import GuidanceSettings
+from .table import method_params, method_spec
 from utils.errors import UsageError
 
-__all__ = ["DiTDenoiser", "dit_guidance", "DIT_MODES", "default_window_size"]
+__all__ = ["DiTDenoiser", "dit_guidance", "dit_settings", "guide_dit", "DIT_MODES", "default_window_size"]
 
 DIT_MODES = ("none", "uncond", "swg", "cfg", "cfg-swg")
 
@@ -72,8 +72,7 @@ def default_window_size(latent_size: int) -> int:
     return latent_size * 5 // 8
 
 
-def dit_guidance(
-    net: torch.nn.Module,
+def dit_settings(
     mode: str = "none",
     g_scale: float = 0.0,
     crop_scale: float = 0.0,
@@ -81,52 +80,68 @@ def dit_guidance(
     window_size=None,
     window_steps=2,
     cfg_channels: str = "reference",
+    in_channels: int = 4,
     max_window_batch: Optional[int] = None,
     weights=None,
     params: Optional[dict] = None,
     sigma_interval=None,
     swg_sigma_interval=None,
-    sigma_of=None,
-    perturb=None,
-):
-    """Guided DiT denoiser ``D(x, t, labels) -> [eps, v]`` for one of :data:`DIT_MODES`.
+) -> GuidanceSettings:
+    """The :class:`guidance.settings.GuidanceSettings` of one of :data:`DIT_MODES` (the reference's switches),
+    or of another method of the table.
 
     ``g_scale``: SWG weight ``w`` (``swg``), CFG scale ``s`` (``cfg``, ``s = 1`` is
     unguided) or CFG weight ``g`` (``cfg-swg``); ``crop_scale``: SWG weight of
-    ``cfg-swg``.  ``window_size`` defaults to :func:`default_window_size` of the
-    network's latent.  ``cfg_channels``: ``"reference"`` (3 channels) or ``"all"``
-    (every eps channel) for plain CFG.
-
-    Another table method (``mode="apg-swg"`` ...) takes ``weights`` in the table's convention,
-    its ``params``, ``sigma_interval`` / ``swg_sigma_interval`` with ``sigma_of`` (timestep ->
-    noise level) and, for PAG / SEG / SLG, ``perturb``.
+    ``cfg-swg``.  ``cfg_channels``: ``"reference"`` (3 channels) or ``"all"``
+    (every eps channel, ``in_channels``) for plain CFG.  ``window_size`` is
+    needed by the window modes.  Another table method (``mode="apg-swg"`` ...) takes
+    ``weights`` in the table's convention, its ``params`` and ``sigma_interval`` /
+    ``swg_sigma_interval`` (in DiT's noise level).
     """
     if mode not in DIT_MODES:
         spec = method_spec(mode, "method")
         if spec.negative == "weak":
             raise UsageError(f"`method` {spec.name} needs a weaker network; DiT samples with one network "
                              f"(use the null class: e.g. `method` cfg-zero, apg)")
-        den = DiTDenoiser(net)
-        window = (window_size or default_window_size(net.input_size)) if spec.windows else None
-        return guide(den, method=spec.name, weight=weights, neg_denoiser=den if spec.needs_neg else None,
-                     window_size=window, window_steps=window_steps, masked=bool(mask),
-                     channels=slice(0, net.in_channels), max_window_batch=max_window_batch,
-                     sigma_interval=sigma_interval, swg_sigma_interval=swg_sigma_interval, sigma_of=sigma_of,
-                     perturb=perturb, **(params or {}))
+        return GuidanceSettings(method=spec.name, weights=tuple(weights or ()),
+                                window_size=window_size if spec.windows else None, window_steps=window_steps,
+                                masked=bool(mask), params=method_params(spec, params or {}, "method"),
+                                sigma_interval=sigma_interval, window_sigma_interval=swg_sigma_interval,
+                                guided_channels=in_channels, max_window_batch=max_window_batch).checked()
     if cfg_channels not in ("reference", "all"):
         raise UsageError(f"cfg_channels must be 'reference' or 'all', got {cfg_channels!r}")
-    den = DiTDenoiser(net)
+    windows = dict(window_size=window_size, window_steps=window_steps, masked=bool(mask),
+                   max_window_batch=max_window_batch)
     if mode in ("none", "uncond"):
-        return guide(den, method="none", weight=None)
+        return GuidanceSettings(method="none", window_steps=window_steps, max_window_batch=max_window_batch).checked()
+    if mode == "swg":
+        return GuidanceSettings(method="swg", weights=(g_scale,), **windows).checked()
+    if mode == "cfg":
+        return GuidanceSettings(method="cfg", weights=(g_scale - 1.0,),
+                                guided_channels=3 if cfg_channels == "reference" else in_channels).checked()
+    return GuidanceSettings(method="cfg-swg", weights=(g_scale, crop_scale), guided_channels=in_channels,
+                            reference_quirks=False, **windows).checked()
+
+
+def dit_guidance(net: torch.nn.Module, mode: str = "none", g_scale: float = 0.0, crop_scale: float = 0.0,
+                 mask: bool = False, window_size=None, window_steps=2, cfg_channels: str = "reference",
+                 max_window_batch: Optional[int] = None, weights=None, params: Optional[dict] = None,
+                 sigma_interval=None, swg_sigma_interval=None, sigma_of=None, perturb=None):
+    """Guided DiT denoiser ``D(x, t, labels) -> [eps, v]`` for one of :data:`DIT_MODES` or another table method
+    (see :func:`dit_settings`); ``sigma_of`` maps a timestep to its noise level (for the sigma intervals),
+    ``perturb`` gives PAG / SEG / SLG their perturbed pass.
+
+    ``window_size`` defaults to :func:`default_window_size` of the network's latent.
+    """
     if window_size is None:
         window_size = default_window_size(net.input_size)
-    eps = slice(0, net.in_channels)
-    if mode == "swg":
-        return guide(den, method="swg", weight=g_scale, window_size=window_size, window_steps=window_steps,
-                     masked=bool(mask), channels=None, max_window_batch=max_window_batch)
-    if mode == "cfg":
-        channels = slice(0, 3) if cfg_channels == "reference" else eps
-        return guide(den, method="cfg", weight=g_scale - 1.0, neg_denoiser=den, channels=channels)
-    return guide(den, method="cfg-swg", weight=(g_scale, crop_scale), neg_denoiser=den,
-                 window_size=window_size, window_steps=window_steps, masked=bool(mask), channels=eps,
-                 reference_quirks=False, max_window_batch=max_window_batch)
+    settings = dit_settings(mode, g_scale, crop_scale, mask, window_size, window_steps, cfg_channels,
+                            net.in_channels, max_window_batch, weights, params, sigma_interval, swg_sigma_interval)
+    return guide_dit(settings, net, sigma_of=sigma_of, perturb=perturb)
+
+
+def guide_dit(settings: GuidanceSettings, net: torch.nn.Module, *, sigma_of=None, perturb=None):
+    """The DiT ``net`` guided by ``settings`` (the null class as the unconditional negative)."""
+    den = DiTDenoiser(net)
+    return settings.guide(den, neg_denoiser=den if settings.spec.needs_neg else None, sigma_of=sigma_of,
+                          perturb=perturb)

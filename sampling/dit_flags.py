@@ -16,13 +16,12 @@ import click
 
 from guidance.table import METHODS, method_param_help
 from sampling import dit_run
-from sampling.dit_run import DEFAULTS
 from utils import dist
 from utils.cli import CONTEXT, flag_names, run_command
 from utils.errors import exit_on_usage_error
 
 __all__ = ["cli", "main", "settings", "FLAGS"]
-D = DEFAULTS
+D = dit_run.DiTOptions()  # the defaults
 # Library parameters whose flag is not simply --<name-with-dashes> (the run's and guidance's names included).
 FLAGS = {"batch": "--per-proc-batch-size", "outdir": "--sample-dir", "weight": "--g-scale", "masked": "--mask",
          "swg_sizes": "--window-size", "swg_steps": "--window-steps"}
@@ -80,77 +79,77 @@ def format_methods() -> str:
 @click.option("--list-methods", "--list_methods", is_flag=True, expose_value=False, is_eager=True,
               callback=_list_methods, help="Print every guidance method with its flags and example weights, and exit.")
 @_method_options
-@click.option("--model", default=D["model"], show_default=True, help="DiT model zoo name (DiT-{S,B,L,XL}/{2,4,8})")
-@click.option("--model-kwargs", "--model_kwargs", "model_kwargs", default=D["model_kwargs"],
+@click.option("--model", default=D.model, show_default=True, help="DiT model zoo name (DiT-{S,B,L,XL}/{2,4,8})")
+@click.option("--model-kwargs", "--model_kwargs", "model_kwargs", default=D.model_kwargs,
               help="JSON constructor overrides for custom checkpoints, e.g. '{\"hidden_size\": 384}'")
-@click.option("--ckpt", default=D["ckpt"],
+@click.option("--ckpt", default=D.ckpt,
               help="DiT checkpoint path/URL, or diffusers DiT weights (DiTPipeline folder, its transformer/ folder, "
                    "or hub id like facebook/DiT-XL-2-256)  [default: the released DiT-XL/2 for the size]")
-@click.option("--vae", type=click.Choice(["ema", "mse"]), default=D["vae"], show_default=True,
+@click.option("--vae", type=click.Choice(["ema", "mse"]), default=D.vae, show_default=True,
               help="stabilityai/sd-vae-ft-{ema,mse}")
-@click.option("--vae-path", "--vae_path", "vae_path", default=D["vae_path"],
+@click.option("--vae-path", "--vae_path", "vae_path", default=D.vae_path,
               help="Local diffusers AutoencoderKL folder")
-@click.option("--sample-dir", "--sample_dir", "sample_dir", default=D["sample_dir"], show_default=True,
+@click.option("--sample-dir", "--sample_dir", "sample_dir", default=D.sample_dir, show_default=True,
               help="Parent folder of the run folder")
 @click.option("--per-proc-batch-size", "--per_proc_batch_size", "per_proc_batch_size", type=int,
-              default=D["per_proc_batch_size"],
+              default=D.per_proc_batch_size,
               show_default=True, help="Images per batch on each process")
-@click.option("--num-fid-samples", "--num_fid_samples", "num_fid_samples", type=int, default=D["num_fid_samples"],
+@click.option("--num-fid-samples", "--num_fid_samples", "num_fid_samples", type=int, default=D.num_fid_samples,
               help="Sample images 0..N-1  [default: 50000]")
-@click.option("--seeds", default=D["seeds"], help="Image indices instead of --num-fid-samples, e.g. 0-999,2000")
-@click.option("--image-size", "--image_size", "image_size", type=int, default=D["image_size"], show_default=True,
+@click.option("--seeds", default=D.seeds, help="Image indices instead of --num-fid-samples, e.g. 0-999,2000")
+@click.option("--image-size", "--image_size", "image_size", type=int, default=D.image_size, show_default=True,
               help="Image resolution (256 or 512 for the released weights)")
-@click.option("--num-classes", "--num_classes", "num_classes", type=int, default=D["num_classes"], show_default=True)
-@click.option("--g-scale", "--g_scale", "g_scale", type=float, default=D["g_scale"], show_default=True,
+@click.option("--num-classes", "--num_classes", "num_classes", type=int, default=D.num_classes, show_default=True)
+@click.option("--g-scale", "--g_scale", "g_scale", type=float, default=D.g_scale, show_default=True,
               help="SWG weight (--crop), CFG scale (--vanila-cfg) or CFG weight (--cfg-crop)")
-@click.option("--crop-scale", "--crop_scale", "crop_scale", type=float, default=D["crop_scale"], show_default=True,
+@click.option("--crop-scale", "--crop_scale", "crop_scale", type=float, default=D.crop_scale, show_default=True,
               help="SWG weight of --cfg-crop")
 @_switch("--crop", help="SWG (M-SWG with --mask 1)")
 @_switch("--mask", help="Masked SWG: guide only where windows overlap")
 @_switch("--cfg-crop", "--cfg_crop", "cfg_crop", help="CFG + SWG")
 @_switch("--uncond", help="Sample the null class (unconditional)")
 @_switch("--vanila-cfg", "--vanila_cfg", "vanila_cfg", help="Plain classifier-free guidance")
-@click.option("--window-size", "--window_size", "--crop-size", "--crop_size", "window_size", type=int, default=D["window_size"],
+@click.option("--window-size", "--window_size", "--crop-size", "--crop_size", "window_size", type=int, default=D.window_size,
               help="SWG window in latent pixels  [default: 5/8 of the latent (20 at 256px, 40 at 512px), "
                    "rounded down to the patch size]")
-@click.option("--window-steps", "--window_steps", "window_steps", type=int, default=D["window_steps"],
+@click.option("--window-steps", "--window_steps", "window_steps", type=int, default=D.window_steps,
               show_default=True,
               help="SWG windows per axis")
 @click.option("--cfg-channels", "--cfg_channels", "cfg_channels", type=click.Choice(["reference", "all"]),
-              default=D["cfg_channels"], show_default=True,
+              default=D.cfg_channels, show_default=True,
               help="Plain CFG on 3 latent channels (DiT release) or all 4")
 @click.option("--pos-embed", "--pos_embed", "pos_embed", type=click.Choice(["resize", "sincos"]),
-              default=D["pos_embed"], show_default=True,
+              default=D.pos_embed, show_default=True,
               help="Window position table: bicubic resize of the trained one (reference) or exact sin-cos")
 @click.option("--num-sampling-steps", "--num_sampling_steps", "num_sampling_steps",
-              default=D["num_sampling_steps"],
+              default=D.num_sampling_steps,
               show_default=True, help="Respacing of the 1000 steps: 250, ddim50, 10,15,20, ...")
-@click.option("--global-seed", "--global_seed", "global_seed", type=int, default=D["global_seed"], show_default=True)
-@click.option("--tf32/--no-tf32", " /--no_tf32", "tf32", default=D["tf32"], show_default=True, help="TF32 matmuls on Ampere+ GPUs")
-@click.option("--save-tar/--no-save-tar", "--save_tar/--no_save_tar", "save_tar", default=D["save_tar"], show_default=True,
+@click.option("--global-seed", "--global_seed", "global_seed", type=int, default=D.global_seed, show_default=True)
+@click.option("--tf32/--no-tf32", " /--no_tf32", "tf32", default=D.tf32, show_default=True, help="TF32 matmuls on Ampere+ GPUs")
+@click.option("--save-tar/--no-save-tar", "--save_tar/--no_save_tar", "save_tar", default=D.save_tar, show_default=True,
               help="Write tar shards of PNGs instead of single PNGs")
-@click.option("--save", type=click.Choice(["png", "tar", "none"]), default=D["save"],
+@click.option("--save", type=click.Choice(["png", "tar", "none"]), default=D.save,
               help="Image output: png (default), tar (= --save-tar), or none: metrics while sampling, no image files")
-@click.option("--keep", type=click.IntRange(min=0), default=D["keep"], show_default=True,
+@click.option("--keep", type=click.IntRange(min=0), default=D.keep, show_default=True,
               help="With --save none: still write the first N images as PNGs")
-@click.option("--save-stats", "--save_stats", "save_stats", default=D["save_stats"],
+@click.option("--save-stats", "--save_stats", "save_stats", default=D.save_stats,
               help="With --save none: write the run's feature statistics (EDM2 pickle layout) to this file")
-@click.option("--save-npz/--no-save-npz", "--save_npz/--no_save_npz", "save_npz", default=D["save_npz"], show_default=True,
+@click.option("--save-npz/--no-save-npz", "--save_npz/--no_save_npz", "save_npz", default=D.save_npz, show_default=True,
               help="Also write <run>/samples.npz (arr_0, uint8 NHWC) for the ADM evaluator")
-@click.option("--subdirs", is_flag=True, default=D["subdirs"], help="PNGs in per-1000 subfolders")
-@click.option("--metrics", default=D["metrics"], show_default=True,
+@click.option("--subdirs", is_flag=True, default=D.subdirs, help="PNGs in per-1000 subfolders")
+@click.option("--metrics", default=D.metrics, show_default=True,
               help="Metrics after sampling (space or comma separated), or none")
-@click.option("--ref-path", "--ref_path", "ref_path", default=D["ref_path"],
+@click.option("--ref-path", "--ref_path", "ref_path", default=D.ref_path,
               help="Reference statistics (path/URL) for the metrics, e.g. dataset_refs/img256.pkl")
-@click.option("--max-window-batch", "--max_window_batch", "max_window_batch", type=int, default=D["max_window_batch"],
+@click.option("--max-window-batch", "--max_window_batch", "max_window_batch", type=int, default=D.max_window_batch,
               help="Cap on the batch of one window network call (memory)")
-@click.option("--device", default=D["device"],
+@click.option("--device", default=D.device,
               help="Torch device  [default: cuda:<LOCAL_RANK> when available, else cpu]")
 @click.option("--prefetch", is_flag=True, default=False, help="Only download what this command needs into the cache")
-@click.option("--use-wandb", "--use_wandb", "use_wandb", type=click.IntRange(0, 1), default=D["use_wandb"],
+@click.option("--use-wandb", "--use_wandb", "use_wandb", type=click.IntRange(0, 1), default=D.use_wandb,
               show_default=True, help="Log arguments, metrics and a sample grid to wandb (rank 0)")
-@click.option("--wandb-group", "--wandb_group", "wandb_group", default=D["wandb_group"], help="wandb group")
-@click.option("--wandb-runname", "--wandb_runname", "wandb_runname", default=D["wandb_runname"], help="wandb run name")
+@click.option("--wandb-group", "--wandb_group", "wandb_group", default=D.wandb_group, help="wandb group")
+@click.option("--wandb-runname", "--wandb_runname", "wandb_runname", default=D.wandb_runname, help="wandb run name")
 @exit_on_usage_error
 @flag_names(FLAGS, dashes=True)
 def cli(prefetch: bool, **opts):

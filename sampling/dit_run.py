@@ -23,21 +23,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 from typing import Optional, Sequence
 
 import torch
 
-from guidance import WindowError, WindowGrid
-from guidance.dit import DIT_MODES, default_window_size, dit_guidance
+from guidance import WindowError
+from guidance.dit import DIT_MODES, default_window_size, dit_settings, guide_dit
+from guidance.settings import GuidanceSettings
 from guidance.table import method_param_names, method_params, method_spec, parse_sigma_interval
 from metrics.api import needs_reference
 from networks.dit import DiT_models, PRETRAINED_DIT
 from networks.dit_diffusers import load_dit_weights, snapshot_source
 from networks.encoders import load_vae as load_autoencoder
 from networks.zoo import close_names
-from sampling import run, run_settings
+from sampling import run, run_folder, run_settings
 from sampling.gaussian_diffusion import create_diffusion, space_timesteps
 from sampling.seeds import draw_dit
 from utils.cache import prefetch as cache_prefetch
@@ -51,49 +53,26 @@ IDENTITY_KEYS = ("model", "model_kwargs", "ckpt", "image_size", "vae", "num_clas
                  "num_sampling_steps", "global_seed", "weights", "g_params", "g_sigma_interval",
                  "swg_sigma_interval")
 
-# Every option of build_config and its default: the command line's flags (underscore spelling).
-DEFAULTS = {
-    "model": "DiT-XL/2", "model_kwargs": None, "ckpt": None, "vae": "ema", "vae_path": None,
-    "sample_dir": "samples", "per_proc_batch_size": 50, "num_fid_samples": None, "seeds": None,
-    "image_size": 256, "num_classes": 1000, "g_scale": 0.0, "crop_scale": 0.0,
-    "crop": 0, "mask": 0, "cfg_crop": 0, "uncond": 0, "vanila_cfg": 0,
-    "window_size": None, "window_steps": 2, "cfg_channels": "reference", "pos_embed": "resize",
-    "num_sampling_steps": "250", "global_seed": 0, "tf32": True, "save_tar": False, "save_npz": False,
-    "save": None, "keep": 0, "save_stats": None,
-    "subdirs": False, "metrics": "fid,fd_dinov2", "ref_path": None, "max_window_batch": None,
-    "device": None, "use_wandb": 0, "wandb_group": None, "wandb_runname": None,
-    # Any other method of guidance.table (apg, cfg-zero-swg, ...), its weights, parameters and sigma intervals.
-    "method": None, "weights": None, "g_sigma_interval": None, "swg_sigma_interval": None,
-    **{name: None for name in method_param_names()},
-}
-# Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder).
-_FLOATS = ("g_scale", "crop_scale")
-_INTS = ("per_proc_batch_size", "num_fid_samples", "image_size", "num_classes", "crop", "mask", "cfg_crop",
-         "uncond", "vanila_cfg", "window_size", "window_steps", "global_seed", "max_window_batch", "use_wandb",
-         "keep")
-_BOOLS = ("tf32", "save_tar", "save_npz", "subdirs")
-_KWARGS = {"hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob", "learn_sigma", "in_channels",
-           "patch_size"}
-
-__all__ = ["DEFAULTS", "VAE_REPOS", "LATENT_SCALE", "IDENTITY_KEYS", "DiTConfig", "DiTBackend", "build_config",
+__all__ = ["DiTOptions", "VAE_REPOS", "LATENT_SCALE", "IDENTITY_KEYS", "DiTConfig", "DiTBackend", "build_config",
            "resolve_config", "folder_name", "run_dir", "decode_latents",
            "load_model", "load_vae", "prefetch", "generate"]
 
 
 @dataclasses.dataclass
-class DiTConfig(run_settings.RunSettings):
-    """Resolved, validated DiT sampling settings (what ``settings.json`` records)."""
+class DiTOptions:
+    """Every option of :func:`build_config` (the command line's flags, underscore spelling) with its type and
+    default: the one place of DiT's defaults (``sample_dit.py``'s flags take theirs from here)."""
 
     model: str = "DiT-XL/2"
-    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    model_kwargs: Optional[str] = None     # JSON text or a dict
     ckpt: Optional[str] = None
-    ckpt_source: Optional[str] = None     # the checkpoint actually loaded (ckpt or the released weights)
     vae: str = "ema"
     vae_path: Optional[str] = None
     sample_dir: str = "samples"
+    per_proc_batch_size: int = 50
     num_fid_samples: Optional[int] = None
+    seeds: Optional[str] = None            # text or a list
     image_size: int = 256
-    latent_size: int = 32
     num_classes: int = 1000
     g_scale: float = 0.0
     crop_scale: float = 0.0
@@ -102,20 +81,88 @@ class DiTConfig(run_settings.RunSettings):
     cfg_crop: int = 0
     uncond: int = 0
     vanila_cfg: int = 0
-    method: str = "none"
-    weights: tuple = ()                   # the weights of a `method` of the table (table convention)
-    g_params: dict = dataclasses.field(default_factory=dict)
-    g_sigma_interval: Optional[tuple] = None
-    swg_sigma_interval: Optional[tuple] = None
     window_size: Optional[int] = None
     window_steps: int = 2
     cfg_channels: str = "reference"
     pos_embed: str = "resize"
     num_sampling_steps: str = "250"
-    timesteps: int = 250
     global_seed: int = 0
     tf32: bool = True
+    save_tar: bool = False
+    save_npz: bool = False
+    save: Optional[str] = None
+    keep: int = 0
+    save_stats: Optional[str] = None
+    subdirs: bool = False
+    metrics: str = "fid,fd_dinov2"         # text or a list
+    ref_path: Optional[str] = None
     max_window_batch: Optional[int] = None
+    device: Optional[str] = None
+    use_wandb: int = 0
+    wandb_group: Optional[str] = None
+    wandb_runname: Optional[str] = None
+    # Any other method of guidance.table (apg, cfg-zero-swg, ...), its weights and sigma intervals; its
+    # parameters (eta ...) are keywords too, named by guidance.table.method_param_names().
+    method: Optional[str] = None
+    weights: Optional[str] = None          # text or a list
+    g_sigma_interval: Optional[str] = None
+    swg_sigma_interval: Optional[str] = None
+
+
+# Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder).
+_CONVERT = {"float": float, "int": int, "Optional[int]": int, "bool": bool}
+# The reference's guidance switches, recorded in settings.json and named in the run folder as given.
+SWITCHES = ("g_scale", "crop_scale", "crop", "mask", "cfg_crop", "uncond", "vanila_cfg")
+# The constructor arguments model_kwargs may override.
+_KWARGS = {"hidden_size", "depth", "num_heads", "mlp_ratio", "class_dropout_prob", "learn_sigma", "in_channels",
+           "patch_size"}
+
+
+@dataclasses.dataclass(kw_only=True)
+class DiTConfig(run_settings.RunSettings):
+    """Resolved, validated DiT sampling settings (what ``settings.json`` records)."""
+
+    model: str
+    model_kwargs: dict
+    ckpt: Optional[str]
+    ckpt_source: str                       # the checkpoint actually loaded (ckpt or the released weights)
+    vae: str
+    vae_path: Optional[str]
+    sample_dir: str
+    num_fid_samples: Optional[int]
+    image_size: int
+    latent_size: int
+    num_classes: int
+    switches: dict                         # SWITCHES as given (settings.json, the folder name); read by nothing else
+    guidance: GuidanceSettings
+    unconditional: bool                    # sample the null class
+    cfg_channels: str
+    pos_embed: str
+    num_sampling_steps: str
+    timesteps: int
+    global_seed: int
+    tf32: bool
+
+    def to_json(self) -> dict:
+        """The settings as saved beside the images, in the keys and order of earlier versions (they resume)."""
+        record = super().to_json()
+        g = self.guidance
+        table = g.method not in DIT_MODES  # a table method (--method), not one of the switches
+        legacy = {**self.switches, "method": "uncond" if self.unconditional else g.method,
+                  "weights": g.weights if table else (), "g_params": dict(g.params),
+                  "g_sigma_interval": g.sigma_interval, "swg_sigma_interval": g.window_sigma_interval,
+                  "window_size": g.window_size[0] if g.window_size else None, "window_steps": g.window_steps[0]}
+        legacy = {k: run_folder.json_value(v) for k, v in legacy.items()}
+        out = {}
+        for key, value in record.items():
+            if key == "switches":
+                out.update(legacy)
+            elif key == "num_images":
+                out["max_window_batch"] = g.max_window_batch
+                out[key] = value
+            elif key not in ("guidance", "unconditional"):
+                out[key] = value
+        return out
 
 
 # ----------------------------------------------------------------------------
@@ -213,18 +260,18 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     ``require_outdir=False``, for callers that only sample in memory).  Unknown
     names raise ``TypeError``; bad values :class:`UsageError`.  Nothing is read or written.
     """
-    unknown = sorted(set(opts) - set(DEFAULTS))
+    fields = {f.name: f for f in dataclasses.fields(DiTOptions)}
+    unknown = sorted(set(opts) - set(fields) - set(method_param_names()))
     if unknown:
         raise TypeError(f"build_config() got unknown option(s) {', '.join(unknown)}; "
-                        f"options are {', '.join(DEFAULTS)}")
-    o = {**DEFAULTS, **opts}
-    for key in _FLOATS:
-        o[key] = float(o[key])
-    for key in _INTS:
-        if o[key] is not None:
-            o[key] = int(o[key])
-    for key in _BOOLS:
-        o[key] = bool(o[key])
+                        f"options are {', '.join([*fields, *method_param_names()])}")
+    params = {name: opts.pop(name, None) for name in method_param_names()}
+    o = {**dataclasses.asdict(DiTOptions(**opts)), **params}
+    for key, field in fields.items():
+        if field.type in _CONVERT and o[key] is not None:
+            o[key] = _CONVERT[field.type](o[key])
+        if field.type == "float" and not math.isfinite(o[key]):
+            raise UsageError(f"`{key}`: '{o[key]}' is not finite; give ordinary numbers")
 
     if o["model"] not in DiT_models:
         close = close_names(o["model"], DiT_models)
@@ -273,10 +320,13 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         window = o["window_size"] or max(patch, default_window_size(latent) // patch * patch)
         if window % patch:
             raise UsageError(f"`window_size` {window} must be a multiple of the patch size {patch}")
-        try:
-            WindowGrid.create(latent, latent, window, o["window_steps"])
-        except WindowError as exc:
-            raise UsageError(f"{exc} (latent {latent}x{latent})") from None
+    guidance = dit_settings(mode, g, c, o["mask"], window, o["window_steps"], o["cfg_channels"],
+                            kwargs.get("in_channels", 4), o["max_window_batch"], weights, g_params, g_sigma,
+                            swg_sigma)
+    try:
+        guidance.check_input(latent, latent)
+    except WindowError as exc:
+        raise UsageError(f"{exc} (latent {latent}x{latent})") from None
 
     steps = str(o["num_sampling_steps"])
     timesteps = len(space_timesteps(1000, steps))
@@ -293,15 +343,11 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         wandb_runname=o["wandb_runname"], device=o["device"],
         model=o["model"], model_kwargs=kwargs, ckpt=o["ckpt"], ckpt_source=ckpt_source, vae=o["vae"],
         vae_path=o["vae_path"], sample_dir=str(o["sample_dir"]), num_fid_samples=o["num_fid_samples"],
-        image_size=o["image_size"], latent_size=latent, num_classes=o["num_classes"], g_scale=g, crop_scale=c,
-        crop=o["crop"], mask=o["mask"], cfg_crop=o["cfg_crop"], uncond=o["uncond"], vanila_cfg=o["vanila_cfg"],
-        method=mode, window_size=window, window_steps=o["window_steps"], cfg_channels=o["cfg_channels"],
-        pos_embed=o["pos_embed"], num_sampling_steps=steps, timesteps=timesteps, global_seed=o["global_seed"],
-        tf32=o["tf32"], max_window_batch=o["max_window_batch"], weights=weights, g_params=g_params,
-        g_sigma_interval=g_sigma, swg_sigma_interval=swg_sigma)
+        image_size=o["image_size"], latent_size=latent, num_classes=o["num_classes"],
+        switches={k: o[k] for k in SWITCHES}, guidance=guidance, unconditional=mode == "uncond",
+        cfg_channels=o["cfg_channels"], pos_embed=o["pos_embed"], num_sampling_steps=steps, timesteps=timesteps,
+        global_seed=o["global_seed"], tf32=o["tf32"])
     cfg.outdir = run_dir(cfg) if require_outdir else None
-    if cfg.max_window_batch is not None and cfg.max_window_batch < 1:
-        raise UsageError("`max_window_batch` must be >= 1")
     run_settings.check_run_settings(cfg, require_outdir=require_outdir)
     return cfg
 
@@ -314,21 +360,23 @@ def resolve_config(opts: dict) -> DiTConfig:
 def folder_name(cfg: DiTConfig) -> str:
     """Run folder named like the reference: model, ckpt, size, vae, scale, seed and method suffixes."""
     ckpt = os.path.basename(str(cfg.ckpt)).replace(".pt", "") if cfg.ckpt else "pretrained"
+    s = cfg.switches
     name = (f"{cfg.model.replace('/', '-')}-{ckpt}-size-{cfg.image_size}-vae-{cfg.vae}-"
-            f"g-{cfg.g_scale}-seed-{cfg.global_seed}")
-    if cfg.crop:
-        name += f"_swg_mask_{int(cfg.mask)}"
-    if cfg.cfg_crop:
-        name += f"_cfg_swg_{cfg.crop_scale}_mask_{int(cfg.mask)}"
-    if cfg.uncond:
+            f"g-{s['g_scale']}-seed-{cfg.global_seed}")
+    if s["crop"]:
+        name += f"_swg_mask_{int(s['mask'])}"
+    if s["cfg_crop"]:
+        name += f"_cfg_swg_{s['crop_scale']}_mask_{int(s['mask'])}"
+    if s["uncond"]:
         name += "_uncond"
-    if cfg.weights:
-        params = "".join(f"_{k}_{v:g}" for k, v in sorted(cfg.g_params.items()))
-        name += f"_{cfg.method}_w_{','.join(f'{w:g}' for w in cfg.weights)}{params}_mask_{int(cfg.mask)}"
-        for key in ("g_sigma_interval", "swg_sigma_interval"):
-            if getattr(cfg, key):
-                name += f"_{key.split('_')[0]}sig_{getattr(cfg, key)[0]:g}-{getattr(cfg, key)[1]:g}"
-    if cfg.vanila_cfg:
+    g = cfg.guidance
+    if g.method not in DIT_MODES:  # a table method (--method)
+        params = "".join(f"_{k}_{v:g}" for k, v in sorted(g.params.items()))
+        name += f"_{g.method}_w_{','.join(f'{w:g}' for w in g.weights)}{params}_mask_{int(s['mask'])}"
+        for key, lo_hi in (("g_sigma_interval", g.sigma_interval), ("swg_sigma_interval", g.window_sigma_interval)):
+            if lo_hi:
+                name += f"_{key.split('_')[0]}sig_{lo_hi[0]:g}-{lo_hi[1]:g}"
+    if s["vanila_cfg"]:
         name += "_vanila_cfg"
     return name.replace(", ", "_").replace("[", "").replace("]", "").replace(" ", "_")
 
@@ -401,11 +449,7 @@ class DiTBackend(run.Backend):
         cfg = self.settings
         self.model, self.vae = model, vae
         self.diffusion = create_diffusion(cfg.num_sampling_steps)
-        self.denoiser = dit_guidance(model, cfg.method, g_scale=cfg.g_scale, crop_scale=cfg.crop_scale,
-                                     mask=cfg.mask, window_size=cfg.window_size, window_steps=cfg.window_steps,
-                                     cfg_channels=cfg.cfg_channels, max_window_batch=cfg.max_window_batch,
-                                     weights=cfg.weights, params=cfg.g_params, sigma_interval=cfg.g_sigma_interval,
-                                     swg_sigma_interval=cfg.swg_sigma_interval, sigma_of=self.diffusion.sigma_of)
+        self.denoiser = guide_dit(cfg.guidance, model, sigma_of=self.diffusion.sigma_of)
         return self
 
     def cost(self) -> Optional[dict]:
@@ -413,12 +457,12 @@ class DiTBackend(run.Backend):
 
     def describe(self) -> str:
         cfg = self.settings
-        return f"{cfg.model} {cfg.method} ({cfg.timesteps} steps)"
+        return f"{cfg.model} {'uncond' if cfg.unconditional else cfg.guidance.method} ({cfg.timesteps} steps)"
 
     def draw(self, seeds: Sequence[int], device, classes=None) -> run.Draw:
         cfg = self.settings
         return draw_dit(seeds, [self.model.in_channels, cfg.latent_size, cfg.latent_size], self.model.num_classes,
-                        device, cfg.global_seed, uncond=cfg.method == "uncond", classes=classes)
+                        device, cfg.global_seed, uncond=cfg.unconditional, classes=classes)
 
     def sample(self, draw: run.Draw) -> torch.Tensor:
         return self.diffusion.p_sample_loop(self.denoiser, draw.noise, draw.labels, randn_like=draw.rnd.randn_like)

@@ -13,10 +13,10 @@ from typing import Optional, Sequence
 
 import click
 
+from guidance.table import METHODS, method_param_help
 from sampling import edm2_run
 from sampling.presets import format_presets
 from utils import dist
-from guidance.table import METHODS, method_param_help
 from utils.cli import CONTEXT, flag_names, option, run_command
 from utils.errors import exit_on_usage_error
 

@@ -23,19 +23,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
 import torch
 
-from guidance import guide, method_spec
-from guidance.table import NEGATIVES, method_param_names, method_params, parse_sigma_interval
-from guidance.windows import WindowError, WindowGrid
+from guidance import method_spec
+from guidance.settings import GuidanceSettings
+from guidance.table import NEGATIVES, method_param_names, parse_sigma_interval
+from guidance.windows import WindowError
 from networks import zoo
 from networks.edm2_pickle import EDM2Checkpoint, load_checkpoint
 from networks.encoders import StabilityVAEEncoder
 from sampling import presets as PR
-from sampling import run, run_settings
+from sampling import run, run_folder, run_settings
 from sampling.edm import edm_sampler
 from sampling.seeds import draw_edm2, make_labels
 from utils import cache
@@ -49,6 +51,10 @@ IDENTITY_KEYS = ("net_pos_pkl", "net_neg_pkl", "class_idx", "steps", "sigma_min"
                  "S_min", "S_max", "S_noise", "g_method", "g_weight", "swg_sizes", "swg_steps",
                  "scale_window_guide", "g_interval", "clean_combos", "g_params", "g_sigma_interval",
                  "swg_sigma_interval")
+# The names of this API (and of sample_edm2.py's flags) for the fields of GuidanceSettings.
+GUIDANCE_NAMES = {"method": "g_method", "weight": "g_weight", "window_size": "swg_sizes", "window_steps": "swg_steps",
+                  "masked": "scale_window_guide", "step_interval": "g_interval", "sigma_interval": "g_sigma_interval",
+                  "window_sigma_interval": "swg_sigma_interval"}
 # Every method parameter of the table (APG's eta ...): a keyword of build_config and a flag.
 METHOD_PARAMS = method_param_names()
 
@@ -69,17 +75,23 @@ class GenerateConfig(run_settings.RunSettings):
     S_min: float = 0.0
     S_max: float = math.inf
     S_noise: float = 1.0
-    g_method: str = "none"
-    g_weight: tuple = ()
-    swg_sizes: Optional[tuple] = None
-    swg_steps: tuple = (2,)
-    scale_window_guide: int = 1
-    g_interval: Optional[tuple] = None
-    clean_combos: bool = False
-    max_window_batch: Optional[int] = None
-    g_params: dict = dataclasses.field(default_factory=dict)   # the method's parameters (guidance.table)
-    g_sigma_interval: Optional[tuple] = None                   # negative's terms only where lo < sigma <= hi
-    swg_sigma_interval: Optional[tuple] = None                 # window term only where lo < sigma <= hi
+    guidance: GuidanceSettings = dataclasses.field(default_factory=GuidanceSettings)
+
+    def to_json(self) -> dict:
+        """The settings as saved beside the images; the guidance under the names of the EDM2 reference's flags,
+        so that folders written by earlier versions resume (:data:`IDENTITY_KEYS`)."""
+        record = super().to_json()
+        del record["guidance"]
+        num_images = record.pop("num_images")
+        g = self.guidance
+        record.update({k: run_folder.json_value(v) for k, v in (
+            ("g_method", g.method), ("g_weight", g.weights), ("swg_sizes", g.window_size),
+            ("swg_steps", g.window_steps), ("scale_window_guide", int(g.masked)), ("g_interval", g.step_interval),
+            ("clean_combos", not g.reference_quirks), ("max_window_batch", g.max_window_batch),
+            ("g_params", dict(g.params)), ("g_sigma_interval", g.sigma_interval),
+            ("swg_sigma_interval", g.window_sigma_interval))})
+        record["num_images"] = num_images
+        return record
 
 
 # ----------------------------------------------------------------------------
@@ -163,15 +175,28 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     if not pos:
         raise UsageError("no positive network; pass `net_pos_pkl` (path, URL or model name) or `preset`")
 
-    spec = method_spec(given["g_method"] or "none", "g_method")
-    method, n = spec.name, spec.num_weights
-    weights = () if given["g_weight"] is None else _floats(given["g_weight"], "g_weight")
-    if n == 0 and weights:
-        raise UsageError("`g_weight` was given but `g_method` is none; choose a guidance method, "
-                         "e.g. `g_method` swg")
-    if n and len(weights) != n:
-        raise UsageError(f"`g_method` {method} takes {n} weight(s), got {len(weights)} "
-                         f"({given['g_weight']!r}); e.g. `g_weight` {spec.example_text()}")
+    method = method_spec(given["g_method"] or "none", "g_method").name
+    if preset_params and method_spec(preset_method).name == method:  # the preset's own parameters
+        params = {**preset_params, **params}
+    sw = given["scale_window_guide"]
+    sw = 1 if sw is None else sw
+    if str(sw) not in ("0", "1"):
+        raise UsageError(f"`scale_window_guide` must be 0 (SWG) or 1 (masked M-SWG), got {sw!r}")
+    guidance = GuidanceSettings(
+        method=method, weights=() if given["g_weight"] is None else _floats(given["g_weight"], "g_weight"),
+        window_size=None if given["swg_sizes"] is None else _ints(given["swg_sizes"], "swg_sizes"),
+        window_steps=_ints(given["swg_steps"] if given["swg_steps"] is not None else 2, "swg_steps"),
+        masked=bool(int(sw)), step_interval=_interval(g_interval),
+        reference_quirks=not kwargs.pop("clean_combos", False), params=params,
+        sigma_interval=parse_sigma_interval(kwargs.pop("g_sigma_interval", None), "g_sigma_interval"),
+        window_sigma_interval=parse_sigma_interval(kwargs.pop("swg_sigma_interval", None), "swg_sigma_interval"),
+        max_window_batch=kwargs.pop("max_window_batch", None))
+    try:
+        guidance = guidance.checked()
+    except UsageError as exc:  # name this API's keywords (g_method, swg_sizes ...), not the description's fields
+        exc.args = (re.sub(r"`(\w+)`", lambda m: f"`{GUIDANCE_NAMES.get(m.group(1), m.group(1))}`", str(exc)),)
+        raise
+    spec = guidance.spec
     if spec.needs_neg and not neg:
         raise UsageError(f"`g_method` {method} needs a negative network ({NEGATIVES[spec.negative]}); "
                          f"pass `net_neg_pkl`")
@@ -179,40 +204,24 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
         print(f"warning: the negative network is not used by guidance method {method}; ignoring it",
               file=sys.stderr)
         neg = None
-    if preset_params and method_spec(preset_method).name == method:  # the preset's own parameters
-        params = {**preset_params, **params}
-    g_params = method_params(spec, params, "g_method")
-    g_sigma = parse_sigma_interval(kwargs.pop("g_sigma_interval", None), "g_sigma_interval")
-    swg_sigma = parse_sigma_interval(kwargs.pop("swg_sigma_interval", None), "swg_sigma_interval")
-    if swg_sigma is not None and not spec.windows:
-        raise UsageError(f"`swg_sigma_interval` limits the window term, but `g_method` {method} has no windows")
-    if g_sigma is not None and not spec.needs_neg:
-        raise UsageError(f"`g_sigma_interval` limits the negative's terms, but `g_method` {method} has none; "
-                         f"use `swg_sigma_interval` for the window term")
-    sizes = None if given["swg_sizes"] is None else _ints(given["swg_sizes"], "swg_sizes")
-    steps_win = _ints(given["swg_steps"] if given["swg_steps"] is not None else 2, "swg_steps")
-    if spec.windows and sizes is None:
-        raise UsageError(f"`g_method` {method} needs a window size; pass `swg_sizes` (e.g. 40 for 512px EDM2)")
-    sw = given["scale_window_guide"]
-    sw = 1 if sw is None else sw
-    if str(sw) not in ("0", "1"):
-        raise UsageError(f"`scale_window_guide` must be 0 (SWG) or 1 (masked M-SWG), got {sw!r}")
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}  # unset options keep the defaults
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(GenerateConfig)})
     if unknown:
         raise TypeError(f"build_config() got unknown option(s) {', '.join(unknown)}")
     cfg = GenerateConfig(net_pos_pkl=pos, net_neg_pkl=neg, outdir=outdir, seeds=run_settings.parse_seeds(seeds),
-                         preset=preset, g_method=method, g_weight=weights, swg_sizes=sizes, swg_steps=steps_win,
-                         scale_window_guide=int(sw), g_interval=_interval(g_interval), g_params=g_params,
-                         g_sigma_interval=g_sigma, swg_sigma_interval=swg_sigma,
-                         ref_path=given["ref_path"], metrics=run_settings.parse_metrics(given["metrics"]), **kwargs)
+                         preset=preset, guidance=guidance, ref_path=given["ref_path"],
+                         metrics=run_settings.parse_metrics(given["metrics"]), **kwargs)
     _check_numbers(cfg)
     run_settings.check_run_settings(cfg, require_outdir=require_outdir)
     return cfg
 
 
 def _check_numbers(cfg: GenerateConfig) -> None:
+    for name in ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise"):
+        value = getattr(cfg, name)
+        if math.isnan(value) or (math.isinf(value) and not (name == "S_max" and value > 0)):  # S_max inf: no bound
+            raise UsageError(f"`{name}`: '{value}' is not finite; give ordinary numbers")
     if cfg.steps < 1:
         raise UsageError(f"`steps` must be >= 1, got {cfg.steps}")
     if not (0 < cfg.sigma_min < cfg.sigma_max) or math.isinf(cfg.sigma_max):
@@ -221,13 +230,12 @@ def _check_numbers(cfg: GenerateConfig) -> None:
         raise UsageError(f"`rho` must be positive, got {cfg.rho}")
     if cfg.S_churn < 0 or cfg.S_noise < 0 or cfg.S_min < 0 or cfg.S_max < cfg.S_min:
         raise UsageError("need `S_churn` >= 0, `S_noise` >= 0 and 0 <= `S_min` <= `S_max`")
-    if cfg.g_interval is not None and cfg.g_interval[1] >= cfg.steps:
-        raise UsageError(f"`g_interval` {cfg.g_interval[0]},{cfg.g_interval[1]} goes past the last step "
+    interval = cfg.guidance.step_interval
+    if interval is not None and interval[1] >= cfg.steps:
+        raise UsageError(f"`g_interval` {interval[0]},{interval[1]} goes past the last step "
                          f"{cfg.steps - 1}; step indices run from 0 to `steps` - 1")
     if cfg.class_idx is not None and cfg.class_idx < 0:
         raise UsageError(f"`class_idx` must be >= 0, got {cfg.class_idx}")
-    if cfg.max_window_batch is not None and cfg.max_window_batch < 1:
-        raise UsageError("`max_window_batch` must be >= 1")
 
 
 # ----------------------------------------------------------------------------
@@ -262,15 +270,16 @@ def check_networks(cfg: GenerateConfig, pos: EDM2Checkpoint, neg: Optional[EDM2C
     if cfg.class_idx is not None and not (0 <= cfg.class_idx < max(label_dim, 0)):
         raise UsageError(f"`class_idx` {cfg.class_idx} is out of range: the network has {label_dim} classes"
                          + ("" if label_dim else " (it is unconditional; drop `class_idx`)"))
-    if method_spec(cfg.g_method).windows:
+    g = cfg.guidance
+    if g.spec.windows:
         try:
-            WindowGrid.create(h, w, cfg.swg_sizes, cfg.swg_steps)
+            g.check_input(h, w)
         except WindowError as exc:
             raise UsageError(f"{exc} (the network works on {h}x{w} latents)") from None
         levels = len(pos.init_kwargs.get("channel_mult", (1, 2, 3, 4)))
         factor = 2 ** (levels - 1)
-        if any(k % factor for k in cfg.swg_sizes):
-            raise UsageError(f"`window_size` {','.join(map(str, cfg.swg_sizes))} must be divisible by {factor} "
+        if any(k % factor for k in g.window_size):
+            raise UsageError(f"`window_size` {','.join(map(str, g.window_size))} must be divisible by {factor} "
                              f"(the U-Net halves the resolution {levels - 1} times)")
 
 
@@ -282,14 +291,8 @@ def _denoiser(net: torch.nn.Module):
 
 def make_guided(cfg: GenerateConfig, pos_net, neg_net):
     """The guided denoiser ``D(x, sigma, labels)`` for ``cfg``."""
-    swg = method_spec(cfg.g_method).windows
-    return guide(_denoiser(pos_net), method=cfg.g_method, weight=cfg.g_weight or None,
-                 neg_denoiser=_denoiser(neg_net) if neg_net is not None else None,
-                 window_size=cfg.swg_sizes if swg else None, window_steps=cfg.swg_steps,
-                 masked=bool(cfg.scale_window_guide), steps=cfg.g_interval,
-                 reference_quirks=not cfg.clean_combos, max_window_batch=cfg.max_window_batch,
-                 sigma_interval=cfg.g_sigma_interval, swg_sigma_interval=cfg.swg_sigma_interval,
-                 still=_still, **cfg.g_params)
+    return cfg.guidance.guide(_denoiser(pos_net), neg_denoiser=_denoiser(neg_net) if neg_net is not None else None,
+                              still=_still)
 
 
 def _still(x: torch.Tensor) -> torch.Tensor:
@@ -343,7 +346,7 @@ class EDM2Backend(run.Backend):
 
     def describe(self) -> str:
         cfg = self.settings
-        return f"EDM2 {cfg.g_method} ({cfg.steps} steps)"
+        return f"EDM2 {cfg.guidance.method} ({cfg.steps} steps)"
 
     def cost(self) -> Optional[dict]:
         return self.guided.cost() if self.guided is not None else None

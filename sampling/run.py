@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from metrics.api import detectors_for
 from metrics.detectors import prefetch as fetch_detectors
+from sampling.cluster import RunGuard, kept_by, sample_batches, set_aside_damaged, stopped
 from sampling.outputs import (finish_stream, load_detectors, load_reference, open_sinks, open_stream, reference_stats,
                               run_metrics, write_npz)
 from sampling.run_folder import check_saved_settings, pending_seeds, probe_outdir, write_evals, write_settings
@@ -48,6 +49,7 @@ from sampling.seeds import Draw
 from sampling.wandb_log import WandbLogger
 from sampling.writer import done_seeds, remove_stale_temps
 from utils import cache, dist
+from utils.preempt import Preempted
 from utils.errors import UsageError
 
 __all__ = ["Backend", "Draw", "split_batches", "prefetch", "progress", "generate"]
@@ -144,7 +146,14 @@ def generate(backend: Backend, *, progress_bar: bool = True, desc: str = "sampli
     Returns the summary ``{"outdir", "requested", "pending", "written" (by this rank), "seconds",
     "metrics" (dict or None), "npz" (path or None)}``.  Runs under torchrun: rank 0 lists
     the finished seeds, the pending ones are dealt to the ranks (:func:`split_batches`).
+    One run per folder (a second is refused); SIGTERM / SIGUSR1 stop it cleanly with
+    :class:`utils.preempt.Stopped` (exit 75): see :mod:`sampling.cluster`.
     """
+    with RunGuard() as guard:
+        return _generate(backend, guard, progress_bar=progress_bar, desc=desc)
+
+
+def _generate(backend: Backend, guard: RunGuard, *, progress_bar: bool, desc: str) -> dict:
     settings = backend.settings
     dist.init()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -161,6 +170,7 @@ def generate(backend: Backend, *, progress_bar: bool = True, desc: str = "sampli
     backend.load(device)
     keys = ("sampler", *backend.identity_keys, "subdirs", "save_tar")
     check_saved_settings(outdir, record, keys)
+    guard.hold(outdir)  # one run per folder, before anything in it is read for resuming or written
     stream = open_stream(settings, outdir, record, keys, device)  # save none: reads (and checks) its saved state
     if stream is not None:
         ref = reference_stats(settings, ref, metrics, device)
@@ -171,9 +181,11 @@ def generate(backend: Backend, *, progress_bar: bool = True, desc: str = "sampli
         outdir.mkdir(parents=True, exist_ok=True)
         write_settings(outdir, record)
         remove_stale_temps(outdir)
+    guard.created = None  # the folder is the run's now
     dist.barrier()
     if stream is None:
-        pending = pending_seeds(settings.seeds, outdir, device)
+        done = set_aside_damaged(outdir)  # rank 0: damaged finished images are drawn again
+        pending = pending_seeds(settings.seeds, outdir, device, done=done)
         batches = split_batches(pending, settings.batch, world, rank)
     else:  # whole detector chunks per rank, so streamed statistics equal write-then-score
         pending = stream.pending_seeds()
@@ -190,22 +202,25 @@ def generate(backend: Backend, *, progress_bar: bool = True, desc: str = "sampli
             print(f"all {len(settings.seeds)} images already exist in {outdir}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    written = 0
-    with contextlib.ExitStack() as stack:
-        sinks = [stack.enter_context(s) for s in open_sinks(settings, outdir, stream)]
-        bar = stack.enter_context(progress(len(pending), progress_bar and rank == 0 and bool(pending), desc))
-        for seeds in batches:
-            images = backend.images(seeds, device)
-            for sink in sinks:
-                sink.write(seeds, images)
-            written += len(seeds)
-            bar.update(min(len(seeds) * world, bar.total - bar.n))
+    sinks = []
+    try:
+        with contextlib.ExitStack() as stack:
+            sinks = [stack.enter_context(s) for s in open_sinks(settings, outdir, stream)]
+            bar = stack.enter_context(progress(len(pending), progress_bar and rank == 0 and bool(pending), desc))
+            written = sample_batches(backend, batches, sinks, device, guard.preemption, bar)
+    except Preempted as exc:  # the outputs are closed: complete images published, streaming state saved
+        raise stopped(exc, outdir=outdir, total=len(settings.seeds), done_before=len(settings.seeds) - len(pending),
+                      kept_here=kept_by(sinks), streaming=stream is not None) from None
     dist.barrier()
     summary = {"outdir": str(outdir), "requested": len(settings.seeds), "pending": len(pending),
                "written": written, "seconds": time.perf_counter() - t0, "metrics": None, "npz": None,
                "evals": backend.cost() if written else None}
     if summary["evals"] and rank == 0:  # counted, not declared: results.collect shows it
         write_evals(outdir, summary["evals"])
+        e = summary["evals"]
+        if e.get("evals_per_step") is not None:
+            print(f"network evaluations per image: {e['evals_per_step']:g} per sampler step, {e['evals_per_call']:g} "
+                  f"per guided call (counted; {outdir / 'evals.json'})", file=sys.stderr)
 
     if settings.save_npz and rank == 0:
         summary["npz"] = str(write_npz(outdir, settings.seeds))

@@ -18,6 +18,15 @@ already published stay intact and the temporary files are removed.
 :func:`done_seeds` lists the seeds already finished, so a
 rerun can produce only the missing ones.
 
+Damaged outputs (a file truncated or emptied after it was published: a copy
+cut short, a quota hit by ``rsync``, a broken disk) are found cheaply, without
+decoding: a PNG must start with the PNG signature and end with the ``IEND``
+chunk (12 bytes read at each end), a tar member's data must lie inside its shard
+and end with ``IEND`` too.  :func:`done_seeds` counts only intact images;
+:func:`set_aside_damaged` renames damaged files to ``<name>.damaged`` (never
+deleted, never read again) so that a resumed run draws those seeds again.
+:class:`ImageIndex` names the file (and tar member) in any read error.
+
 PNG encoding and file writing run in background threads so the sampler keeps
 the accelerator busy; :meth:`ImageWriter.write` only copies the batch to host
 memory and enqueues it (blocking when ``max_pending`` batches are waiting).
@@ -41,11 +50,16 @@ import PIL.Image
 from utils.atomic import create_temp
 from utils.errors import OutputError, UsageError
 
-__all__ = ["png_relpath", "done_seeds", "remove_stale_temps", "ImageWriter", "ImageIndex"]
+__all__ = ["png_relpath", "done_seeds", "scan_outputs", "set_aside_damaged", "finished_seeds", "remove_stale_temps", "ImageWriter",
+           "ImageIndex", "DAMAGED_SUFFIX"]
 
 _PNG_RE = re.compile(r"^(\d+)\.png$")
 _TAR_RE = re.compile(r"^\d+-\d+(-\d+)?\.tar$")
 _TMP_RE = re.compile(r"^\..*\.tmp\d+$")
+_SUBDIR_RE = re.compile(r"^\d{6}$")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC; every PNG ends with it
+DAMAGED_SUFFIX = ".damaged"
 
 
 def png_relpath(seed: int, subdirs: bool = False) -> str:
@@ -78,34 +92,138 @@ def _publish(tmp: pathlib.Path, final: pathlib.Path) -> bool:
     return True
 
 
-def _tar_members(path: pathlib.Path) -> list[str]:
+def _png_intact(f, offset: int, size: int) -> bool:
+    """Whether ``size`` bytes at ``offset`` of the open file ``f`` start and end like a complete PNG."""
+    if size < len(PNG_SIGNATURE) + len(PNG_END):
+        return False
+    f.seek(offset)
+    if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+        return False
+    f.seek(offset + size - len(PNG_END))
+    return f.read(len(PNG_END)) == PNG_END
+
+
+def png_intact(path: os.PathLike | str) -> bool:
+    """Cheap check of a published PNG (signature and end marker; nothing decoded)."""
     try:
-        with tarfile.open(path, "r:") as tar:
-            return tar.getnames()
+        with open(path, "rb") as f:
+            return _png_intact(f, 0, os.fstat(f.fileno()).st_size)
+    except OSError:
+        return False
+
+
+def scan_tar(path: os.PathLike | str) -> tuple[dict, bool]:
+    """``({seed: member name}, intact)`` of a shard: its complete PNG members, and whether nothing is damaged.
+
+    Reads the member headers, 20 bytes per member and the end-of-archive blocks.
+    A member whose data runs past the end of the file or does not start and end
+    like a PNG, an unreadable header, a missing end-of-archive marker or a seed
+    stored twice make the shard damaged; the members before the damage are
+    still listed.
+    """
+    found: dict[int, str] = {}
+    try:
+        with open(path, "rb") as raw:
+            end = os.fstat(raw.fileno()).st_size
+            with tarfile.open(fileobj=raw, mode="r:") as tar:
+                while True:
+                    member = tar.next()
+                    if member is None:  # tarfile also stops quietly at a header cut short: want the end marker
+                        raw.seek(tar.offset)
+                        if raw.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+                            return found, False
+                        break
+                    m = _PNG_RE.match(os.path.basename(member.name))
+                    if not (member.isfile() and m):
+                        continue
+                    if member.offset_data + member.size > end:
+                        return found, False
+                    pos = raw.tell()
+                    ok = _png_intact(raw, member.offset_data, member.size)
+                    raw.seek(pos)
+                    seed = int(m.group(1))
+                    if not ok or seed in found:
+                        return found, False
+                    found[seed] = member.name
     except (tarfile.TarError, OSError, EOFError):
-        return []  # a damaged shard counts as not done; it is never overwritten
+        return found, False
+    return found, bool(found)  # a shard with no image is not one of ours
 
 
-def done_seeds(outdir: os.PathLike | str) -> set[int]:
-    """Seeds whose image is finished in ``outdir``: PNGs (flat or per-1000 folders) and finished tar shards."""
-    outdir = pathlib.Path(outdir)
-    seeds: set[int] = set()
-    if not outdir.is_dir():
-        return seeds
+def _png_files(outdir: pathlib.Path):
+    """``(seed, path)`` of every PNG named by seed in ``outdir`` (flat and per-1000 folders)."""
     for entry in os.scandir(outdir):
         if entry.is_file():
             m = _PNG_RE.match(entry.name)
             if m:
-                seeds.add(int(m.group(1)))
-            elif _TAR_RE.match(entry.name):
-                seeds.update(int(mm.group(1)) for n in _tar_members(pathlib.Path(entry.path))
-                             if (mm := _PNG_RE.match(os.path.basename(n))))
-        elif entry.is_dir() and re.fullmatch(r"\d{6}", entry.name):
+                yield int(m.group(1)), entry.path
+        elif entry.is_dir() and _SUBDIR_RE.match(entry.name):
             for sub in os.scandir(entry.path):
                 m = _PNG_RE.match(sub.name)
                 if m and sub.is_file():
-                    seeds.add(int(m.group(1)))
-    return seeds
+                    yield int(m.group(1)), sub.path
+
+
+def scan_outputs(outdir: os.PathLike | str, *, verify: bool = True) -> tuple[set[int], list[str]]:
+    """``(done seeds, damaged files)`` of a run folder (see the module docstring for the checks).
+
+    ``verify=False`` trusts every PNG named by seed (one directory listing, no file opened).
+    """
+    outdir = pathlib.Path(outdir)
+    seeds: set[int] = set()
+    damaged: list[str] = []
+    if not outdir.is_dir():
+        return seeds, damaged
+    for seed, path in _png_files(outdir):
+        if not verify or png_intact(path):
+            seeds.add(seed)
+        else:
+            damaged.append(path)
+    for entry in os.scandir(outdir):
+        if entry.is_file() and _TAR_RE.match(entry.name):
+            members, intact = scan_tar(entry.path)
+            if intact:
+                seeds.update(members)
+            else:
+                damaged.append(entry.path)
+    return seeds, sorted(damaged)
+
+
+def done_seeds(outdir: os.PathLike | str, *, verify: bool = True) -> set[int]:
+    """Seeds whose image is finished and intact in ``outdir``: PNGs (flat or per-1000 folders) and tar shards.
+
+    A damaged tar shard counts for none of its seeds (they are drawn again once
+    :func:`set_aside_damaged` has moved it away).
+    """
+    return scan_outputs(outdir, verify=verify)[0]
+
+
+def set_aside_damaged(outdir: os.PathLike | str) -> list[str]:
+    """Rename damaged PNGs and shards of ``outdir`` to ``<name>.damaged``; return their former paths.
+
+    Call on one rank before listing the pending seeds; the renamed files are kept
+    for inspection and ignored from then on.
+    """
+    return finished_seeds(outdir)[1]
+
+
+def finished_seeds(outdir: os.PathLike | str) -> tuple[set[int], list[str]]:
+    """``(done seeds, damaged files set aside)``: :func:`done_seeds` and :func:`set_aside_damaged` in one scan."""
+    done, damaged = scan_outputs(outdir)
+    moved = []
+    for path in damaged:
+        target = path + DAMAGED_SUFFIX
+        n = 1
+        while os.path.lexists(target):
+            target, n = f"{path}{DAMAGED_SUFFIX}{n}", n + 1
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise OutputError(path, exc, "--outdir") from exc
+        moved.append(path)
+    return done, moved
 
 
 def remove_stale_temps(outdir: os.PathLike | str) -> int:
@@ -114,7 +232,7 @@ def remove_stale_temps(outdir: os.PathLike | str) -> int:
     count = 0
     if not outdir.is_dir():
         return 0
-    for path in [outdir, *[p for p in outdir.iterdir() if p.is_dir() and re.fullmatch(r"\d{6}", p.name)]]:
+    for path in [outdir, *[p for p in outdir.iterdir() if p.is_dir() and _SUBDIR_RE.match(p.name)]]:
         for p in path.iterdir():
             if _TMP_RE.match(p.name) and p.is_file():
                 p.unlink(missing_ok=True)
@@ -220,9 +338,13 @@ class ImageWriter:
                 continue  # drain so the producer never blocks forever
             try:
                 seeds, images = item
-                pngs = list(self._pool.map(_encode_png, list(images)))
-                for seed, data in zip(seeds, pngs):
-                    self._store(seed, data)
+                if self.tar:  # one shard at a time, members in seed order
+                    pngs = list(self._pool.map(_encode_png, list(images)))
+                    for seed, data in zip(seeds, pngs):
+                        self._store(seed, data)
+                else:  # encode, write and fsync each PNG in the pool: the fsyncs overlap
+                    list(self._pool.map(lambda pair: self._store(pair[0], _encode_png(pair[1])),
+                                        zip(seeds, list(images))))
             except BaseException as exc:  # reported to the producer
                 self._error = exc
         try:
@@ -312,24 +434,26 @@ def iter_pending(seeds: Iterable[int], done: set[int]) -> list[int]:
 
 
 class ImageIndex:
-    """Where each finished image of a run folder lives: a PNG (flat or per-1000 folder) or a tar shard member."""
+    """Where each finished image of a run folder lives: a PNG (flat or per-1000 folder) or a tar shard member.
+
+    Damaged files (see the module docstring) are left out; a read error names the file.
+    """
 
     def __init__(self, outdir: os.PathLike | str):
         self.outdir = pathlib.Path(outdir)
         self.where: dict[int, tuple] = {}
-        for shard in sorted(self.outdir.glob("[0-9]*.tar")):
-            with tarfile.open(shard, "r:") as tar:
-                for member in tar.getmembers():
-                    stem = os.path.basename(member.name).removesuffix(".png")
-                    if member.isfile() and member.name.endswith(".png") and stem.isdigit():
-                        self.where[int(stem)] = ("tar", shard, member.name)
-        for png in [*self.outdir.glob("[0-9]*.png"), *self.outdir.glob("[0-9]" * 6 + "/[0-9]*.png")]:
-            if png.stem.isdigit():
-                self.where[int(png.stem)] = ("png", png, None)
+        if self.outdir.is_dir():
+            for entry in sorted(os.scandir(self.outdir), key=lambda e: e.name):
+                if entry.is_file() and _TAR_RE.match(entry.name):
+                    members, _ = scan_tar(entry.path)
+                    for seed, name in members.items():
+                        self.where[seed] = ("tar", pathlib.Path(entry.path), name)
+            for seed, path in _png_files(self.outdir):
+                self.where[seed] = ("png", pathlib.Path(path), None)
         self._tars: dict = {}
 
     def read(self, seeds: Sequence[int]) -> np.ndarray:
-        """uint8 NHWC images of ``seeds`` in order; a missing one is a :class:`UsageError`."""
+        """uint8 NHWC images of ``seeds`` in order; a missing or unreadable one is a :class:`UsageError`."""
         missing = [s for s in seeds if int(s) not in self.where]
         if missing:
             raise UsageError(f"{len(missing)} images (e.g. {missing[0]:07d}.png) are missing in {self.outdir}; "
@@ -337,14 +461,19 @@ class ImageIndex:
         out = []
         for s in seeds:
             kind, path, member = self.where[int(s)]
-            if kind == "png":
-                data = path.read_bytes()
-            else:
-                if path not in self._tars:
-                    self._tars[path] = tarfile.open(path, "r:")
-                data = self._tars[path].extractfile(member).read()
-            with PIL.Image.open(io.BytesIO(data)) as img:
-                out.append(np.asarray(img.convert("RGB")))
+            where = str(path) if kind == "png" else f"{path} (member {member})"
+            try:
+                if kind == "png":
+                    data = path.read_bytes()
+                else:
+                    if path not in self._tars:
+                        self._tars[path] = tarfile.open(path, "r:")
+                    data = self._tars[path].extractfile(member).read()
+                with PIL.Image.open(io.BytesIO(data)) as img:
+                    out.append(np.asarray(img.convert("RGB")))
+            except (OSError, tarfile.TarError, EOFError, ValueError, SyntaxError) as exc:
+                raise UsageError(f"cannot read image {where}: {exc}; rerun the sampling command to set it aside "
+                                 f"and draw seed {int(s)} again") from exc
         return np.stack(out)
 
     def batches(self, seeds: Sequence[int], batch: int = 64):

@@ -76,8 +76,8 @@ def test_edm2_defaults_are_the_papers_settings():
     from networks.zoo import MODELS
 
     swg = [validate(*split_launcher(c)[1:]) for c in dry_commands("edm2_swg.sh")]
-    assert [c.g_weight for c in swg] == [(0.2,), (1.1,)]
-    assert all(c.g_method == "swg" and c.swg_sizes == (40,) and c.swg_steps == (2,) and c.scale_window_guide == 1
+    assert [c.guidance.weights for c in swg] == [(0.2,), (1.1,)]
+    assert all(c.guidance.method == "swg" and c.guidance.window_size == (40,) and c.guidance.window_steps == (2,) and c.guidance.masked
                and len(c.seeds) == 50000 and c.metrics == ("fid", "fd_dinov2") for c in swg)
     assert swg[0].net_pos_pkl.endswith("edm2-img512-s/edm2-img512-s-2147483-0.100.pkl")
 
@@ -88,40 +88,40 @@ def test_edm2_defaults_are_the_papers_settings():
     for (size, neg), (pos_name, neg_name, weight) in expected.items():
         (cmd,) = dry_commands("edm2_wmg_swg.sh", model_size=size, negative=neg)
         cfg = validate(*split_launcher(cmd)[1:])
-        assert (cfg.net_pos_pkl, cfg.net_neg_pkl, cfg.g_weight) == (MODELS[pos_name], MODELS[neg_name], weight)
-        assert cfg.g_method == "wmg-swg"
+        assert (cfg.net_pos_pkl, cfg.net_neg_pkl, cfg.guidance.weights) == (MODELS[pos_name], MODELS[neg_name], weight)
+        assert cfg.guidance.method == "wmg-swg"
         assert f"/IN512/{size}/{neg}_SWG/" in cfg.outdir
     assert MODELS["raw-img512-xxl-T8"].endswith("edm2-img512-xxl/edm2-img512-xxl-0268435-0.100.pkl")
 
     (cmd,) = dry_commands("edm2_cfg_swg.sh")
     cfg = validate(*split_launcher(cmd)[1:])
-    assert (cfg.g_method, cfg.g_weight) == ("cfg-swg", (0.3, 0.3))
+    assert (cfg.guidance.method, cfg.guidance.weights) == ("cfg-swg", (0.3, 0.3))
     assert cfg.net_neg_pkl == MODELS["raw-img512-xs-uncond"]
 
 
 def test_dit_defaults_are_the_papers_settings():
     swg = [validate(*split_launcher(c)[1:]) for c in dry_commands("dit_swg.sh")]
-    assert [(c.method, c.g_scale, c.mask, c.window_size) for c in swg] == \
-        [("swg", 0.5, 1, 20), ("swg", 1.5, 1, 20)]
+    assert [(c.guidance.method, c.guidance.weights, c.guidance.masked, c.guidance.window_size) for c in swg] == \
+        [("swg", (0.5,), True, (20,)), ("swg", (1.5,), True, (20,))]
     assert all(c.save_tar and len(c.seeds) == 50000 and c.batch == 32 for c in swg)
     (cmd,) = dry_commands("dit_cfg_swg.sh")
     cfg = validate(*split_launcher(cmd)[1:])
-    assert (cfg.method, cfg.g_scale, cfg.crop_scale, cfg.mask) == ("cfg-swg", 0.6, 0.5, 1)
+    assert (cfg.guidance.method, cfg.guidance.weights, cfg.guidance.masked) == ("cfg-swg", (0.6, 0.5), True)
 
 
 def test_environment_overrides_and_weight_list():
     cmds = dry_commands("edm2_swg.sh", g_weight="0.1 0.25 0.4", seeds="0-9", batch=8, swg_sizes=32,
                         scale_window_guide=0, base_out_dir="out dir", metrics="none")
     cfgs = [validate(*split_launcher(c)[1:]) for c in cmds]
-    assert [c.g_weight for c in cfgs] == [(0.1,), (0.25,), (0.4,)]
-    assert all(c.seeds == list(range(10)) and c.batch == 8 and c.swg_sizes == (32,) and c.scale_window_guide == 0
+    assert [c.guidance.weights for c in cfgs] == [(0.1,), (0.25,), (0.4,)]
+    assert all(c.seeds == list(range(10)) and c.batch == 8 and c.guidance.window_size == (32,) and not c.guidance.masked
                and c.metrics == () for c in cfgs)
     assert [c.outdir for c in cfgs] == [f"out dir/IN512/s/SWG/{w}/samples" for w in ("0.1", "0.25", "0.4")]
 
     cmds = dry_commands("dit_cfg_swg.sh", g_weight="0.7,0.1 0.6,0.5", mask=0, save_tar=0, swg_sizes=16)
     cfgs = [validate(*split_launcher(c)[1:]) for c in cmds]
-    assert [(c.g_scale, c.crop_scale, c.mask, c.save_tar, c.window_size) for c in cfgs] == \
-        [(0.7, 0.1, 0, False, 16), (0.6, 0.5, 0, False, 16)]
+    assert [(c.guidance.weights, c.guidance.masked, c.save_tar, c.guidance.window_size) for c in cfgs] == \
+        [((0.7, 0.1), False, False, (16,)), ((0.6, 0.5), False, False, (16,))]
 
 
 def test_cli_validation_catches_bad_sweeps():
@@ -227,3 +227,77 @@ def test_slurm_example_launches_one_torchrun_per_node(tmp_path):
                             f"--rdzv_endpoint=nodeA:{29500 + run}", f"--rdzv_id=42-{run}"]
     for cmd in cmds:
         validate(*split_launcher(cmd)[1:])
+
+
+# srun stand-in that acts like slurmstepd: one task per node, each in its own process group, marked as a
+# step (SLURM_STEP_ID); a signal to srun reaches every process of every task (the sweep and its launcher).
+FAKE_SRUN = """\
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for n in $(seq "$SLURM_NNODES"); do
+    SLURM_NODEID=$((n-1)) SLURM_STEP_ID=0 setsid "$@" &
+    pids+=($!)
+done
+forward() { for p in "${pids[@]}"; do kill -"$1" -- -"$p" 2>/dev/null; done; }
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+rc=0
+for p in "${pids[@]}"; do
+    while true; do wait "$p"; s=$?; kill -0 "$p" 2>/dev/null || break; done
+    [ "$s" -ne 0 ] && [ "$rc" -eq 0 ] && rc=$s
+done
+exit $rc
+"""
+
+# torchrun stand-in: records its start and the signals it gets; a SIGTERM stops it as the samplers stop (75).
+FAKE_TORCHRUN = """\
+trap 'echo "TERM $SLURM_NODEID" >> {log}; exit 75' TERM
+trap 'echo "USR1 $SLURM_NODEID" >> {log}; exit 75' USR1
+echo "start $SLURM_NODEID $*" >> {log}
+sleep 60 &
+wait
+"""
+
+
+def _sbatch_options() -> dict:
+    lines = (BASH / "slurm_example.sbatch").read_text().splitlines()
+    opts = [line.split(None, 1)[1].lstrip("-").split("=", 1) for line in lines if line.startswith("#SBATCH --")]
+    return {kv[0]: kv[1] if len(kv) > 1 else True for kv in opts}
+
+
+def test_slurm_example_passes_bash_n_and_asks_for_requeue_and_a_warning_signal():
+    subprocess.run(["bash", "-n", str(BASH / "slurm_example.sbatch")], check=True)
+    subprocess.run(["bash", "-n", str(BASH / "common.sh")], check=True)
+    opts = _sbatch_options()
+    assert opts["requeue"] is True
+    signal_name, seconds = opts["signal"].removeprefix("B:").split("@")
+    assert opts["signal"].startswith("B:") and signal_name == "USR1" and int(seconds) >= 60
+
+
+@pytest.mark.parametrize("sig,requeued", [("USR1", True), ("TERM", False)])
+def test_slurm_example_stops_the_sweep_on_a_signal_and_requeues_on_usr1(tmp_path, sig, requeued):
+    import signal as sg
+    import time
+
+    log = tmp_path / "log.txt"
+    _fake_bin(tmp_path, "scontrol", f'if [ "$1" = requeue ]; then echo "requeue $2" >> {log}; exit 0; fi\n'
+                                    'printf "nodeA\\nnodeB\\n"\n')
+    _fake_bin(tmp_path, "srun", FAKE_SRUN)
+    _fake_bin(tmp_path, "fake_torchrun", FAKE_TORCHRUN.format(log=log))
+    env = _env(PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_NNODES=2, SLURM_JOB_ID=42, SLURM_RESTART_COUNT=1,
+               SLURM_JOB_NODELIST="node[A-B]", SLURM_SUBMIT_DIR=str(ROOT), GPUS_PER_NODE=1, g_weight="0.5 1.5",
+               SWEEP="dit_swg.sh", PYTHON_LAUNCHER=str(tmp_path / "fake_torchrun"))
+    proc = subprocess.Popen(["bash", str(BASH / "slurm_example.sbatch")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while (not log.exists() or log.read_text().count("start") < 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(getattr(sg, f"SIG{sig}"))
+    _, err = proc.communicate(timeout=30)
+    calls = log.read_text().splitlines()
+    starts = [c for c in calls if c.startswith("start")]
+    assert len(starts) == 2 and all("--g-scale 0.5" in c for c in starts)  # the second weight never started
+    assert sorted(c for c in calls if c.startswith(("TERM", "USR1"))) == ["TERM 0", "TERM 1"]  # once each
+    assert "requeued (1 time(s)): resuming" in err
+    assert ("requeue 42" in calls) == requeued
+    assert proc.returncode == (0 if requeued else 75), err

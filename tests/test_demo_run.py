@@ -46,6 +46,9 @@ def test_demo_end_to_end_rerun_and_resume(tmp_path):
     assert (out / "results.png").stat().st_size > 1000 and (out / "samples.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "| m-swg | swg | 0.2 |" in md and "| cfg-swg | cfg-swg | 0.3,0.3 | uncond |" in md
+    # The counted evaluations per step: 2 Heun steps = 3 guided calls; cfg-swg: 2 + 4 windows per call.
+    evals = {row["method"]: float(row["evals_per_step"]) for row in rows}
+    assert evals["none"] == pytest.approx(1.5) and evals["cfg-swg"] == pytest.approx(6 * 1.5)
     settings = json.loads((out / "demo_settings.json").read_text())
     assert (settings["num"], settings["steps"]) == (4, 2)
     assert [m["name"] for m in settings["methods"]] == ROWS.split(",")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -21,6 +22,7 @@ from sampling.run_folder import check_outdir
 from sampling.writer import ImageIndex
 from networks.dit import create_dit
 from guidance.dit import dit_guidance
+from guidance.table import method_param_names
 from sampling.gaussian_diffusion import create_diffusion
 from utils import cache
 from utils.errors import UsageError
@@ -199,14 +201,16 @@ def _resolve(argv):
 def test_seed_readme_commands_resolve():
     cfg = _resolve(["--model", "DiT-XL/2", "--num-fid-samples", "50000", "--g-scale", "0.5",
                     "--per-proc-batch-size", "32", "--crop", "1", "--mask", "1", "--sample-dir", "s"])
-    assert cfg.method == "swg" and cfg.window_size == 20 and cfg.window_steps == 2
+    g = cfg.guidance
+    assert (g.method, g.weights, g.masked, g.window_size, g.window_steps) == ("swg", (0.5,), True, (20,), (2,))
     assert cfg.ckpt_source == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
     assert dit_run.folder_name(cfg) == "DiT-XL-2-pretrained-size-256-vae-ema-g-0.5-seed-0_swg_mask_1"
     assert len(cfg.seeds) == 50000 and cfg.timesteps == 250
     cfg = _resolve(["--save_tar", "--model", "DiT-XL/2", "--num-fid-samples", "50000", "--g_scale", "0.6",
                     "--per-proc-batch-size", "32", "--cfg_crop", "1", "--crop_scale", "0.5", "--mask", "1",
                     "--image-size", "512", "--metrics", "fid", "fd_dinov2", "--ref_path", "r.pkl"])
-    assert cfg.method == "cfg-swg" and cfg.window_size == 40 and cfg.save_tar
+    g = cfg.guidance
+    assert (g.method, g.weights, g.window_size, g.guided_channels) == ("cfg-swg", (0.6, 0.5), (40,), 4) and cfg.save_tar
     assert cfg.metrics == ("fid", "fd_dinov2") and cfg.ref_path == "r.pkl"
     assert dit_run.folder_name(cfg) == "DiT-XL-2-pretrained-size-512-vae-ema-g-0.6-seed-0_cfg_swg_0.5_mask_1"
     # Both spellings of every two-word flag.
@@ -308,8 +312,9 @@ def test_missing_checkpoint_and_prefetch(assets, tmp_path, capsys):
 def test_api_defaults_are_the_command_line_defaults():
     """build_config() with no options resolves exactly as the command line with no flags."""
     ctx = sample_dit.cli.make_context("sample_dit.py", [])
-    assert set(ctx.params) == set(dit_run.DEFAULTS) | {"prefetch"}
-    assert {k: ctx.params[k] for k in dit_run.DEFAULTS} == dit_run.DEFAULTS
+    defaults = dataclasses.asdict(dit_run.DiTOptions())
+    assert set(ctx.params) == set(defaults) | set(method_param_names()) | {"prefetch"}
+    assert {k: ctx.params[k] for k in defaults} == defaults
     cfg = dit_run.build_config()
     assert cfg == sample_dit.settings([])
     assert cfg.outdir == os.path.join("samples", "DiT-XL-2-pretrained-size-256-vae-ema-g-0.0-seed-0", "samples")
@@ -326,8 +331,10 @@ def test_api_python_values_match_the_flags():
                                num_sampling_steps=3, metrics=[], sample_dir="out")
     assert cfg.outdir == os.path.join("out", "DiT-S-2-c-size-64-vae-ema-g-1.0-seed-0_swg_mask_1", "samples")
     assert cfg.outdir == dit_run.run_dir(flags)
+    saved, saved_flags = dit_run.DiTBackend(cfg).record(), dit_run.DiTBackend(flags).record()
     for key in dit_run.IDENTITY_KEYS + ("seeds", "latent_size", "timesteps", "metrics"):
-        assert getattr(cfg, key) == getattr(flags, key), key
+        assert saved[key] == saved_flags[key], key
+    assert cfg.guidance == flags.guidance
     with pytest.raises(TypeError, match="g_weight"):
         dit_run.build_config(g_weight=0.5)
     with pytest.raises(UsageError, match="needs `crop` 1 or `cfg_crop` 1"):  # the API names parameters

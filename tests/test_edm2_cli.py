@@ -160,14 +160,15 @@ def test_presets_resolve(nets):
     cfg = edm2_run.build_config(preset="swg-edm2-s-rct-mswg", outdir=None, require_outdir=False)
     assert cfg.net_pos_pkl.endswith("edm2-img512-s/edm2-img512-s-2147483-0.100.pkl")
     assert cfg.net_neg_pkl.endswith("edm2-img512-xs/edm2-img512-xs-0134217-0.100.pkl")
-    assert (cfg.g_method, cfg.g_weight, cfg.swg_sizes, cfg.swg_steps) == ("wmg-swg", (1.2, 0.14), (40,), (2,))
+    g = cfg.guidance
+    assert (g.method, g.weights, g.window_size, g.window_steps) == ("wmg-swg", (1.2, 0.14), (40,), (2,))
     assert cfg.ref_path.endswith("dataset-refs/img512.pkl")
     # The command line wins over the preset.
     cfg = edm2_run.build_config(preset="swg-edm2-s-mswg-0.2", net_pos_pkl=str(nets / "pos.pkl"), g_weight="0.7",
                                 outdir=None, require_outdir=False)
-    assert cfg.net_pos_pkl == str(nets / "pos.pkl") and cfg.g_weight == (0.7,) and cfg.g_method == "swg"
+    assert cfg.net_pos_pkl == str(nets / "pos.pkl") and cfg.guidance.weights == (0.7,) and cfg.guidance.method == "swg"
     cfg = edm2_run.build_config(preset="edm2-img512-s-guid-dino", outdir=None, require_outdir=False)
-    assert cfg.g_method == "cfg" and cfg.g_weight == (0.9,)
+    assert cfg.guidance.method == "cfg" and cfg.guidance.weights == (0.9,)
 
 
 def test_preset_through_cli(nets, tmp_path, capsys):

@@ -88,7 +88,7 @@ def test_dit_images_equal_the_library(assets, tmp_path, method, params):
     dit_run.generate(cfg, progress=False)
     run = tmp_path / dit_run.folder_name(cfg) / "samples"
     got = [np.asarray(PIL.Image.open(run / f"{s:07d}.png")) for s in (0, 1)]
-    want = _expected(assets, method, spec.example, [0, 1], params=cfg.g_params, sigma_interval=(0.5, math.inf),
+    want = _expected(assets, method, spec.example, [0, 1], params=cfg.guidance.params, sigma_interval=(0.5, math.inf),
                      window_size=6, mask=spec.windows)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)

@@ -106,7 +106,7 @@ def test_parameters_and_intervals_are_checked_once_naming_the_parameter(nets, tm
     with pytest.raises(UsageError, match="`swg_sigma_interval` limits the window term"):
         _config(nets, tmp_path / "o", "apg", swg_sigma_interval="0.1,1")
     cfg = _config(nets, tmp_path / "o", "tcfg-swg", g_sigma_interval="0.28,2.9", swg_sigma_interval="1,inf")
-    assert cfg.g_sigma_interval == (0.28, 2.9) and cfg.swg_sigma_interval == (1.0, float("inf"))
+    assert cfg.guidance.sigma_interval == (0.28, 2.9) and cfg.guidance.window_sigma_interval == (1.0, float("inf"))
     assert not (tmp_path / "o").exists()
 
 
@@ -116,11 +116,11 @@ def test_zoo_presets_carry_their_parameters():
     assert {p.g_method for p in zoo.values()} == set(ZOO)
     for name, p in zoo.items():
         cfg = edm2_run.build_config(preset=name, outdir=None, require_outdir=False)
-        assert cfg.g_method == p.g_method and cfg.g_params == METHODS[p.g_method].param_values(**(p.g_params or {}))
+        assert cfg.guidance.method == p.g_method and cfg.guidance.params == METHODS[p.g_method].param_values(**(p.g_params or {}))
     cfg = edm2_run.build_config(preset="demo-digits-apg", eta=0.25, outdir=None, require_outdir=False)
-    assert cfg.g_params["eta"] == 0.25 and cfg.g_params["momentum"] == -0.5   # flag wins, preset fills the rest
+    assert cfg.guidance.params["eta"] == 0.25 and cfg.guidance.params["momentum"] == -0.5   # flag wins, preset fills the rest
     cfg = edm2_run.build_config(preset="demo-digits-apg", g_method="cfg", outdir=None, require_outdir=False)
-    assert cfg.g_params == {}   # another method drops the preset's parameters
+    assert cfg.guidance.params == {}   # another method drops the preset's parameters
 
 
 def test_results_collect_shows_the_counted_evaluations(nets, tmp_path):
@@ -167,3 +167,13 @@ def test_cli_flags_one_vs_two_ranks_identical(nets, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--zero_steps is a parameter of cfg-zero; --g_method apg-swg does not use it" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_sweep_lines_take_the_zoo_presets():
+    """results.sweep (and bash/sweep.sh, which passes its lines on) runs a zoo preset at each weight of its line."""
+    from results.sweep import parse_line
+
+    line = parse_line("APG+M-SWG=demo-digits-apg-mswg:0.4,0.1 0.4,0.3")
+    cfg = edm2_run.build_config(preset=line.preset, g_weight=line.weights[1], outdir=None, require_outdir=False)
+    assert (cfg.guidance.method, cfg.guidance.weights) == ("apg-swg", (0.4, 0.3))
+    assert cfg.guidance.params == {"eta": 0.0, "norm_threshold": 0.0, "momentum": -0.5}

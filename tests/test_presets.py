@@ -117,7 +117,7 @@ def test_demo_presets_point_at_the_shipped_files_from_any_directory(tmp_path, mo
             if path:
                 assert pathlib.Path(path).is_absolute() and pathlib.Path(path).is_file(), path
         cfg = build_config(preset=name, outdir=str(tmp_path / "out"), seeds="0-15")
-        assert (cfg.g_method, cfg.net_pos_pkl, cfg.ref_path) == (method, p.net_pos_pkl, p.ref_path)
+        assert (cfg.guidance.method, cfg.net_pos_pkl, cfg.ref_path) == (method, p.net_pos_pkl, p.ref_path)
     meta = json.loads((repo / "demo" / "models" / "digits-cond.json").read_text())
     assert meta["init_kwargs"]["img_resolution"] == 16  # 12x12 windows, 2 per axis, fit 16x16
     assert not (repo / "demo" / "presets.json").exists()  # one source of truth: this module

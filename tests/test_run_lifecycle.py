@@ -283,15 +283,15 @@ def test_edm2_both_spellings_give_the_same_settings():
                                   "--swg_sizes", "8", "--scale_window_guide", "0", "--S_churn", "1"])
     dash = sample_edm2.settings(["--net-pos-pkl", "x.pkl", "--outdir", "o", "--g-method", "swg", "--g-weight", "0.2",
                                  "--swg-sizes", "8", "--scale-window-guide", "0", "--S-churn", "1"])
-    assert under == dash and dash.S_churn == 1.0 and dash.scale_window_guide == 0
+    assert under == dash and dash.S_churn == 1.0 and not dash.guidance.masked
 
 
 def test_dit_bare_switches_mean_one():
     bare = sample_dit.settings(["--crop", "--mask", "--g-scale", "0.5", "--metrics", "none"])
     given = sample_dit.settings(["--crop", "1", "--mask", "1", "--g-scale", "0.5", "--metrics", "none"])
-    assert bare == given and bare.method == "swg" and bare.mask == 1
+    assert bare == given and bare.guidance.method == "swg" and bare.guidance.masked and bare.switches["mask"] == 1
     off = sample_dit.settings(["--crop", "0", "--metrics", "none"])
-    assert off.method == "none" and off.crop == 0
+    assert off.guidance.method == "none" and off.switches["crop"] == 0
 
 
 def test_list_presets(capsys):

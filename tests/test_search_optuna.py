@@ -141,7 +141,7 @@ def test_dit_trial_arguments():
     argv = S.sampler_argv("dit", ["--method", "fdg-swg", "--mask", "1"], [0.2, 0.4, 0.1], folder)
     assert argv == ["--method", "fdg-swg", "--mask", "1", "--weights", "0.2,0.4,0.1", "--sample-dir", str(folder)]
     cfg = S._flags("dit").settings([*argv, "--metrics", "none", "--ckpt", "c.pt", "--model", "DiT-S/2"])
-    assert cfg.method == "fdg-swg" and cfg.weights == (0.2, 0.4, 0.1)
+    assert cfg.guidance.method == "fdg-swg" and cfg.guidance.weights == (0.2, 0.4, 0.1)
 
 
 RANK_SCRIPT = """

@@ -2,6 +2,8 @@
 
 * :class:`UsageError` (bad input)            -> ``error: <message>``, exit 2;
 * :class:`OutputError` / :class:`OSError`     -> ``error: cannot write <path>: <cause> (errno N); <fix>``, exit 2;
+* :class:`utils.preempt.Stopped` (SIGTERM / SIGUSR1, a lost peer) -> ``stopped: <what was kept; how to resume>``,
+  exit 75;
 * ``KeyboardInterrupt`` (Ctrl-C)              -> ``interrupted; rerun the same command to resume``, exit 130
   (commands that cannot resume, such as training, say so instead).
 
@@ -25,7 +27,7 @@ from typing import Optional
 
 from utils.threads import apply_default_threads
 
-__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "describe_os_error", "INTERRUPTED"]
+__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "describe_os_error", "report_once", "INTERRUPTED"]
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 RANK_WAIT_S = 5.0  # how long a failing rank other than 0 waits to see whether rank 0 reports the error
@@ -118,13 +120,13 @@ def _close_progress_bars() -> None:
             pass
 
 
-def _report_once(line: str, wait_s: Optional[float] = None) -> None:
-    """Print ``error: <line>`` once for the job (see the module docstring)."""
+def report_once(line: str, wait_s: Optional[float] = None, prefix: str = "error") -> None:
+    """Print ``<prefix>: <line>`` (``error: ...``) once for the job (see the module docstring)."""
     _close_progress_bars()
     wait_s = RANK_WAIT_S if wait_s is None else wait_s
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     if world <= 1:
-        print(f"error: {line}", file=sys.stderr, flush=True)
+        print(f"{prefix}: {line}", file=sys.stderr, flush=True)
         return
     store = _torchrun_store()
     key = f"swg_error/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
@@ -139,7 +141,7 @@ def _report_once(line: str, wait_s: Optional[float] = None) -> None:
         ask("set", f"{key}/rank0", "1")
         if ask("add", f"{key}/printed", 1, default=1) != 1:
             return  # a rank that failed long before rank 0 has reported it already
-        print(f"error: {line}", file=sys.stderr, flush=True)
+        print(f"{prefix}: {line}", file=sys.stderr, flush=True)
         return
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -148,7 +150,7 @@ def _report_once(line: str, wait_s: Optional[float] = None) -> None:
         time.sleep(0.05)
     if ask("add", f"{key}/printed", 1, default=1) != 1:
         return
-    print(f"error: rank {rank}: {line}", file=sys.stderr, flush=True)
+    print(f"{prefix}: rank {rank}: {line}", file=sys.stderr, flush=True)
 
 
 def _ignore_sigint() -> None:
@@ -180,11 +182,12 @@ def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED):
         apply_default_threads()  # every CLI passes here first: torch's CPU threads (utils/threads.py)
         try:
             return fn(*args, **kwargs)
-        except UsageError as exc:
-            _report_once(_one_line(exc))
+        except UsageError as exc:  # also utils.preempt.Stopped: 'stopped: ...', exit 75
+            if not (getattr(exc, "rank0_prints", False) and _env_int("RANK", 0) != 0):  # every rank agreed on it
+                report_once(_one_line(exc), prefix=getattr(exc, "prefix", "error"))
             sys.exit(exc.exit_code)
         except OSError as exc:
-            _report_once(_one_line(describe_os_error(exc)))
+            report_once(_one_line(describe_os_error(exc)))
             sys.exit(UsageError.exit_code)
         except KeyboardInterrupt:
             _ignore_sigint()  # torchrun forwards the terminal's Ctrl-C: a second one must not print a traceback
