@@ -291,13 +291,7 @@ def _denoiser(net: torch.nn.Module):
 
 def make_guided(cfg: GenerateConfig, pos_net, neg_net):
     """The guided denoiser ``D(x, sigma, labels)`` for ``cfg``."""
-    return cfg.guidance.guide(_denoiser(pos_net), neg_denoiser=_denoiser(neg_net) if neg_net is not None else None,
-                              still=_still)
-
-
-def _still(x: torch.Tensor) -> torch.Tensor:
-    """EDM's denoiser prediction that holds ``x`` in place (``D = x``: zero ODE velocity), CFG-Zero*'s zero output."""
-    return x
+    return cfg.guidance.guide(_denoiser(pos_net), neg_denoiser=_denoiser(neg_net) if neg_net is not None else None)
 
 
 # ----------------------------------------------------------------------------
