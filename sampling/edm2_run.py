@@ -39,7 +39,7 @@ from networks.encoders import StabilityVAEEncoder
 from sampling import presets as PR
 from sampling import run, run_folder, run_settings
 from sampling.edm import edm_sampler
-from sampling.seeds import draw_edm2, make_labels
+from sampling.seeds import draw_edm2
 from utils import cache
 from utils.errors import UsageError
 
@@ -297,17 +297,7 @@ def make_guided(cfg: GenerateConfig, pos_net, neg_net):
     """The guided denoiser ``D(x, sigma, labels)`` for ``cfg`` (PAG / SEG / SLG: blocks checked against ``pos_net``)."""
     pos = _denoiser(pos_net)
     return cfg.guidance.guide(pos, neg_denoiser=_denoiser(neg_net) if neg_net is not None else None,
-                              still=_still, perturb=cfg.guidance.perturber(pos, pos_net))
-
-
-def _still(x: torch.Tensor) -> torch.Tensor:
-    """EDM's denoiser prediction that holds ``x`` in place (``D = x``: zero ODE velocity), CFG-Zero*'s zero output."""
-    return x
-
-
-def _make_labels(rnd, label_dim: int, class_idx: Optional[int], n: int, device):
-    """One-hot labels of a batch (kept for callers of the old name; see :func:`sampling.seeds.make_labels`)."""
-    return make_labels(rnd, label_dim, class_idx, n, device)[0]
+                              perturb=cfg.guidance.perturber(pos, pos_net))
 
 
 # ----------------------------------------------------------------------------
