@@ -13,7 +13,18 @@ name                      detector         result keys
 ``pr_dinov2``             DINOv2 CLS       ``precision_dinov2``, ``recall_dinov2``
 ``fd_digits``             digits features  ``fd_digits`` (offline demo, 128-d)
 ``conf_digits``           digits probs     ``conf_digits`` = exp(E_x KL(p(y|x) || p(y))), 1 split
+``sfid``                  Inception tap    ``sfid`` (ADM: mixed_6/conv, 7 channels, 2023-d)
+``fd_clip``               CLIP CLS         ``fd_clip`` (CLIP ViT-L/14, as dgm-eval)
+``kid_<detector>``        features         ``kid_<detector>``, ``kid_<detector>_std``
+``dc_<detector>``         features         ``density_<detector>``, ``coverage_<detector>``
+``pr_clip``               CLIP CLS         ``precision_clip``, ``recall_clip``
 ========================  ===============  ==================================================
+
+Short names (:data:`ALIASES`): ``pr``, ``kid``, ``dc`` are the Inception ones; ``adm`` is
+``fid,sfid,is,pr_inception``, the five numbers of ADM's evaluator and DiT's table.
+Precision/recall, KID and density/coverage need the reference's feature *rows*: a reference
+built with ``python -m metrics ref --features N``, an image folder, or an ADM reference batch
+(its ``arr_0`` images; their rows are computed once and cached, :func:`reference_rows`).
 
 FID and FD-DINOv2 compare ``N(mu, sigma)`` of the generated images with the
 reference's block ``'fid'`` / ``'fd_dinov2'`` (EDM2's pickles).  Precision and
@@ -595,7 +606,7 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
     # Validate cheap things (reference, image count, resolution) before loading any network.
     if isinstance(images, (str, os.PathLike)):
         images = open_images(images)
-    if need_ref and ref is None and not is_image_source(ref_path or ""):
+    if need_ref and ref is None and (ref_path is None or not is_image_source(ref_path)):
         ref = _reference(ref_path, need_ref, **opts)
     if need_ref and ref is not None:
         check_ref_covers(ref, need_ref, where)

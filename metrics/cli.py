@@ -20,7 +20,7 @@ from utils.device import resolve_device
 from utils.errors import UsageError, exit_on_usage_error
 
 from utils import dist
-from .api import (METRICS, STAT_KEYS, blocks_for, calc_metrics, compute_stats, detectors_for, parse_metrics,
+from .api import (ALIASES, METRICS, STAT_KEYS, blocks_for, calc_metrics, compute_stats, detectors_for, parse_metrics,
                   write_metrics)
 from .images import open_images, select_indices
 from .refs import save_adm_ref, save_ref
@@ -59,7 +59,7 @@ def _with_common(fn):
 @click.pass_context
 @exit_on_usage_error
 def main(ctx):
-    """FID, FD-DINOv2, Inception score, saturation and precision/recall of generated images."""
+    """FID, sFID, FD-DINOv2, FD-CLIP, IS, KID, precision/recall, density/coverage and saturation of images."""
     if ctx.invoked_subcommand is None:
         raise UsageError("no command; use 'python -m metrics calc IMAGES --ref REF' (or ref, combine; "
                          "--help lists them)")
@@ -69,7 +69,9 @@ def main(ctx):
 @click.argument("images_arg", metavar="[IMAGES]", required=False)
 @click.option("--images", default=None, help="folder (recursive PNG/JPEG, tar shards), .zip, .tar or ADM .npz (or give it as IMAGES)")
 @click.option("--ref", "ref", default=None, help="reference .pkl/.npz, URL, or an image folder")
-@click.option("--metrics", default="fid,fd_dinov2", show_default=True, help=f"comma list of {','.join(METRICS)}")
+@click.option("--metrics", default="fid,fd_dinov2", show_default=True,
+              help=f"comma list of {','.join(METRICS)}; short names: pr, kid, dc (Inception), "
+                   f"adm = {','.join(ALIASES['adm'])} (ADM's and DiT's five numbers)")
 @click.option("--num", default=None, type=int, help="use N images drawn with --seed (default: all)")
 @click.option("--seed", default=0, show_default=True, help="seed of the --num choice")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="also write metrics.json and metrics.csv here")

@@ -27,6 +27,7 @@ from utils.errors import UsageError
 __all__ = [
     "IMAGE_EXTS",
     "ACCEPTED_MODES",
+    "to_rgb_array",
     "ImageSource",
     "open_images",
     "select_indices",
@@ -49,7 +50,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ACCEPTED_MODES = EIGHT_BIT_MODES + SIXTEEN_BIT_MODES
 
 
-def _to_rgb_array(img: PIL.Image.Image, name: str = "image") -> np.ndarray:
+def to_rgb_array(img: PIL.Image.Image, name: str = "image") -> np.ndarray:
     """HWC uint8 RGB of a decoded image.
 
     16-bit grey (``I;16*``, ``I``) keeps its high byte, ``v >> 8`` (values clipped to
@@ -71,7 +72,7 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     try:
         with PIL.Image.open(io.BytesIO(data)) as img:
             img.load()
-            return _to_rgb_array(img, name)
+            return to_rgb_array(img, name)
     except UsageError:
         raise
     except Exception as exc:

@@ -175,5 +175,5 @@ def test_sweep_lines_take_the_zoo_presets():
 
     line = parse_line("APG+M-SWG=demo-digits-apg-mswg:0.4,0.1 0.4,0.3")
     cfg = edm2_run.build_config(preset=line.preset, g_weight=line.weights[1], outdir=None, require_outdir=False)
-    assert (cfg.g_method, cfg.g_weight) == ("apg-swg", (0.4, 0.3))
-    assert cfg.g_params == {"eta": 0.0, "norm_threshold": 0.0, "momentum": -0.5}
+    assert (cfg.guidance.method, cfg.guidance.weights) == ("apg-swg", (0.4, 0.3))
+    assert cfg.guidance.params == {"eta": 0.0, "norm_threshold": 0.0, "momentum": -0.5}

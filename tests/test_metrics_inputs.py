@@ -103,7 +103,7 @@ def _expected_rgb(mode: str, img: PIL.Image.Image) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", ACCEPTED_MODES)
 def test_every_accepted_mode_reads_as_8_bit_rgb(mode):
-    from metrics.images import _to_rgb_array
+    from metrics.images import to_rgb_array
 
     rng = np.random.default_rng(len(mode))
     h, w = 4, 5
@@ -133,16 +133,16 @@ def test_every_accepted_mode_reads_as_8_bit_rgb(mode):
         order = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}[mode]
         img = PIL.Image.frombytes(mode, (w, h), rng.integers(0, 65536, (h, w)).astype(order).tobytes())
     assert img.mode == mode
-    got = _to_rgb_array(img, "x")
+    got = to_rgb_array(img, "x")
     assert got.dtype == np.uint8 and got.shape == (h, w, 3)
     np.testing.assert_array_equal(got, _expected_rgb(mode, img))
 
 
 def test_other_modes_are_refused_in_one_line():
-    from metrics.images import _to_rgb_array
+    from metrics.images import to_rgb_array
 
     with pytest.raises(UsageError, match=r"image x\.tif has PIL mode 'F'.*convert it to 8-bit RGB"):
-        _to_rgb_array(PIL.Image.new("F", (2, 2)), "x.tif")
+        to_rgb_array(PIL.Image.new("F", (2, 2)), "x.tif")
 
 
 def test_references_record_their_resolution_and_a_mismatch_is_refused(tmp_path):
