@@ -12,7 +12,7 @@ only: the flags are :mod:`sampling.dit_flags`, the work :mod:`sampling.dit_run`
 
 import sys
 
-from sampling.dit_flags import FLAGS, cli, main, settings  # noqa: F401
+from sampling.dit_flags import FLAGS, cli, main, settings
 
 __all__ = ["FLAGS", "cli", "main", "settings"]
 

@@ -17,7 +17,7 @@ Example (M-SWG with EDM2-S, as in the SWG README):
 
 import sys
 
-from sampling.edm2_flags import FLAGS, cli, main, settings  # noqa: F401
+from sampling.edm2_flags import FLAGS, cli, main, settings
 
 __all__ = ["FLAGS", "cli", "main", "settings"]
 

@@ -147,7 +147,7 @@ class _PersistencePickler(pickle.Pickler):
         if isinstance(obj, PERSISTENT_CLASSES) or type(obj) in _OFFICIAL_NAMES:
             name = _OFFICIAL_NAMES.get(type(obj), type(obj).__name__)
             state = dict(obj.__dict__)
-            for attr in ("_wcache", "cache_weights", "_cache_device"):  # this project's inference cache
+            for attr in edm2.INFERENCE_ATTRS:  # this project's inference cache, not in EDM2's pickles
                 state.pop(attr, None)
             state.setdefault("_init_args", ())
             state.setdefault("_init_kwargs", {})

@@ -277,12 +277,12 @@ def _accuracy(ref: Reference, device, steps: int, batch: int) -> dict:
         lat = torch.randn(8, 4, 64, 64, device=device)
         t32 = timed(lambda: encoder.decode(lat), device, 1, 3)
         p32 = encoder.decode(lat)
-        encoder._vae.half()
-        dec16 = lambda: encoder._vae.decode((lat.half() - torch.as_tensor(encoder.bias, device=device).half().view(1, -1, 1, 1))  # noqa: E731
+        encoder.vae.half()
+        dec16 = lambda: encoder.vae.decode((lat.half() - torch.as_tensor(encoder.bias, device=device).half().view(1, -1, 1, 1))  # noqa: E731
                                             / torch.as_tensor(encoder.scale, device=device).half().view(1, -1, 1, 1)).sample
         t16 = timed(dec16, device, 1, 3)
         p16 = dec16().float().clamp(0, 1).mul(255).to(torch.uint8)
-        encoder._vae.float()
+        encoder.vae.float()
         out["vae_decode"] = {"batch": 8, "fp32_s": t32, "fp16_s": t16, "psnr_fp16_vs_fp32_db": psnr(p16, p32)}
     return out
 
@@ -343,16 +343,14 @@ def _variant(net, variant: str, steps: int):
     from sampling.edm import edm_sampler
 
     if variant == "nocache":  # every weight re-normalised on every call, as the reference does
-        from networks import edm2 as ours_edm2
-
         guided = guide(net, "swg", 0.2, window_size=40, window_steps=2, masked=True)
 
         def run(noise, labels):
-            ours_edm2.WEIGHT_CACHE = False
+            net.use_weight_cache(False)
             try:
                 return edm_sampler(guided, noise, labels, num_steps=steps)
             finally:
-                ours_edm2.WEIGHT_CACHE = True
+                net.use_weight_cache(True)
         return run
     if variant in ("compile", "cudagraphs"):  # cudagraphs: compiled and replayed as CUDA graphs
         import torch._inductor.config as inductor_config

@@ -154,17 +154,22 @@ def write_vae_folder(folder: pathlib.Path, seed: int = 0) -> int:
     return sum(p.numel() for p in vae.parameters())
 
 
+def random_inception_path(cache: pathlib.Path) -> pathlib.Path:
+    """Where the random Inception-v3 weights go: named as such, so no sha256 in the name promises the real ones."""
+    return pathlib.Path(cache) / "random-weights" / "pt_inception-random.pth"
+
+
 def write_detectors(seed: int = 0) -> dict:
     """Inception-v3 (port layout) and DINOv2 ViT-L/14 (timm ``model.safetensors``, 518 px table) in the cache."""
     import safetensors.torch
     import timm
 
     from metrics.dinov2 import DINOV2_SOURCE
-    from metrics.inception import INCEPTION_URL, InceptionV3
-    from utils.cache import cache_path
+    from metrics.inception import InceptionV3
+    from utils.cache import cache_dir, cache_path
 
     torch.manual_seed(seed)
-    inc = cache_path(INCEPTION_URL)
+    inc = random_inception_path(cache_dir())
     if not inc.is_file():
         inc.parent.mkdir(parents=True, exist_ok=True)
         torch.save(InceptionV3().state_dict(), inc)
@@ -433,8 +438,8 @@ def count_pngs(folder: pathlib.Path) -> int:
 def offline_env(cache: pathlib.Path) -> dict:
     """The environment of every process: the temporary cache, offline, no run logging."""
     return dict(SWG_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled",
-                PYTHONPATH=str(ROOT),
-                SWG_SKIP_WEIGHT_HASH="1")  # random Inception weights under the official, hash-bearing name
+                PYTHONPATH=str(ROOT),  # random Inception weights, named as such (no sha256 in the name to check):
+                SWG_INCEPTION_WEIGHTS=str(random_inception_path(cache)))
 
 
 def format_table(rows: list, note: str) -> str:

@@ -363,9 +363,13 @@ def _parse(text: Optional[str], kind, what: str):
     if text is None:
         return None
     try:
-        return tuple(kind(v) for v in text.split(",") if v.strip())
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise UsageError(f"{what}: cannot parse {text!r}; give a comma list, e.g. 8,16,24") from None
+    bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise UsageError(f"{what}: {bad[0]} is not finite; give ordinary numbers, e.g. 0.5,1")
+    return values
 
 
 @click.command()

@@ -347,8 +347,8 @@ class APGuidance(Composite):
 class CFGZeroStar(Composite):
     """CFG-Zero*: ``D = D_pos + w (D_pos - s* D_uncond)``, ``s* = <D_pos, D_uncond> / ||D_uncond||^2`` per sample.
 
-    For the first ``zero_steps`` sampler steps the output is the "zero" prediction that holds the
-    sample in place (zeros for velocity / noise predictions; ``D = x`` for an EDM denoiser).
+    For the first ``zero_steps`` sampler steps the output is zero, as in the paper and diffusers (for an
+    EDM denoiser ``D = 0``), or the guided denoiser's ``still(x)`` when it has one.
     """
 
     w: float = 0.0

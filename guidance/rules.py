@@ -58,9 +58,11 @@ class Linear(Rule):
 class APG(Rule):
     """Adaptive projected guidance (Sadat et al. 2024, "Eliminating oversaturation and artifacts of high guidance scales").
 
-    ``d = D_pos - D_neg``; with momentum ``beta``: ``d <- d + beta d_prev`` (a running sum kept across
-    the calls of one trajectory, restarted at step 0); norm capped: ``d <- d min(1, r / ||d||)``
-    (``r = 0``: no cap); ``rule = d_orth + eta d_par`` with ``d_par`` the part of ``d`` parallel to ``D_pos``.
+    ``d = D_pos - D_neg``; with momentum ``beta``: ``d <- d + beta d_prev``, a running sum over the
+    sampler steps of one trajectory (``d_prev``: the sum at the previous step's last call; both calls of
+    a Heun step use the same ``d_prev``; restarted when the step index goes back; per call when the
+    sampler gives no steps); norm capped: ``d <- d min(1, r / ||d||)`` (``r = 0``: no cap);
+    ``rule = d_orth + eta d_par`` with ``d_par`` the part of ``d`` parallel to ``D_pos``.
     """
 
     eta: float = 0.0
@@ -68,16 +70,18 @@ class APG(Rule):
     momentum: float = 0.0
 
     def __post_init__(self):
-        self._avg = None
-        self._last_step = None
+        self._avg = self._prev = self._step = None
 
     def __call__(self, pos, neg, step=None):
         d = pos - neg
         if self.momentum != 0:
-            restart = (self._avg is None or self._avg.shape != d.shape
-                       or (step is not None and self._last_step is not None and step < self._last_step))
-            self._avg = d if restart else d + self.momentum * self._avg
-            self._last_step = step
+            if (self._avg is None or self._avg.shape != d.shape
+                    or (step is not None and self._step is not None and step < self._step)):
+                self._avg = self._prev = None                      # a new trajectory
+            elif step is None or step != self._step:
+                self._prev = self._avg                             # a new step: carry the last sum
+            self._avg = d if self._prev is None else d + self.momentum * self._prev
+            self._step = step
             d = self._avg
         if self.norm_threshold > 0:
             norm = d.norm(p=2, dim=_dims(d), keepdim=True)

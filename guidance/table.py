@@ -49,8 +49,10 @@ class Param:
     def check(self, value, method: str) -> float:
         try:
             v = int(value) if self.integer and float(value) == int(float(value)) else float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
             v = math.nan
+        if not math.isfinite(v) and str(value).strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            raise GuidanceError(f"`{self.name}`: '{value}' is not finite; give ordinary numbers")
         if self.integer and not isinstance(v, int) or not (self.lo <= v <= self.hi):
             kind = "an integer" if self.integer else "a number"
             raise GuidanceError(f"`{self.name}` of method {method} must be {kind} in [{self.lo:g}, {self.hi:g}], "

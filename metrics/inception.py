@@ -319,13 +319,10 @@ def check_name_hash(path: str | os.PathLike) -> None:
 
     As ``torch.hub``'s ``check_hash``: the hex digits after the last-matching
     ``-`` and before a ``.`` must start the file's sha256.  Names without such
-    digits are not checked, nor is anything when ``SWG_SKIP_WEIGHT_HASH=1`` (for
-    benchmarks that put random weights at the official path: ``benchmarks/real_scale.py``).
+    digits are not checked.
     """
     from utils.errors import UsageError
 
-    if os.environ.get("SWG_SKIP_WEIGHT_HASH") == "1":
-        return
     path = pathlib.Path(path)
     match = _HASH_IN_NAME.search(path.name)
     if not match or not match.group(1):
@@ -341,8 +338,12 @@ def check_name_hash(path: str | os.PathLike) -> None:
                          f"the file is damaged or not these weights: delete it and fetch {INCEPTION_URL} again")
 
 
+INCEPTION_WEIGHTS_ENV = "SWG_INCEPTION_WEIGHTS"  # a local weights file to use instead of the download
+
+
 def load_inception(weights: Optional[str | os.PathLike] = None, device=None) -> InceptionV3:
-    """Build the detector and load the port's weights (fetched and cached when ``weights`` is None).
+    """Build the detector and load the port's weights: ``weights``, else the file ``$SWG_INCEPTION_WEIGHTS`` names
+    (local weights, e.g. on a node without internet), else the download (fetched and cached).
 
     A file named with a sha256 prefix (the port's ``...-6726825d.pth``) is
     checked against it first (:func:`check_name_hash`).  The file is a plain
@@ -351,6 +352,7 @@ def load_inception(weights: Optional[str | os.PathLike] = None, device=None) -> 
     """
     from utils.errors import UsageError
 
+    weights = weights or os.environ.get(INCEPTION_WEIGHTS_ENV) or None
     if weights is None:
         from utils.cache import fetch
 

@@ -104,6 +104,15 @@ class MPConv(torch.nn.Module):
         self.cache_weights = True  # set by Precond.forward (see CPU_WEIGHT_CACHE_BYTES)
         self._wcache: dict = {}
 
+    def clear_cache(self) -> None:
+        """Drop the cached inference weights."""
+        self._wcache.clear()
+
+    def cached_weight(self, dtype) -> Optional[torch.Tensor]:
+        """The cached inference weight of ``dtype``, or None (not cached yet, or the cache is off)."""
+        hit = self._wcache.get(dtype)
+        return None if hit is None else hit[1]
+
     def _scaled_weight(self, gain, dtype) -> torch.Tensor:
         w = normalize(self.weight.to(torch.float32))
         w = w * (gain / np.sqrt(w[0].numel()))
@@ -125,7 +134,7 @@ class MPConv(torch.nn.Module):
                 self.weight.copy_(normalize(self.weight.to(torch.float32)))  # forced weight normalisation
         # Not while torch.compile traces: the cache's bookkeeping (ids, data pointers) would break the graph
         # at every layer; traced, the normalisation is part of the graph (constants under inductor freezing).
-        if (self.cache_weights and WEIGHT_CACHE and not self.training and not torch.is_grad_enabled()
+        if (self.cache_weights and not self.training and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             w = self._inference_weight(gain, x.dtype)
         else:
@@ -135,7 +144,8 @@ class MPConv(torch.nn.Module):
         return F.conv2d(x, w, padding=(w.shape[-1] // 2,))
 
 
-WEIGHT_CACHE = True  # module switch: False re-normalises every weight on every call (the reference's way)
+# What this project adds to EDM2's modules for inference (the weight cache): not part of EDM2's pickles.
+INFERENCE_ATTRS = ("_wcache", "cache_weights", "_cache_device", "weight_cache")
 # On the CPU the cache holds a float32 copy of every weight; networks larger than this (L, XL, XXL:
 # 3.1-6.1 GB of weights) are not cached there, so that XXL stays within 24 GB of RAM with M-SWG.
 CPU_WEIGHT_CACHE_BYTES = 2 << 30
@@ -145,7 +155,7 @@ def clear_weight_cache(net: torch.nn.Module) -> None:
     """Drop the cached inference weights of every :class:`MPConv` in ``net``."""
     for m in net.modules():
         if isinstance(m, MPConv):
-            m._wcache.clear()
+            m.clear_cache()
     if hasattr(net, "_cache_device"):
         net._cache_device = None
 
@@ -377,18 +387,25 @@ class Precond(torch.nn.Module):
         self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+        self.weight_cache = True  # use_weight_cache(False): re-normalise every weight on every call
+
+    def use_weight_cache(self, enabled: bool = True) -> None:
+        """Cache the normalised inference weights (the default; bit-identical) or, ``False``, re-normalise every
+        weight on every call, as the reference does.  Takes effect at the next call."""
+        self.weight_cache = bool(enabled)
+        clear_weight_cache(self)
 
     def _choose_weight_cache(self, device: torch.device) -> None:
         """Cache inference weights (see :class:`MPConv`) except for large networks on the CPU."""
         if getattr(self, "_cache_device", None) == device.type:
             return
         nbytes = sum(p.numel() * 4 for p in self.unet.parameters())
-        enabled = device.type != "cpu" or nbytes <= CPU_WEIGHT_CACHE_BYTES
+        enabled = self.weight_cache and (device.type != "cpu" or nbytes <= CPU_WEIGHT_CACHE_BYTES)
         for m in self.unet.modules():
             if isinstance(m, MPConv):
                 m.cache_weights = enabled
                 if not enabled:
-                    m._wcache.clear()
+                    m.clear_cache()
         self._cache_device = device.type
 
     def block_names(self) -> list:

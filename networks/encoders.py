@@ -104,6 +104,11 @@ class StabilityVAEEncoder:
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             self.spatial_factor = factor
 
+    @property
+    def vae(self):
+        """The diffusers ``AutoencoderKL`` (None until :meth:`init`)."""
+        return self._vae
+
     def init(self, device) -> None:
         if self._vae is None:
             self._vae = load_vae(self.vae_name, device)

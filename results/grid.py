@@ -124,7 +124,10 @@ def edm2_grid(net_pos: str, columns: Sequence, seeds: Sequence[int], classes: Op
     from sampling import edm2_run
     from utils import cache
 
-    cols = parse_columns(columns)
+    # The EDM2 reference's wmg-swg / cfg-swg never apply the mask unless clean_combos: label what is drawn.
+    cols = [dataclasses.replace(c, masked=c.masked and (clean_combos or "reference_quirks"
+                                                        not in method_spec(c.method).options))
+            for c in parse_columns(columns)]
     seeds, classes = _rows(seeds, classes)
     device = torch.device(device) if device is not None else default_device()
     loaded: dict = {}

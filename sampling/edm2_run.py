@@ -39,7 +39,7 @@ from networks.encoders import StabilityVAEEncoder
 from sampling import presets as PR
 from sampling import run, run_folder, run_settings
 from sampling.edm import edm_sampler
-from sampling.seeds import draw_edm2, make_labels
+from sampling.seeds import draw_edm2
 from utils import cache
 from utils.errors import UsageError
 
@@ -220,7 +220,7 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
 def _check_numbers(cfg: GenerateConfig) -> None:
     for name in ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise"):
         value = getattr(cfg, name)
-        if math.isnan(value) or (math.isinf(value) and name != "S_max"):
+        if math.isnan(value) or (math.isinf(value) and not (name == "S_max" and value > 0)):  # S_max inf: no bound
             raise UsageError(f"`{name}`: '{value}' is not finite; give ordinary numbers")
     if cfg.steps < 1:
         raise UsageError(f"`steps` must be >= 1, got {cfg.steps}")
@@ -291,18 +291,7 @@ def _denoiser(net: torch.nn.Module):
 
 def make_guided(cfg: GenerateConfig, pos_net, neg_net):
     """The guided denoiser ``D(x, sigma, labels)`` for ``cfg``."""
-    return cfg.guidance.guide(_denoiser(pos_net), neg_denoiser=_denoiser(neg_net) if neg_net is not None else None,
-                              still=_still)
-
-
-def _still(x: torch.Tensor) -> torch.Tensor:
-    """EDM's denoiser prediction that holds ``x`` in place (``D = x``: zero ODE velocity), CFG-Zero*'s zero output."""
-    return x
-
-
-def _make_labels(rnd, label_dim: int, class_idx: Optional[int], n: int, device):
-    """One-hot labels of a batch (kept for callers of the old name; see :func:`sampling.seeds.make_labels`)."""
-    return make_labels(rnd, label_dim, class_idx, n, device)[0]
+    return cfg.guidance.guide(_denoiser(pos_net), neg_denoiser=_denoiser(neg_net) if neg_net is not None else None)
 
 
 # ----------------------------------------------------------------------------

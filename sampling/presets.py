@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from guidance.table import METHODS
 from networks.zoo import DEMO_REF, FULL, L_FULL, MODELS, REFS, T_16, T_8, XL_FULL, XXL_FULL, close_names, posthoc_url
 from utils.errors import UsageError
 
@@ -185,8 +186,27 @@ def _zoo_presets() -> dict[str, Preset]:
     return p
 
 
+def _perturb_presets() -> dict[str, Preset]:
+    """PAG, SEG, SLG (no second network) at the weights their papers publish (the table's ``example``:
+    PAG 3.0, SEG 3.0, SLG 2.8), default blocks, alone and with M-SWG: EDM2-S and the digits demo."""
+    p: dict[str, Preset] = {}
+    s_win = dict(swg_sizes=(40,), swg_steps=(2,), scale_window_guide=1)
+    d_win = dict(swg_sizes=(12,), swg_steps=(2,), scale_window_guide=1)
+    for name in ("pag", "seg", "slg"):
+        weights = METHODS[name].example
+        src = dict(source="published default weight (guidance.table), default blocks (guidance.perturb)")
+        edm2 = dict(ref_path=REFS["img512"], **src)
+        demo = dict(ref_path=DEMO_REF, metrics="fd_digits", **src)
+        s, d = MODELS["raw-img512-s"], MODELS["demo-digits-cond"]
+        p[f"swg-edm2-s-{name}"] = Preset(s, None, name, weights, **edm2)
+        p[f"swg-edm2-s-{name}-mswg"] = Preset(s, None, f"{name}-swg", (*weights, 0.2), **s_win, **edm2)
+        p[f"demo-digits-{name}"] = Preset(d, None, name, weights, **demo)
+        p[f"demo-digits-{name}-mswg"] = Preset(d, None, f"{name}-swg", (*weights, 0.2), **d_win, **demo)
+    return p
+
+
 PRESETS: dict[str, Preset] = {**_edm2_presets(), **_swg_presets(), **_negative_presets(), **_demo_presets(),
-                              **_zoo_presets()}
+                              **_zoo_presets(), **_perturb_presets()}
 
 
 def preset_names() -> list[str]:

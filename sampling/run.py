@@ -217,6 +217,10 @@ def _generate(backend: Backend, guard: RunGuard, *, progress_bar: bool, desc: st
                "evals": backend.cost() if written else None}
     if summary["evals"] and rank == 0:  # counted, not declared: results.collect shows it
         write_evals(outdir, summary["evals"])
+        e = summary["evals"]
+        if e.get("evals_per_step") is not None:
+            print(f"network evaluations per image: {e['evals_per_step']:g} per sampler step, {e['evals_per_call']:g} "
+                  f"per guided call (counted; {outdir / 'evals.json'})", file=sys.stderr)
 
     if settings.save_npz and rank == 0:
         summary["npz"] = str(write_npz(outdir, settings.seeds))

@@ -86,9 +86,16 @@ def read_json(path: os.PathLike | str) -> Optional[dict]:
 
 
 def read_saved_settings(outdir: os.PathLike | str) -> Optional[tuple[pathlib.Path, dict]]:
-    """``(path, settings)`` saved in ``outdir``: ``settings.json``, else an older name; None when none."""
+    """``(path, settings)`` saved in ``outdir``: ``settings.json``, else an older name; None when none is readable.
+
+    A ``settings.json`` that exists but is not a readable JSON object (truncated, empty, binary, a list)
+    gives None: the older names are not read in its place.
+    """
     outdir = pathlib.Path(outdir)
-    for name in (SETTINGS_FILE, *LEGACY_SETTINGS_FILES):
+    if (outdir / SETTINGS_FILE).exists():
+        data = read_json(outdir / SETTINGS_FILE)
+        return None if data is None else (outdir / SETTINGS_FILE, data)
+    for name in LEGACY_SETTINGS_FILES:
         data = read_json(outdir / name)
         if data is not None:
             return outdir / name, data
@@ -114,9 +121,14 @@ def changed_setting(saved: Mapping[str, Any], new: Mapping[str, Any],
 
 
 def check_saved_settings(outdir: os.PathLike | str, record: Mapping[str, Any], keys: Sequence[str]) -> None:
-    """Refuse a folder whose images were made with other pixel-deciding settings (read-only; every rank)."""
+    """Refuse a folder whose images were made with other pixel-deciding settings, or whose images have no
+    readable settings to compare with (read-only; every rank)."""
     found = read_saved_settings(outdir)
     if found is None:
+        if done_seeds(outdir):
+            raise UsageError(f"{outdir} holds finished images but its {SETTINGS_FILE} is missing or damaged, so "
+                             f"they cannot be checked against this run; choose another `outdir` (or restore "
+                             f"{SETTINGS_FILE})")
         return
     changed = changed_setting(found[1], record, keys)
     if changed:

@@ -147,6 +147,10 @@ def test_cli_refuses_bad_windows(tmp_path):
     assert r.exit_code == 2 and "divisible by 4" in r.output and not (tmp_path / "x").exists()
     r = CliRunner().invoke(long_range.main, ["--outdir", str(tmp_path / "x"), "--positives", "big"])
     assert r.exit_code == 2 and "unknown --positives big" in r.output
+    for weights in ("nan", "0.5,inf"):  # was "`g_weight`: nan is not finite", naming no flag of this command
+        r = CliRunner().invoke(long_range.main, ["--outdir", str(tmp_path / "x"), "--weights", weights])
+        assert r.exit_code == 2 and "--weights: " in r.output and "not finite" in r.output and "`" not in r.output
+        assert not (tmp_path / "x").exists()
 
 
 def test_every_panel_has_a_legend(tmp_path, monkeypatch):

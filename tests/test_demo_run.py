@@ -112,14 +112,13 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 def test_requested_classes_match_sampler_labels(device):
     """The demo's class bookkeeping reproduces the labels the EDM2 pipeline draws per seed on ``device``."""
-    from sampling.edm2_run import _make_labels
-    from sampling.seeds import StackedRandomGenerator
+    from sampling.seeds import StackedRandomGenerator, make_labels
     from utils import dist
 
     seeds = [5, 0, 17, 3, 1234567]
     rnd = StackedRandomGenerator(device, seeds)
     rnd.randn([5, 1, 16, 16], device=device)
-    labels = _make_labels(rnd, 10, None, 5, device)
+    labels = make_labels(rnd, 10, None, 5, device)[0]
     assert (labels.argmax(1).cpu().numpy() == run_demo.requested_classes(seeds, device=device)).all()
     assert torch.allclose(labels.sum(1).cpu(), torch.ones(5))
     # Without a device the sampler's own device is used.

@@ -8,6 +8,7 @@ import huggingface_hub
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from click.testing import CliRunner
 from huggingface_hub import constants
 
@@ -94,10 +95,16 @@ def test_hub_fails_fast_on_black_hole(online_mode, monkeypatch):
     assert seen == [2.0, 2.0] and online_mode == []
 
 
-def test_hash_check_can_be_switched_off_for_random_weight_benchmarks(tmp_path, monkeypatch):
+def test_local_weights_named_without_a_hash_replace_the_download(tmp_path, monkeypatch):
+    """$SWG_INCEPTION_WEIGHTS picks a local file (random weights in benchmarks/real_scale.py); a file that still
+    carries the official name is checked against it."""
     bad = tmp_path / NAME
     bad.write_bytes(b"random benchmark weights")
+    monkeypatch.setenv("SWG_INCEPTION_WEIGHTS", str(bad))
     with pytest.raises(UsageError, match="not the 6726825d"):
-        inception.check_name_hash(bad)
-    monkeypatch.setenv("SWG_SKIP_WEIGHT_HASH", "1")
-    inception.check_name_hash(bad)  # benchmarks/real_scale.py writes random weights under the official name
+        inception.load_inception()
+    local = tmp_path / "pt_inception-random.pth"
+    torch.save(inception.InceptionV3().state_dict(), local)
+    monkeypatch.setenv("SWG_INCEPTION_WEIGHTS", str(local))
+    model = inception.load_inception()
+    assert torch.equal(model.fc.weight, torch.load(local, weights_only=True)["fc.weight"])

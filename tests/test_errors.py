@@ -124,10 +124,10 @@ def test_without_store_rank_0_prints_at_once(monkeypatch, capsys):
     """WORLD_SIZE > 1 but no torchrun store: rank 0 prints the plain line; another rank waits, then names itself."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    errors._report_once("x", wait_s=0)
+    errors.report_once("x", wait_s=0)
     assert capsys.readouterr().err == "error: x\n"
     monkeypatch.setenv("RANK", "1")
-    errors._report_once("x", wait_s=0)
+    errors.report_once("x", wait_s=0)
     assert capsys.readouterr().err == "error: rank 1: x\n"
 
 
@@ -167,6 +167,36 @@ def test_torchrun_prints_a_usage_error_once(mode, tmp_path):
     # What torchrun adds (documented in the README): its own report naming the exit code 2, and exit status 1.
     assert r.returncode == 1
     assert "ChildFailedError" in r.stderr and "exitcode  : 2" in r.stderr
+
+
+_CLICK_JOB = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import click
+    from utils.cli import run_command
+
+    @click.command()
+    @click.option("--batch", type=int, default=1)
+    def cli(batch):
+        print("ran", batch)
+
+    sys.exit(run_command(cli, sys.argv[1:], "job.py"))
+""")
+
+
+@pytest.mark.parametrize("args, line", [(["--bogus", "1"], "error: No such option '--bogus'."),
+                                        (["--batch", "abc"], "error: Invalid value for '--batch': 'abc' is not a "
+                                                             "valid integer.")])
+def test_torchrun_prints_a_click_error_once(args, line, tmp_path):
+    """click's own usage errors (an unknown flag, a bad value) are one line for the whole job, not one per rank."""
+    script = tmp_path / "job.py"
+    script.write_text(_CLICK_JOB.format(root=str(ROOT)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), *args], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    ours = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert ours == [line], r.stderr
+    assert r.returncode == 1 and "exitcode  : 2" in r.stderr
 
 
 def test_the_line_starts_after_an_open_progress_bar(capsys):

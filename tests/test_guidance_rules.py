@@ -240,3 +240,18 @@ def test_cfg_zero_still_prediction_for_an_edm_denoiser():
     torch.testing.assert_close(d(x, torch.tensor(3.0), None), x)
     d.begin_step(1)
     assert not torch.allclose(d(x, torch.tensor(3.0), None), x)
+
+
+def test_apg_momentum_is_per_sampler_step():
+    """Both Heun calls of a step use the previous step's running sum; a step index going back restarts it."""
+    from guidance.rules import APG
+
+    rule = APG(eta=1.0, momentum=-0.5)          # eta 1, no cap: the rule returns the running sum itself
+    d = [torch.full((1, 1, 2, 2), v) for v in (4.0, 2.0, 3.0, 1.0)]
+    pos = torch.ones(1, 1, 2, 2)
+    assert float(rule(pos, pos - d[0], step=0).mean()) == pytest.approx(4.0)
+    assert float(rule(pos, pos - d[0], step=0).mean()) == pytest.approx(4.0)          # same step: no d_prev yet
+    assert float(rule(pos, pos - d[1], step=1).mean()) == pytest.approx(2.0 - 0.5 * 4.0)
+    assert float(rule(pos, pos - d[2], step=1).mean()) == pytest.approx(3.0 - 0.5 * 4.0)  # not - 0.5 * 0.0
+    assert float(rule(pos, pos - d[3], step=2).mean()) == pytest.approx(1.0 - 0.5 * 1.0)  # the step's last sum
+    assert float(rule(pos, pos - d[1], step=0).mean()) == pytest.approx(2.0)          # a new trajectory

@@ -319,13 +319,13 @@ def test_edm2_weight_cache_serves_the_perturbed_pass(edm2):
     from networks.edm2 import MPConv
 
     plain = _edm2_call(edm2)
-    cached = {name: m._wcache[torch.float32][1] for name, m in edm2.named_modules()
-              if isinstance(m, MPConv) and torch.float32 in m._wcache}
+    cached = {name: m.cached_weight(torch.float32) for name, m in edm2.named_modules()
+              if isinstance(m, MPConv) and m.cached_weight(torch.float32) is not None}
     assert len(cached) > 10
     for kind in ("pag", "seg", "slg"):
         _edm2_call(edm2, Perturbation(kind).resolve(edm2))
-    after = {name: m._wcache[torch.float32][1] for name, m in edm2.named_modules()
-             if isinstance(m, MPConv) and torch.float32 in m._wcache}
+    after = {name: m.cached_weight(torch.float32) for name, m in edm2.named_modules()
+             if isinstance(m, MPConv) and m.cached_weight(torch.float32) is not None}
     assert after.keys() == cached.keys() and all(after[k] is cached[k] for k in cached)
     assert torch.equal(_edm2_call(edm2), plain)
 

@@ -102,6 +102,10 @@ def test_demo_presets_point_at_the_shipped_files_from_any_directory(tmp_path, mo
             ("apg", (0.4,)), ("cfg-zero", (0.4,)), ("fdg", (0.2, 0.4)), ("tcfg", (0.4,)))},
         **{f"demo-digits-{m}-mswg": (f"{m}-swg", w, "digits-uncond", True) for m, w in (
             ("apg", (0.4, 0.2)), ("cfg-zero", (0.4, 0.2)), ("fdg", (0.2, 0.4, 0.2)), ("tcfg", (0.4, 0.2)))},
+        # Perturbed passes of the positive network: no second network.
+        **{f"demo-digits-{m}": (m, (w,), None, False) for m, w in (("pag", 3.0), ("seg", 3.0), ("slg", 2.8))},
+        **{f"demo-digits-{m}-mswg": (f"{m}-swg", (w, 0.2), None, True)
+           for m, w in (("pag", 3.0), ("seg", 3.0), ("slg", 2.8))},
     }
     assert {n for n in PR.PRESETS if n.startswith("demo-")} == set(rows)
     monkeypatch.chdir(tmp_path)  # nothing may depend on the working directory

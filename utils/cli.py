@@ -14,7 +14,7 @@
   (``--window-size`` for DiT, ``--swg_sizes`` for EDM2) before
   :func:`utils.errors.exit_on_usage_error` prints the one line and exits 2.
 * :func:`run_command` turns click's own usage errors (unknown flag, bad value)
-  into the same one line and exit 2, and returns the exit status.
+  into the same one line and exit 2 (once for a torchrun job), and returns the exit status.
 * :func:`option` declares a flag with both spellings of a multi-word name
   (``--g-weight`` and ``--g_weight``).
 """
@@ -28,7 +28,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import click
 
-from utils.errors import UsageError
+from utils.errors import UsageError, report_once
 
 __all__ = ["CONTEXT", "option", "flag_names", "to_flags", "run_command"]
 
@@ -82,11 +82,11 @@ def run_command(command: click.Command, argv: Optional[Sequence[str]], prog_name
     except click.exceptions.Abort:
         print("error: aborted", file=sys.stderr)
         return 130
-    except click.ClickException as exc:
-        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+    except click.ClickException as exc:  # every rank of a torchrun job parses the same flags: printed once
+        report_once(" ".join(exc.format_message().split()))
         return 2
     except UsageError as exc:  # raised outside the decorated function (should not happen)
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        report_once(" ".join(str(exc).split()))
         return 2
     except SystemExit as exc:  # exit_on_usage_error, or the command's own exit
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

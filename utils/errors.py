@@ -27,7 +27,7 @@ from typing import Optional
 
 from utils.threads import apply_default_threads
 
-__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "describe_os_error", "INTERRUPTED"]
+__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "describe_os_error", "report_once", "INTERRUPTED"]
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 RANK_WAIT_S = 5.0  # how long a failing rank other than 0 waits to see whether rank 0 reports the error
@@ -120,7 +120,7 @@ def _close_progress_bars() -> None:
             pass
 
 
-def _report_once(line: str, wait_s: Optional[float] = None, prefix: str = "error") -> None:
+def report_once(line: str, wait_s: Optional[float] = None, prefix: str = "error") -> None:
     """Print ``<prefix>: <line>`` (``error: ...``) once for the job (see the module docstring)."""
     _close_progress_bars()
     wait_s = RANK_WAIT_S if wait_s is None else wait_s
@@ -196,10 +196,10 @@ def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED):
             if exc.exit_code == 75:  # stopping anyway: a repeated TERM (torchrun's) must not cut the line short
                 _ignore_stop_signals()
             if not (getattr(exc, "rank0_prints", False) and _env_int("RANK", 0) != 0):  # every rank agreed on it
-                _report_once(_one_line(exc), prefix=getattr(exc, "prefix", "error"))
+                report_once(_one_line(exc), prefix=getattr(exc, "prefix", "error"))
             sys.exit(exc.exit_code)
         except OSError as exc:
-            _report_once(_one_line(describe_os_error(exc)))
+            report_once(_one_line(describe_os_error(exc)))
             sys.exit(UsageError.exit_code)
         except KeyboardInterrupt:
             _ignore_sigint()  # torchrun forwards the terminal's Ctrl-C: a second one must not print a traceback
