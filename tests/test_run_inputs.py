@@ -141,3 +141,22 @@ def test_pyproject_gives_setuptools_no_deprecation_warning():
         dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
     assert [str(w.message).splitlines()[0] for w in caught] == []
     assert dist.metadata.license_expression == "MIT" and "LICENSE" in dist.metadata.license_files
+
+
+def test_checks_do_not_change_what_they_check():
+    """check_run_settings validates; the output mode is resolved once, when the settings are built."""
+    import copy
+    import dataclasses
+
+    from sampling import edm2_run, run_settings
+    from utils.errors import UsageError
+
+    cfg = edm2_run.build_config(preset="demo-digits", outdir=None, require_outdir=False, save_tar=True)
+    assert (cfg.save, cfg.save_tar) == ("tar", True)
+    before = copy.deepcopy(cfg)
+    run_settings.check_run_settings(cfg, require_outdir=False)
+    assert cfg == before
+    raw = dataclasses.replace(cfg, save="TAR")  # not an output mode: refused, and left as it was
+    with pytest.raises(UsageError, match="save_mode"):
+        run_settings.check_run_settings(raw, require_outdir=False)
+    assert raw.save == "TAR"
