@@ -15,25 +15,14 @@ import warnings
 
 import click
 import pytest
-import torch
 
 import sample_dit
 import sample_edm2
-from benchmarks import edm2_snapshot as WR
 from guidance.table import METHODS
 from sampling import dit_flags, edm2_flags
+from tests.test_run_lifecycle import pos  # noqa: F401  (module fixture: a tiny EDM2 pickle)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, model_channels=8,
-            channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
-
-
-@pytest.fixture(scope="module")
-def pos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("inputs")
-    torch.manual_seed(0)
-    WR.write_edm2_pickle(d / "pos.pkl", WR.make_precond(**TINY), half=False)
-    return d / "pos.pkl"
 
 
 def _run(main, args, capsys) -> tuple[int, str]:
