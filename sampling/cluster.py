@@ -75,6 +75,14 @@ def sample_batches(backend, batches: Sequence[Sequence[int]], sinks: Sequence, d
 
     Raises :class:`Preempted` (on every rank, after the same batch) when any rank got a signal.
     """
+    try:
+        return _sample_batches(backend, batches, sinks, device, preemption, bar)
+    except BaseException:
+        preemption.silence()  # stopping (a signal, a lost peer, an error): closing the outputs is not cut short
+        raise
+
+
+def _sample_batches(backend, batches, sinks, device, preemption: Preemption, bar) -> int:
     world = dist.get_world_size()
     rounds = len(batches)
     if world > 1:  # ranks may hold one batch fewer: they join the agreement with empty rounds

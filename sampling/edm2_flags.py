@@ -74,6 +74,11 @@ def _method_options(fn):
 @option("--clean_combos", is_flag=True,
         help="wmg-swg/cfg-swg: apply the mask and the labels as documented instead of the reference's behaviour.")
 @_method_options
+@option("--perturb_blocks", default=None,
+        help="pag / seg / slg: block indices to perturb, e.g. 15 or 13,15 [default: 15, the U-Net's middle block "
+             "dec.8x8_in0; a wrong index lists the valid ones] (docs/guidance.md).")
+@option("--seg_sigma", default=None,
+        help="seg: width of the query blur in tokens [default: inf, the mean query].")
 @option("--max_window_batch", type=int, default=None, help="Cap on the batch of one window network call.")
 @option("--metrics", default=None,
         help="Metrics after sampling: fid,fd_dinov2 (need --ref_path); fd_digits,conf_digits for the demo presets.")

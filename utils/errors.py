@@ -161,6 +161,16 @@ def _ignore_sigint() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _ignore_stop_signals() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGUSR1"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 INTERRUPTED_RESTART = "interrupted; this command does not resume: rerun it to start over"
 
 
@@ -183,6 +193,8 @@ def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED):
         try:
             return fn(*args, **kwargs)
         except UsageError as exc:  # also utils.preempt.Stopped: 'stopped: ...', exit 75
+            if exc.exit_code == 75:  # stopping anyway: a repeated TERM (torchrun's) must not cut the line short
+                _ignore_stop_signals()
             if not (getattr(exc, "rank0_prints", False) and _env_int("RANK", 0) != 0):  # every rank agreed on it
                 report_once(_one_line(exc), prefix=getattr(exc, "prefix", "error"))
             sys.exit(exc.exit_code)

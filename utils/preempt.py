@@ -106,6 +106,10 @@ class Preemption:
         if self._depth == 0 and raise_after:
             self._raise()
 
+    def silence(self) -> None:
+        """The run is stopping anyway: from now on signals are only noted, so nothing cuts the clean-up short."""
+        self._raised = True
+
     def check(self) -> None:
         """Raise :class:`Preempted` now if a signal arrived and was not raised yet."""
         self._raise()
