@@ -212,6 +212,8 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(GenerateConfig)})
     if unknown:
         raise TypeError(f"build_config() got unknown option(s) {', '.join(unknown)}")
+    kwargs["save"] = run_settings.save_mode(kwargs.get("save"), kwargs.get("save_tar", False))
+    kwargs["save_tar"] = kwargs["save"] == "tar"
     cfg = GenerateConfig(net_pos_pkl=pos, net_neg_pkl=neg, outdir=outdir, seeds=run_settings.parse_seeds(seeds),
                          preset=preset, guidance=guidance, ref_path=given["ref_path"],
                          metrics=run_settings.parse_metrics(given["metrics"]), **kwargs)
