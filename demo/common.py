@@ -223,11 +223,8 @@ def sample_grid(rows: Sequence[tuple[str, pathlib.Path]], seeds: Sequence[int], 
         for j, image in enumerate(grey):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             canvas[y:y + h, x:x + w] = image
-    inch = scale * (w + pad) / 40
-    label_inch = 0.2 + 0.065 * max(len(name) for name, _ in rows)   # row labels at 8 pt
-    width = max(label_inch + len(seeds) * inch + 0.2, 0.4 + 0.075 * len(title))  # room for the title at 9 pt
-    height = 0.9 + len(rows) * inch * (h + pad) / (w + pad)          # seed numbers, "seed", the title
-    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
+    fig = plt.figure(figsize=(4, 4))
+    ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(len(rows))], [name for name, _ in rows],
                   fontsize=8)
@@ -238,6 +235,21 @@ def sample_grid(rows: Sequence[tuple[str, pathlib.Path]], seeds: Sequence[int], 
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
+    # Margins from the drawn sizes of the labels (points: independent of the figure size), so that the
+    # longest row label, the seed numbers, "seed" and the title all lie inside the figure.
+    fig.canvas.draw()
+    renderer, dpi = fig.canvas.get_renderer(), fig.dpi
+    size = lambda texts, dim: max([getattr(t.get_window_extent(renderer), dim) / dpi for t in texts] or [0])  # noqa: E731
+    left = size(ax.get_yticklabels(), "width") + 0.2
+    bottom = size(ax.get_xticklabels(), "height") + size([ax.xaxis.label], "height") + 0.3
+    top = (size([ax.title], "height") + 0.25) if title else 0.1
+    img_w, img_h = canvas.shape[1] / 40 * scale, canvas.shape[0] / 40 * scale
+    half_title = size([ax.title], "width") / 2 + 0.15   # the title is centred over the images
+    x0 = max(left, half_title - img_w / 2)
+    width = max(x0 + img_w + 0.15, x0 + img_w / 2 + half_title)
+    height = bottom + img_h + top
+    fig.set_size_inches(width, height)
+    ax.set_position((x0 / width, bottom / height, img_w / width, img_h / height))
     save_figure(fig, path)
 
 

@@ -86,6 +86,8 @@ def dit_settings(
     params: Optional[dict] = None,
     sigma_interval=None,
     swg_sigma_interval=None,
+    perturb_blocks=None,
+    seg_sigma=None,
 ) -> GuidanceSettings:
     """The :class:`guidance.settings.GuidanceSettings` of one of :data:`DIT_MODES` (the reference's switches),
     or of another method of the table.
@@ -96,7 +98,7 @@ def dit_settings(
     (every eps channel, ``in_channels``) for plain CFG.  ``window_size`` is
     needed by the window modes.  Another table method (``mode="apg-swg"`` ...) takes
     ``weights`` in the table's convention, its ``params`` and ``sigma_interval`` /
-    ``swg_sigma_interval`` (in DiT's noise level).
+    ``swg_sigma_interval`` (in DiT's noise level); PAG / SEG / SLG their ``perturb_blocks`` and ``seg_sigma``.
     """
     if mode not in DIT_MODES:
         spec = method_spec(mode, "method")
@@ -107,7 +109,8 @@ def dit_settings(
                                 window_size=window_size if spec.windows else None, window_steps=window_steps,
                                 masked=bool(mask), params=method_params(spec, params or {}, "method"),
                                 sigma_interval=sigma_interval, window_sigma_interval=swg_sigma_interval,
-                                guided_channels=in_channels, max_window_batch=max_window_batch).checked()
+                                guided_channels=in_channels, max_window_batch=max_window_batch,
+                                perturb_blocks=perturb_blocks, seg_sigma=seg_sigma).checked()
     if cfg_channels not in ("reference", "all"):
         raise UsageError(f"cfg_channels must be 'reference' or 'all', got {cfg_channels!r}")
     windows = dict(window_size=window_size, window_steps=window_steps, masked=bool(mask),
@@ -126,22 +129,26 @@ def dit_settings(
 def dit_guidance(net: torch.nn.Module, mode: str = "none", g_scale: float = 0.0, crop_scale: float = 0.0,
                  mask: bool = False, window_size=None, window_steps=2, cfg_channels: str = "reference",
                  max_window_batch: Optional[int] = None, weights=None, params: Optional[dict] = None,
-                 sigma_interval=None, swg_sigma_interval=None, sigma_of=None, perturb=None):
+                 sigma_interval=None, swg_sigma_interval=None, sigma_of=None, perturb=None,
+                 perturb_blocks=None, seg_sigma=None):
     """Guided DiT denoiser ``D(x, t, labels) -> [eps, v]`` for one of :data:`DIT_MODES` or another table method
     (see :func:`dit_settings`); ``sigma_of`` maps a timestep to its noise level (for the sigma intervals),
-    ``perturb`` gives PAG / SEG / SLG their perturbed pass.
+    ``perturb`` gives PAG / SEG / SLG their perturbed pass (default: ``net``'s own, on ``perturb_blocks`` with
+    ``seg_sigma``; :mod:`guidance.perturb`).
 
     ``window_size`` defaults to :func:`default_window_size` of the network's latent.
     """
     if window_size is None:
         window_size = default_window_size(net.input_size)
     settings = dit_settings(mode, g_scale, crop_scale, mask, window_size, window_steps, cfg_channels,
-                            net.in_channels, max_window_batch, weights, params, sigma_interval, swg_sigma_interval)
+                            net.in_channels, max_window_batch, weights, params, sigma_interval, swg_sigma_interval,
+                            perturb_blocks, seg_sigma)
     return guide_dit(settings, net, sigma_of=sigma_of, perturb=perturb)
 
 
 def guide_dit(settings: GuidanceSettings, net: torch.nn.Module, *, sigma_of=None, perturb=None):
-    """The DiT ``net`` guided by ``settings`` (the null class as the unconditional negative)."""
+    """The DiT ``net`` guided by ``settings`` (the null class as the unconditional negative; PAG / SEG / SLG
+    perturb ``net`` itself unless ``perturb`` is given)."""
     den = DiTDenoiser(net)
     return settings.guide(den, neg_denoiser=den if settings.spec.needs_neg else None, sigma_of=sigma_of,
-                          perturb=perturb)
+                          perturb=perturb if perturb is not None else settings.perturber(den, net))

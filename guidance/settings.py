@@ -25,6 +25,7 @@ import math
 from typing import Callable, Mapping, Optional, Tuple
 
 from .guided import GuidedDenoiser, guide
+from .perturb import perturbation, perturber
 from .table import GuidanceError, MethodSpec, check_sigma_interval, method_params, method_spec
 from .windows import WindowError, WindowGrid
 
@@ -47,6 +48,8 @@ class GuidanceSettings:
     window_sigma_interval: Optional[Tuple[float, float]] = None  # the window term only where lo < sigma <= hi
     guided_channels: Optional[int] = None                  # guide only the first N output channels (None: all)
     max_window_batch: Optional[int] = None                 # cap on the batch of one window network call
+    perturb_blocks: Optional[Tuple[int, ...]] = None       # PAG / SEG / SLG: the perturbed blocks (None: defaults)
+    seg_sigma: Optional[float] = None                      # SEG: query blur width in tokens (None: inf, the mean)
 
     @property
     def spec(self) -> MethodSpec:
@@ -81,9 +84,10 @@ class GuidanceSettings:
         if window_sigma is not None and not spec.windows:
             raise GuidanceError(f"`window_sigma_interval` limits the window term, but `method` {spec.name} has no "
                                 f"windows")
-        if sigma is not None and not spec.needs_neg:
+        if sigma is not None and not (spec.needs_neg or spec.perturbation):
             raise GuidanceError(f"`sigma_interval` limits the negative's terms, but `method` {spec.name} has none; "
                                 f"use `window_sigma_interval` for the window term")
+        blocks, seg_sigma = self._perturbation(spec)
         for name, value in (("guided_channels", self.guided_channels), ("max_window_batch", self.max_window_batch)):
             if value is not None and int(value) < 1:
                 raise GuidanceError(f"`{name}` must be >= 1")
@@ -91,7 +95,33 @@ class GuidanceSettings:
                                    masked=bool(self.masked), step_interval=interval,
                                    reference_quirks=bool(self.reference_quirks),
                                    params=method_params(spec, self.params), sigma_interval=sigma,
-                                   window_sigma_interval=window_sigma)
+                                   window_sigma_interval=window_sigma, perturb_blocks=blocks, seg_sigma=seg_sigma)
+
+    def _perturbation(self, spec: MethodSpec) -> Tuple[Optional[Tuple[int, ...]], Optional[float]]:
+        """Canonical ``perturb_blocks`` and ``seg_sigma`` (inf is None, the default); refused for other methods."""
+        if spec.perturbation is None:
+            for name in ("perturb_blocks", "seg_sigma"):
+                if getattr(self, name) is not None:
+                    raise GuidanceError(f"`{name}` belongs to the perturbed passes (pag, seg, slg and their -swg); "
+                                        f"`method` {spec.name} does not use it (drop it or choose e.g. `method` "
+                                        f"{'seg' if name == 'seg_sigma' else 'pag'})")
+            return None, None
+        p = perturbation(spec.perturbation, self.perturb_blocks, self.seg_sigma)
+        return p.blocks, None if math.isinf(p.seg_sigma) else p.seg_sigma
+
+    def check_network(self, net) -> None:
+        """PAG / SEG / SLG: the chosen blocks of ``net`` exist and take the perturbation (the error lists the valid ones)."""
+        kind = self.spec.perturbation
+        if kind is not None:
+            perturbation(kind, self.perturb_blocks, self.seg_sigma).resolve(net)
+
+    def perturber(self, denoiser: Callable, net) -> Optional[Callable]:
+        """What :meth:`guide` needs as ``perturb`` for PAG / SEG / SLG (None for other methods): the perturbed
+        pass of ``net`` through ``denoiser`` (which passes ``edit=`` on), its blocks checked against ``net`` now."""
+        kind = self.spec.perturbation
+        if kind is None:
+            return None
+        return perturber(denoiser, net, [kind], self.perturb_blocks, self.seg_sigma)
 
     def check_input(self, height: int, width: int) -> None:
         """The windows fit an input of ``height x width`` (a :class:`guidance.windows.WindowError` otherwise)."""

@@ -41,7 +41,12 @@ def _method_options(fn):
     for name, text in reversed(method_param_help()):
         flag = name.replace("_", "-")
         fn = click.option(*dict.fromkeys((f"--{flag}", f"--{name}")), name, type=float, default=None, help=text)(fn)
-    for flag, text in (("swg-sigma-interval", "With --method X-swg: the window term only where lo < sigma <= hi"),
+    for flag, text in (("seg-sigma", "With --method seg / seg-swg: width of the query blur in tokens [default: inf, "
+                                     "the mean query]"),
+                       ("perturb-blocks", "With --method pag / seg / slg (or X-swg): block indices to perturb, "
+                                          "e.g. 14 or 13,14 [default: pag/seg the middle block depth//2, slg "
+                                          "depth*{7,8,9}//24; docs/guidance.md]"),
+                       ("swg-sigma-interval", "With --method X-swg: the window term only where lo < sigma <= hi"),
                        ("g-sigma-interval", "With --method: its negative's terms only where lo < sigma <= hi "
                                             "(sigma = sqrt(1/alpha_bar - 1)), e.g. 0.28,2.9"),
                        ("weights", "With --method: its weights, comma separated (table convention: "

@@ -35,7 +35,7 @@ from guidance.dit import DIT_MODES, default_window_size, dit_settings, guide_dit
 from guidance.settings import GuidanceSettings
 from guidance.table import method_param_names, method_params, method_spec, parse_sigma_interval
 from metrics.api import needs_reference
-from networks.dit import DiT_models, PRETRAINED_DIT
+from networks.dit import PRETRAINED_DIT, DiT_models, create_dit
 from networks.dit_diffusers import load_dit_weights, snapshot_source
 from networks.encoders import load_vae as load_autoencoder
 from networks.zoo import close_names
@@ -51,7 +51,7 @@ VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-m
 IDENTITY_KEYS = ("model", "model_kwargs", "ckpt", "image_size", "vae", "num_classes", "method", "g_scale",
                  "crop_scale", "mask", "window_size", "window_steps", "cfg_channels", "pos_embed",
                  "num_sampling_steps", "global_seed", "weights", "g_params", "g_sigma_interval",
-                 "swg_sigma_interval")
+                 "swg_sigma_interval", "perturb_blocks", "seg_sigma")
 
 __all__ = ["DiTOptions", "VAE_REPOS", "LATENT_SCALE", "IDENTITY_KEYS", "DiTConfig", "DiTBackend", "build_config",
            "resolve_config", "folder_name", "run_dir", "decode_latents",
@@ -107,6 +107,8 @@ class DiTOptions:
     weights: Optional[str] = None          # text or a list
     g_sigma_interval: Optional[str] = None
     swg_sigma_interval: Optional[str] = None
+    perturb_blocks: Optional[str] = None   # pag / seg / slg: text or a list [default: guidance.perturb's]
+    seg_sigma: Optional[str] = None        # seg: query blur width (text or a number) [default: inf]
 
 
 # Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder).
@@ -152,6 +154,8 @@ class DiTConfig(run_settings.RunSettings):
                   "weights": g.weights if table else (), "g_params": dict(g.params),
                   "g_sigma_interval": g.sigma_interval, "swg_sigma_interval": g.window_sigma_interval,
                   "window_size": g.window_size[0] if g.window_size else None, "window_steps": g.window_steps[0]}
+        if g.spec.perturbation:  # PAG / SEG / SLG only: records of other methods keep their keys
+            legacy.update(perturb_blocks=g.perturb_blocks, seg_sigma=g.seg_sigma)
         legacy = {k: run_folder.json_value(v) for k, v in legacy.items()}
         out = {}
         for key, value in record.items():
@@ -322,7 +326,10 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
             raise UsageError(f"`window_size` {window} must be a multiple of the patch size {patch}")
     guidance = dit_settings(mode, g, c, o["mask"], window, o["window_steps"], o["cfg_channels"],
                             kwargs.get("in_channels", 4), o["max_window_batch"], weights, g_params, g_sigma,
-                            swg_sigma)
+                            swg_sigma, o["perturb_blocks"], o["seg_sigma"])
+    if guidance.spec.perturbation:  # the blocks against the architecture, before anything is loaded
+        with torch.device("meta"):
+            guidance.check_network(create_dit(o["model"], input_size=latent, num_classes=o["num_classes"], **kwargs))
     try:
         guidance.check_input(latent, latent)
     except WindowError as exc:
@@ -335,9 +342,10 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     metrics = run_settings.parse_metrics(o["metrics"])
     ref_path = _default_ref_path(o["ref_path"], o["image_size"]) if needs_reference(metrics) else o["ref_path"]
 
+    save = run_settings.save_mode(o["save"], o["save_tar"])
     cfg = DiTConfig(
         outdir=None, seeds=_seed_list(o["seeds"], o["num_fid_samples"]), batch=o["per_proc_batch_size"],
-        subdirs=o["subdirs"], save_tar=o["save_tar"], save_npz=o["save_npz"], save=o["save"] or "png",
+        subdirs=o["subdirs"], save_tar=save == "tar", save_npz=o["save_npz"], save=save,
         keep=o["keep"], save_stats=o["save_stats"], metrics=metrics, ref_path=ref_path,
         require_reference=False, use_wandb=o["use_wandb"], wandb_group=o["wandb_group"],
         wandb_runname=o["wandb_runname"], device=o["device"],
@@ -376,6 +384,10 @@ def folder_name(cfg: DiTConfig) -> str:
         for key, lo_hi in (("g_sigma_interval", g.sigma_interval), ("swg_sigma_interval", g.window_sigma_interval)):
             if lo_hi:
                 name += f"_{key.split('_')[0]}sig_{lo_hi[0]:g}-{lo_hi[1]:g}"
+        if g.perturb_blocks is not None:
+            name += f"_blocks_{','.join(map(str, g.perturb_blocks))}"
+        if g.seg_sigma is not None:
+            name += f"_segsigma_{g.seg_sigma:g}"
     if s["vanila_cfg"]:
         name += "_vanila_cfg"
     return name.replace(", ", "_").replace("[", "").replace("]", "").replace(" ", "_")

@@ -50,7 +50,7 @@ __all__ = ["GenerateConfig", "EDM2Backend", "build_config", "load_networks", "ch
 IDENTITY_KEYS = ("net_pos_pkl", "net_neg_pkl", "class_idx", "steps", "sigma_min", "sigma_max", "rho", "S_churn",
                  "S_min", "S_max", "S_noise", "g_method", "g_weight", "swg_sizes", "swg_steps",
                  "scale_window_guide", "g_interval", "clean_combos", "g_params", "g_sigma_interval",
-                 "swg_sigma_interval")
+                 "swg_sigma_interval", "perturb_blocks", "seg_sigma")
 # The names of this API (and of sample_edm2.py's flags) for the fields of GuidanceSettings.
 GUIDANCE_NAMES = {"method": "g_method", "weight": "g_weight", "window_size": "swg_sizes", "window_steps": "swg_steps",
                   "masked": "scale_window_guide", "step_interval": "g_interval", "sigma_interval": "g_sigma_interval",
@@ -90,6 +90,8 @@ class GenerateConfig(run_settings.RunSettings):
             ("clean_combos", not g.reference_quirks), ("max_window_batch", g.max_window_batch),
             ("g_params", dict(g.params)), ("g_sigma_interval", g.sigma_interval),
             ("swg_sigma_interval", g.window_sigma_interval))})
+        if g.spec.perturbation:  # PAG / SEG / SLG only: records of other methods keep their keys
+            record.update(perturb_blocks=run_folder.json_value(g.perturb_blocks), seg_sigma=g.seg_sigma)
         record["num_images"] = num_images
         return record
 
@@ -179,18 +181,20 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     if preset_params and method_spec(preset_method).name == method:  # the preset's own parameters
         params = {**preset_params, **params}
     sw = given["scale_window_guide"]
-    sw = 1 if sw is None else sw
+    sw = int(GuidanceSettings.masked) if sw is None else sw
     if str(sw) not in ("0", "1"):
         raise UsageError(f"`scale_window_guide` must be 0 (SWG) or 1 (masked M-SWG), got {sw!r}")
     guidance = GuidanceSettings(
         method=method, weights=() if given["g_weight"] is None else _floats(given["g_weight"], "g_weight"),
         window_size=None if given["swg_sizes"] is None else _ints(given["swg_sizes"], "swg_sizes"),
-        window_steps=_ints(given["swg_steps"] if given["swg_steps"] is not None else 2, "swg_steps"),
+        window_steps=GuidanceSettings.window_steps if given["swg_steps"] is None else _ints(given["swg_steps"],
+                                                                                             "swg_steps"),
         masked=bool(int(sw)), step_interval=_interval(g_interval),
         reference_quirks=not kwargs.pop("clean_combos", False), params=params,
         sigma_interval=parse_sigma_interval(kwargs.pop("g_sigma_interval", None), "g_sigma_interval"),
         window_sigma_interval=parse_sigma_interval(kwargs.pop("swg_sigma_interval", None), "swg_sigma_interval"),
-        max_window_batch=kwargs.pop("max_window_batch", None))
+        max_window_batch=kwargs.pop("max_window_batch", None), perturb_blocks=kwargs.pop("perturb_blocks", None),
+        seg_sigma=kwargs.pop("seg_sigma", None))
     try:
         guidance = guidance.checked()
     except UsageError as exc:  # name this API's keywords (g_method, swg_sizes ...), not the description's fields
@@ -209,6 +213,8 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(GenerateConfig)})
     if unknown:
         raise TypeError(f"build_config() got unknown option(s) {', '.join(unknown)}")
+    kwargs["save"] = run_settings.save_mode(kwargs.get("save"), kwargs.get("save_tar", False))
+    kwargs["save_tar"] = kwargs["save"] == "tar"
     cfg = GenerateConfig(net_pos_pkl=pos, net_neg_pkl=neg, outdir=outdir, seeds=run_settings.parse_seeds(seeds),
                          preset=preset, guidance=guidance, ref_path=given["ref_path"],
                          metrics=run_settings.parse_metrics(given["metrics"]), **kwargs)
@@ -258,7 +264,7 @@ def _latent_shape(ckpt: EDM2Checkpoint) -> tuple:
 
 
 def check_networks(cfg: GenerateConfig, pos: EDM2Checkpoint, neg: Optional[EDM2Checkpoint]) -> None:
-    """Checks that need the networks: shapes, labels, window geometry."""
+    """Checks that need the networks: shapes, labels, window geometry, perturbed blocks."""
     c, h, w = _latent_shape(pos)
     label_dim = int(pos.net.label_dim)
     if neg is not None:
@@ -271,6 +277,7 @@ def check_networks(cfg: GenerateConfig, pos: EDM2Checkpoint, neg: Optional[EDM2C
         raise UsageError(f"`class_idx` {cfg.class_idx} is out of range: the network has {label_dim} classes"
                          + ("" if label_dim else " (it is unconditional; drop `class_idx`)"))
     g = cfg.guidance
+    g.check_network(pos.net)  # PAG / SEG / SLG: blocks that take the perturbation
     if g.spec.windows:
         try:
             g.check_input(h, w)
@@ -284,14 +291,16 @@ def check_networks(cfg: GenerateConfig, pos: EDM2Checkpoint, neg: Optional[EDM2C
 
 
 def _denoiser(net: torch.nn.Module):
-    def denoise(x, sigma, labels=None):
-        return net(x, sigma, labels)
+    def denoise(x, sigma, labels=None, edit=None):
+        return net(x, sigma, labels) if edit is None else net(x, sigma, labels, edit=edit)
     return denoise
 
 
 def make_guided(cfg: GenerateConfig, pos_net, neg_net):
-    """The guided denoiser ``D(x, sigma, labels)`` for ``cfg``."""
-    return cfg.guidance.guide(_denoiser(pos_net), neg_denoiser=_denoiser(neg_net) if neg_net is not None else None)
+    """The guided denoiser ``D(x, sigma, labels)`` for ``cfg`` (PAG / SEG / SLG: blocks checked against ``pos_net``)."""
+    pos = _denoiser(pos_net)
+    return cfg.guidance.guide(pos, neg_denoiser=_denoiser(neg_net) if neg_net is not None else None,
+                              perturb=cfg.guidance.perturber(pos, pos_net))
 
 
 # ----------------------------------------------------------------------------

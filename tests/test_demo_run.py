@@ -227,7 +227,8 @@ def _inside(fig, artists) -> list[str]:
 @pytest.mark.parametrize("names,seeds,size", [
     (["none", "cfg", "wmg-RT", "wmg-RCT", "swg", "m-swg", "m-swg-1.1", "wmg-swg-RT", "wmg-swg-RCT", "cfg-swg"], 12, 16),
     (["none", "m-swg"], 2, 16),                                        # narrower than its title
-    (["cond/none", "uncond-early/autoguidance-1", "cond/m-swg-k28-w0.25"], 10, 32)])  # long-range labels
+    (["cond/none", "uncond-early/autoguidance-1", "cond/m-swg-k28-w0.25"], 10, 32),  # long-range labels
+    ([f"cond/row-{i}" for i in range(11)] + ["cond-early/m-swg-k16-w1"], 8, 32)])  # tall: its long label was cut
 def test_sample_grid_labels_and_title_fit(tmp_path, monkeypatch, names, seeds, size):
     """samples.png: a title, and no label (rows, seeds, the ``seed`` axis label, the title) cut off (issue 23 #11)."""
     import matplotlib
@@ -247,6 +248,10 @@ def test_sample_grid_labels_and_title_fit(tmp_path, monkeypatch, names, seeds, s
     texts = [ax.title, ax.xaxis.label, *ax.get_xticklabels(), *ax.get_yticklabels()]
     assert [t.get_text() for t in ax.get_yticklabels()] == names
     assert _inside(figs[0], texts) == []
+    fig = figs[0]
+    tight = fig.get_tightbbox(fig.canvas.get_renderer())          # every artist, in inches
+    w, h = fig.get_size_inches()
+    assert tight.x0 >= -0.01 and tight.y0 >= -0.01 and tight.x1 <= w + 0.01 and tight.y1 <= h + 0.01
     assert (tmp_path / "samples.png").stat().st_size > 1000
 
 
