@@ -271,7 +271,8 @@ def _label(row: Row) -> str:
 
 
 def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s"
 
 
 # ----------------------------------------------------------------------------

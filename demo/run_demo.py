@@ -286,7 +286,8 @@ def run_demo(outdir: str | pathlib.Path, num: int = DEFAULT["num"], steps: int =
 
 
 def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s"
 
 
 @click.command()
