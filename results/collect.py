@@ -218,9 +218,12 @@ def _describe(args: Mapping[str, Any]) -> dict:
     else:  # sample_dit.py
         method = str(args.get("method") or "none")
         g, c = args.get("g_scale"), args.get("crop_scale")
-        weights = [] if method in ("none", "uncond") or g is None else [float(g)]
-        if method == "cfg-swg" and c is not None:
-            weights.append(float(c))
+        if _as_list(args.get("weights")):  # --method X --weights w[,...] (the methods without a switch)
+            weights = [float(w) for w in _as_list(args.get("weights"))]
+        else:
+            weights = [] if method in ("none", "uncond") or g is None else [float(g)]
+            if method == "cfg-swg" and c is not None:
+                weights.append(float(c))
         mask = str(args.get("mask", 0)) in ("1", "True", "true")
         model = f"{args.get('model', 'DiT')}@{args.get('image_size', '?')}"
         if args.get("ckpt"):

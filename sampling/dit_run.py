@@ -342,9 +342,10 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     metrics = run_settings.parse_metrics(o["metrics"])
     ref_path = _default_ref_path(o["ref_path"], o["image_size"]) if needs_reference(metrics) else o["ref_path"]
 
+    save = run_settings.save_mode(o["save"], o["save_tar"])
     cfg = DiTConfig(
         outdir=None, seeds=_seed_list(o["seeds"], o["num_fid_samples"]), batch=o["per_proc_batch_size"],
-        subdirs=o["subdirs"], save_tar=o["save_tar"], save_npz=o["save_npz"], save=o["save"] or "png",
+        subdirs=o["subdirs"], save_tar=save == "tar", save_npz=o["save_npz"], save=save,
         keep=o["keep"], save_stats=o["save_stats"], metrics=metrics, ref_path=ref_path,
         require_reference=False, use_wandb=o["use_wandb"], wandb_group=o["wandb_group"],
         wandb_runname=o["wandb_runname"], device=o["device"],

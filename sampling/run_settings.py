@@ -26,7 +26,7 @@ from utils.device import resolve_device as checked_device
 from utils.errors import UsageError
 from utils.ranges import compact_ranges
 
-__all__ = ["MAX_SEED", "SAVE_MODES", "RunSettings", "compact_seeds", "parse_seeds", "parse_metrics",
+__all__ = ["MAX_SEED", "SAVE_MODES", "save_mode", "RunSettings", "compact_seeds", "parse_seeds", "parse_metrics",
            "reference_hint", "check_reference", "effective_metrics", "resolve_device", "check_run_settings"]
 
 MAX_SEED = 9_999_999  # image files are named by a 7-digit seed
@@ -154,15 +154,24 @@ def check_run_settings(settings: RunSettings, *, require_outdir: bool = True) ->
 SAVE_MODES = ("png", "tar", "none")
 
 
-def _check_save(settings: RunSettings) -> None:
-    """`save` png | tar | none, with `save_tar` as a synonym of tar; what streaming (none) needs and excludes."""
-    save = str(settings.save or "png").strip().lower()
-    if save not in SAVE_MODES:
-        raise UsageError(f"`save` {settings.save!r} is not one of {', '.join(SAVE_MODES)}")
-    if settings.save_tar and save == "none":
+def save_mode(save: Optional[str], save_tar: bool = False) -> str:
+    """The output mode of the options `save` (png | tar | none; None: png) and `save_tar` (a synonym of tar).
+
+    The samplers' ``build_config`` store it as ``save`` (and ``save_tar = save == "tar"``).
+    """
+    mode = str(save or "png").strip().lower()
+    if mode not in SAVE_MODES:
+        raise UsageError(f"`save` {save!r} is not one of {', '.join(SAVE_MODES)}")
+    if save_tar and mode == "none":
         raise UsageError("`save_tar` and `save` none contradict each other; drop one")
-    settings.save = "tar" if settings.save_tar else save
-    settings.save_tar = settings.save == "tar"
+    return "tar" if save_tar else mode
+
+
+def _check_save(settings: RunSettings) -> None:
+    """What `save` none (streaming) needs and excludes; `save` as :func:`save_mode` gives it.  Changes nothing."""
+    if settings.save not in SAVE_MODES or settings.save_tar != (settings.save == "tar"):
+        raise UsageError(f"`save` {settings.save!r} with `save_tar` {settings.save_tar} is not an output mode; "
+                         f"build the settings with sampling.run_settings.save_mode")
     if settings.keep < 0:
         raise UsageError(f"`keep` must be >= 0, got {settings.keep}")
     if settings.save != "none":

@@ -279,3 +279,18 @@ def test_label_says_m_swg_exactly_when_the_sampler_masks(tmp_path, method, maske
     base = {"swg": "SWG", "wmg-swg": "WMG+SWG", "cfg-swg": "CFG+SWG"}.get(method, spec.label)
     assert base.endswith("+SWG") or base == "SWG"
     assert row["label"] == (base.replace("SWG", "M-SWG") if applied else base)
+
+
+def test_dit_methods_given_by_weights(tmp_path):
+    """``sample_dit.py --method apg-swg --weights 1,0.2 --mask 1``: the row shows those weights (it showed
+    the unused --g-scale, 0) and M-SWG; the switch methods keep their scales."""
+    root = tmp_path / "samples"
+    dit_run(root, {"fid": 9.0, "num_images": 50}, **{"--method": "apg-swg", "--weights": "1,0.2", "--mask": 1,
+                                                     "--num-fid-samples": 50})
+    dit_run(root, {"fid": 8.0, "num_images": 50}, **{"--method": "tcfg", "--weights": "0.4", "--num-fid-samples": 50})
+    dit_run(root, {"fid": 7.0, "num_images": 50}, **{"--crop": 1, "--g-scale": 0.5, "--num-fid-samples": 50})
+    rows = {r["method"]: r for r in C.collect(root)}
+    assert (rows["apg-swg"]["weights"], rows["apg-swg"]["label"], rows["apg-swg"]["_weights"]) == \
+        ("1,0.2", "APG+M-SWG", [1.0, 0.2])
+    assert (rows["tcfg"]["weights"], rows["tcfg"]["label"], rows["tcfg"]["windows"]) == ("0.4", "TCFG", "")
+    assert (rows["swg"]["weights"], rows["swg"]["label"]) == ("0.5", "SWG")

