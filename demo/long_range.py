@@ -76,7 +76,7 @@ DEFAULT = dict(num=128, steps=8, windows=(8, 16, 24, 28), weights=(0.5, 1.0), sw
                sweep=("cond",), probe=("uncond", "cond-early"), probe_at=(16, 1.0))
 FULL = dict(num=256, steps=16, windows=(8, 12, 16, 20, 24, 28), weights=(0.25, 0.5, 1.0, 2.0),
             swg_windows=(16, 28), sweep=("cond", "uncond"), probe=("cond-early", "uncond-early"), probe_at=(16, 1.0))
-OTHER_WEIGHT = 1.0          # CFG, autoguidance, APG and CFG-Zero* weight
+OTHER_WEIGHT = 1.0          # CFG, autoguidance, APG, CFG-Zero* and SLG weight
 ZOO_ROWS = ("apg", "cfg-zero")   # CFG variants of the guidance zoo (sampling.presets.ZOO_PARAMS) on "cond"
 WEAK = {"cond": "cond-early", "uncond": "uncond-early"}   # autoguidance: the same run, less trained
 
@@ -117,6 +117,9 @@ def rows(sweep: Sequence[str], windows: Sequence[int], weights: Sequence[float],
             for method in ZOO_ROWS:   # the zoo's CFG variants, same negative and weight, presets' parameters
                 params = ",".join(f"{k}={v:g}" for k, v in sorted(ZOO_PARAMS[method][1].items()))
                 out.append(Row(f"{pos}/{method}-{OTHER_WEIGHT:g}", pos, method, OTHER_WEIGHT, "uncond", params=params))
+            # The positive network's own perturbed pass: SLG (default block). The quad models have no
+            # self-attention, so PAG and SEG (which perturb it) are refused on them.
+            out.append(Row(f"{pos}/slg-{OTHER_WEIGHT:g}", pos, "slg", OTHER_WEIGHT))
         if pos in WEAK:
             out.append(Row(f"{pos}/autoguidance-{OTHER_WEIGHT:g}", pos, "wmg", OTHER_WEIGHT, WEAK[pos]))
         grid = [(k, w) for k in windows for w in weights] if pos in sweep else [tuple(probe_at)]
@@ -268,7 +271,8 @@ def _label(row: Row) -> str:
 
 
 def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s"
 
 
 # ----------------------------------------------------------------------------

@@ -53,6 +53,7 @@ import numpy as np  # noqa: E402
 
 from demo.common import (Timings, check_outdir, counted_evals, csv_text, exit_on_interrupt, read_csv, read_images,  # noqa: E402
                          requested_classes, network_shape, sample_grid, sample_row, save_figure, write_settings)
+from guidance.perturb import KINDS as PERTURBED  # noqa: E402
 from sampling.presets import ZOO_PARAMS  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
 from utils.errors import UsageError, exit_on_usage_error  # noqa: E402
@@ -94,6 +95,8 @@ METHODS = [
     # The guidance zoo at its presets' default weights (sampling.presets.ZOO_PARAMS), alone and with M-SWG.
     *(Method(f"{m}{pair}", f"demo-digits-{m}{pair}", negative="uncond")
       for m in ZOO_PARAMS for pair in ("", "-mswg")),
+    # The positive network's own perturbed passes (guidance.perturb: default blocks), published weights.
+    *(Method(f"{m}{pair}", f"demo-digits-{m}{pair}") for m in PERTURBED for pair in ("", "-mswg")),
 ]
 
 
@@ -283,7 +286,8 @@ def run_demo(outdir: str | pathlib.Path, num: int = DEFAULT["num"], steps: int =
 
 
 def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s"
 
 
 @click.command()

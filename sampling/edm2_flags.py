@@ -22,6 +22,7 @@ from utils.errors import exit_on_usage_error
 
 __all__ = ["cli", "main", "settings", "FLAGS"]
 
+D = edm2_run.GenerateConfig()  # the defaults, shown in --help
 # Library parameters whose flag is not simply --<name> (guidance's own names included).
 FLAGS = {"class_idx": "--class", "window_size": "--swg_sizes", "window_steps": "--swg_steps",
          "weight": "--g_weight", "method": "--g_method", "neg_denoiser": "--net_neg_pkl",
@@ -54,21 +55,22 @@ def _method_options(fn):
 @option("--save_npz", is_flag=True, help="Also write <outdir>.npz (arr_0, uint8 NHWC) for the ADM evaluator.")
 @option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-49999 or 1,2,5-10.")
 @click.option("--class", "class_idx", type=int, default=None, help="Class label for all images [default: random].")
-@option("--batch", type=int, default=None, help="Maximum batch per GPU [default: 32].")
-@option("--steps", type=int, default=None, help="Sampler steps [default: 32].")
-@option("--sigma_min", type=float, default=None, help="Lowest noise level [default: 0.002].")
-@option("--sigma_max", type=float, default=None, help="Highest noise level [default: 80].")
-@option("--rho", type=float, default=None, help="Time step exponent [default: 7].")
-@option("--S_churn", type=float, default=None, help="Stochasticity strength [default: 0].")
-@option("--S_min", type=float, default=None, help="Stochastic min noise level [default: 0].")
-@option("--S_max", type=float, default=None, help="Stochastic max noise level [default: inf].")
-@option("--S_noise", type=float, default=None, help="Stochastic noise inflation [default: 1].")
+@option("--batch", type=int, default=None, help=f"Maximum batch per GPU [default: {D.batch:g}].")
+@option("--steps", type=int, default=None, help=f"Sampler steps [default: {D.steps:g}].")
+@option("--sigma_min", type=float, default=None, help=f"Lowest noise level [default: {D.sigma_min:g}].")
+@option("--sigma_max", type=float, default=None, help=f"Highest noise level [default: {D.sigma_max:g}].")
+@option("--rho", type=float, default=None, help=f"Time step exponent [default: {D.rho:g}].")
+@option("--S_churn", type=float, default=None, help=f"Stochasticity strength [default: {D.S_churn:g}].")
+@option("--S_min", type=float, default=None, help=f"Stochastic min noise level [default: {D.S_min:g}].")
+@option("--S_max", type=float, default=None, help=f"Stochastic max noise level [default: {D.S_max:g}].")
+@option("--S_noise", type=float, default=None, help=f"Stochastic noise inflation [default: {D.S_noise:g}].")
 @option("--g_method", default=None, help=" | ".join(n for n, s in METHODS.items() if not s.base or n in (
     "wmg-swg", "cfg-swg")) + "; X-swg adds (M-)SWG to X (README: methods).")
 @option("--g_weight", default=None, help="Guidance weight w, or two (w_neg,w_swg) for combinations.")
 @option("--swg_sizes", default=None, help="Window size k in latent pixels (or kh,kw).")
-@option("--swg_steps", default=None, help="Windows per axis n (or nh,nw) [default: 2].")
-@option("--scale_window_guide", default=None, help="1 = masked SWG (M-SWG), 0 = plain SWG [default: 1].")
+@option("--swg_steps", default=None, help=f"Windows per axis n (or nh,nw) [default: {D.guidance.window_steps[0]}].")
+@option("--scale_window_guide", default=None,
+        help=f"1 = masked SWG (M-SWG), 0 = plain SWG [default: {int(D.guidance.masked)}].")
 @option("--g_interval", default="none", show_default=True,
         help="Guide only at sampler steps first..last (inclusive), e.g. 4,20.")
 @option("--clean_combos", is_flag=True,

@@ -181,13 +181,14 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     if preset_params and method_spec(preset_method).name == method:  # the preset's own parameters
         params = {**preset_params, **params}
     sw = given["scale_window_guide"]
-    sw = 1 if sw is None else sw
+    sw = int(GuidanceSettings.masked) if sw is None else sw
     if str(sw) not in ("0", "1"):
         raise UsageError(f"`scale_window_guide` must be 0 (SWG) or 1 (masked M-SWG), got {sw!r}")
     guidance = GuidanceSettings(
         method=method, weights=() if given["g_weight"] is None else _floats(given["g_weight"], "g_weight"),
         window_size=None if given["swg_sizes"] is None else _ints(given["swg_sizes"], "swg_sizes"),
-        window_steps=_ints(given["swg_steps"] if given["swg_steps"] is not None else 2, "swg_steps"),
+        window_steps=GuidanceSettings.window_steps if given["swg_steps"] is None else _ints(given["swg_steps"],
+                                                                                             "swg_steps"),
         masked=bool(int(sw)), step_interval=_interval(g_interval),
         reference_quirks=not kwargs.pop("clean_combos", False), params=params,
         sigma_interval=parse_sigma_interval(kwargs.pop("g_sigma_interval", None), "g_sigma_interval"),

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import stat
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -53,13 +54,20 @@ def check_outdir(path: os.PathLike | str, option: str = "`outdir`") -> pathlib.P
     path = pathlib.Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path} is a file, not a folder; choose another {option}")
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"{path} cannot be created because {probe} is a file; choose another {option}")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{path} cannot be written ({probe} is read-only); choose another {option}")
+    for _ in range(100):  # under torchrun, rank 0 may be creating and removing the folder meanwhile (probe_outdir)
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            is_dir = stat.S_ISDIR(os.stat(probe).st_mode)
+        except FileNotFoundError:
+            continue
+        if not is_dir:
+            raise UsageError(f"{path} cannot be created because {probe} is a file; choose another {option}")
+        if os.access(probe, os.W_OK | os.X_OK):
+            return path
+        if probe.exists():
+            raise UsageError(f"{path} cannot be written ({probe} is read-only); choose another {option}")
     return path
 
 

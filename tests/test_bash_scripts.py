@@ -234,13 +234,13 @@ def test_slurm_example_launches_one_torchrun_per_node(tmp_path):
 FAKE_SRUN = """\
 while [[ "$1" == --* ]]; do shift; done
 pids=()
+forward() { for p in "${pids[@]}"; do kill -"$1" -- -"$p" 2>/dev/null; done; }
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
 for n in $(seq "$SLURM_NNODES"); do
     SLURM_NODEID=$((n-1)) SLURM_STEP_ID=0 setsid "$@" &
     pids+=($!)
 done
-forward() { for p in "${pids[@]}"; do kill -"$1" -- -"$p" 2>/dev/null; done; }
-trap 'forward TERM' TERM
-trap 'forward USR1' USR1
 rc=0
 for p in "${pids[@]}"; do
     while true; do wait "$p"; s=$?; kill -0 "$p" 2>/dev/null || break; done

@@ -162,6 +162,7 @@ def stopped_in_process(assets, mode: str, out: pathlib.Path, monkeypatch, capsys
     err = capsys.readouterr().err
     (line,) = stop_lines(err)
     assert "SIGUSR1 received" in line and "rerun the same command to resume" in line and str(out) in line
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the command leaves its handlers as it found them
     monkeypatch.setattr(run.Backend, "images", real)
 
 

@@ -125,7 +125,7 @@ def test_tiny_long_range_run(tmp_path):
     assert (img["uncond/m-swg-k12-w1"] != img["uncond/swg-k12-w1"]).any()
     assert (img["cond/cfg-1"] != img["cond/apg-1"]).any()   # APG's projection and momentum reach the sampler
     defaults = [r.name for r in long_range.default_rows(long_range.DEFAULT)]
-    assert {"cond/apg-1", "cond/cfg-zero-1"} <= set(defaults)
+    assert {"cond/apg-1", "cond/cfg-zero-1", "cond/slg-1"} <= set(defaults)
     for name in ("results.csv", "results.md", "results.png", "samples.png"):
         assert (out / name).stat().st_size > 100, name
     md = (out / "results.md").read_text()

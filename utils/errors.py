@@ -18,6 +18,7 @@ exits 1; the README's troubleshooting section shows what that looks like.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -161,14 +162,22 @@ def _ignore_sigint() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _ignore_stop_signals() -> None:
+@contextlib.contextmanager
+def _stop_signals_ignored(active: bool = True):
+    """SIGTERM and SIGUSR1 ignored inside the block (main thread only), the old handlers back after it."""
     import signal
     import threading
 
-    if threading.current_thread() is threading.main_thread():
+    old = {}
+    if active and threading.current_thread() is threading.main_thread():
         for name in ("SIGTERM", "SIGUSR1"):
             if hasattr(signal, name):
-                signal.signal(getattr(signal, name), signal.SIG_IGN)
+                old[name] = signal.signal(getattr(signal, name), signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for name, handler in old.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 INTERRUPTED_RESTART = "interrupted; this command does not resume: rerun it to start over"
@@ -193,10 +202,10 @@ def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED):
         try:
             return fn(*args, **kwargs)
         except UsageError as exc:  # also utils.preempt.Stopped: 'stopped: ...', exit 75
-            if exc.exit_code == 75:  # stopping anyway: a repeated TERM (torchrun's) must not cut the line short
-                _ignore_stop_signals()
-            if not (getattr(exc, "rank0_prints", False) and _env_int("RANK", 0) != 0):  # every rank agreed on it
-                report_once(_one_line(exc), prefix=getattr(exc, "prefix", "error"))
+            # stopping anyway (exit 75): a repeated TERM (torchrun's) must not cut the line short
+            with _stop_signals_ignored(exc.exit_code == 75):
+                if not (getattr(exc, "rank0_prints", False) and _env_int("RANK", 0) != 0):  # every rank agreed
+                    report_once(_one_line(exc), prefix=getattr(exc, "prefix", "error"))
             sys.exit(exc.exit_code)
         except OSError as exc:
             report_once(_one_line(describe_os_error(exc)))
