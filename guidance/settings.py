@@ -55,6 +55,13 @@ class GuidanceSettings:
     def spec(self) -> MethodSpec:
         return method_spec(self.method)
 
+    def check_sampler_steps(self, steps: int) -> None:
+        """Refuse a step count of the method's own that covers the whole sampler (``steps`` steps)."""
+        zero = self.params.get("zero_steps")
+        if zero is not None and int(zero) >= int(steps):
+            raise GuidanceError(f"`zero_steps` {int(zero)} would zero every one of the {int(steps)} sampler steps; "
+                                f"use `zero_steps` < {int(steps)}")
+
     def checked(self) -> "GuidanceSettings":
         """These settings validated, with canonical values (method name, float weights, int tuples, parameters
         with their defaults).  Raises :class:`guidance.table.GuidanceError` naming the field; changes nothing."""
@@ -67,8 +74,9 @@ class GuidanceSettings:
             raise GuidanceError(f"`weight` was given but `method` is {spec.name}; choose a guidance method, "
                                 f"e.g. `method` swg")
         if spec.num_weights and len(weights) != spec.num_weights:
-            raise GuidanceError(f"`method` {spec.name} takes {spec.num_weights} weight(s), got {len(weights)} "
-                                f"({','.join(f'{w:g}' for w in weights)}); e.g. `weight` {spec.example_text()}")
+            given = f"{len(weights)} ({','.join(f'{w:g}' for w in weights)})" if weights else "none"
+            raise GuidanceError(f"`method` {spec.name} takes {spec.num_weights} weight(s), got {given}; "
+                                f"e.g. `weight` {spec.example_text()}")
         size = None if self.window_size is None else _pair(self.window_size, "window_size")
         steps = _pair(self.window_steps, "window_steps", check=spec.windows)
         if spec.windows and size is None:

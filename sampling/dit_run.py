@@ -337,6 +337,7 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
 
     steps = str(o["num_sampling_steps"])
     timesteps = len(space_timesteps(1000, steps))
+    guidance.check_sampler_steps(timesteps)
     if o["global_seed"] < 0 or o["global_seed"] >= 2 ** 31:
         raise UsageError(f"`global_seed` must lie in [0, 2^31), got {o['global_seed']}")
     metrics = run_settings.parse_metrics(o["metrics"])

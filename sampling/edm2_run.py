@@ -219,6 +219,7 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
                          preset=preset, guidance=guidance, ref_path=given["ref_path"],
                          metrics=run_settings.parse_metrics(given["metrics"]), **kwargs)
     _check_numbers(cfg)
+    guidance.check_sampler_steps(cfg.steps)
     run_settings.check_run_settings(cfg, require_outdir=require_outdir)
     return cfg
 

@@ -90,8 +90,11 @@ def test_dit_images_equal_the_library(assets, tmp_path, method, params):
     got = [np.asarray(PIL.Image.open(run / f"{s:07d}.png")) for s in (0, 1)]
     want = _expected(assets, method, spec.example, [0, 1], params=cfg.guidance.params, sigma_interval=(0.5, math.inf),
                      window_size=6, mask=spec.windows)
+    # As the other DiT image tests: the VAE decode may round a pixel the other way under another
+    # thread count (seen once under pytest-xdist on a loaded machine); a guidance error is far larger.
     for a, b in zip(got, want):
-        np.testing.assert_array_equal(a, b)
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.01
 
 
 def test_dit_noise_level_of_a_timestep():

@@ -101,6 +101,12 @@ def test_parameters_and_intervals_are_checked_once_naming_the_parameter(nets, tm
         _config(nets, tmp_path / "o", "cfg", eta=0.5)
     with pytest.raises(UsageError, match="`zero_steps` of method cfg-zero must be an integer"):
         _config(nets, tmp_path / "o", "cfg-zero", zero_steps=-1)
+    with pytest.raises(UsageError, match="`zero_steps` 3 would zero every one of the 3 sampler steps"):
+        _config(nets, tmp_path / "o", "cfg-zero", zero_steps=3)   # steps=3: every step held at zero
+    _config(nets, tmp_path / "o", "cfg-zero", zero_steps=2)       # one guided step left: accepted
+    with pytest.raises(UsageError, match=r"`g_method` apg takes 1 weight\(s\), got none; e.g. `g_weight` "):
+        edm2_run.build_config(net_pos_pkl=str(nets / "pos.pkl"), net_neg_pkl=str(nets / "uncond.pkl"),
+                              outdir=str(tmp_path / "o"), g_method="apg", steps=3)
     with pytest.raises(UsageError, match="`g_sigma_interval` must satisfy 0 <= lo < hi"):
         _config(nets, tmp_path / "o", "apg", g_sigma_interval="3,1")
     with pytest.raises(UsageError, match="`swg_sigma_interval` limits the window term"):

@@ -213,8 +213,9 @@ def test_stats_file_round_trip(tmp_path):
     assert res.exit_code == 2 and "probs_digits_splits" in res.stderr
 
 
-def _dist_worker(rank, store, state, out):
+def _dist_worker(rank, store, state, out, threads):
     import torch.distributed as tdist
+    torch.set_num_threads(threads)  # the parent's: float32 features then round alike (sFID differed by 2e-9 under load)
     detectors.LOADERS["inception"] = lambda device, **kw: TinyInception()
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
@@ -236,7 +237,8 @@ def test_two_ranks_with_resume_equal_one(tmp_path):
     feed(single, 8)
     expect = single.finish()
     torch.multiprocessing.spawn(_dist_worker, args=(str(tmp_path / "store"), str(tmp_path / "state"),
-                                                    str(tmp_path / "r.pkl")), nprocs=2, join=True)
+                                                    str(tmp_path / "r.pkl"), torch.get_num_threads()),
+                                 nprocs=2, join=True)
     with open(tmp_path / "r.pkl", "rb") as f:
         multi = pickle.load(f)
     np.testing.assert_array_equal(multi["fid"]["features"], expect["fid"]["features"])  # rows gathered in seed order

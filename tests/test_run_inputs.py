@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
-import warnings
+import subprocess
+import sys
 
 import click
 import pytest
@@ -122,14 +124,21 @@ def test_the_minimum_image_count_counts_distinct_seeds(tmp_path, capsys):
 
 
 def test_pyproject_gives_setuptools_no_deprecation_warning():
-    from setuptools.config.pyprojecttoml import apply_configuration
-    from setuptools.dist import Distribution
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
-    assert [str(w.message).splitlines()[0] for w in caught if "license" in str(w.message).lower()] == []
-    assert dist.metadata.license_expression == "MIT" and "LICENSE" in dist.metadata.license_files
+    # In a fresh interpreter: setuptools' distutils shim refuses to load once another test imported distutils.
+    code = ("import json, warnings\n"
+            "from setuptools.config.pyprojecttoml import apply_configuration\n"
+            "from setuptools.dist import Distribution\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    dist = apply_configuration(Distribution(), 'pyproject.toml')\n"
+            "print(json.dumps({'warnings': [str(w.message).splitlines()[0] for w in caught\n"
+            "                               if 'license' in str(w.message).lower()],\n"
+            "                  'expression': dist.metadata.license_expression,\n"
+            "                  'files': list(dist.metadata.license_files or [])}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["warnings"] == []
+    assert got["expression"] == "MIT" and "LICENSE" in got["files"]
 
 
 def test_checks_do_not_change_what_they_check():
