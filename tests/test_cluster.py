@@ -67,6 +67,16 @@ def assets(tmp_path_factory):
     return {"dir": d, "net": d / "pos.pkl", "ref": d / "ref.pkl", "refs": {}}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every run here computes features with one thread, as the torchrun workers (OMP_NUM_THREADS=1) do:
+    float32 features then round alike wherever an image is scored (FID differed by 7e-9 with 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def args(assets, mode: str, out: pathlib.Path, *extra, metrics: bool = True) -> list[str]:
     """The sampler command line of a test run (``--batch 2`` unless the mode or ``extra`` say otherwise)."""
     m = ["--metrics", "fid,is,saturation", "--ref_path", str(assets["ref"])] if metrics or mode == "none" else []
