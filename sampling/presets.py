@@ -168,40 +168,37 @@ ZOO_PARAMS = {
 }
 
 
-def _zoo_presets() -> dict[str, Preset]:
-    """Each zoo method alone and with M-SWG: EDM2-S with the XS-uncond negative, and the digits demo."""
-    p: dict[str, Preset] = {}
+def _method_presets(name: str, weights: tuple, uncond: bool, **extra) -> dict[str, Preset]:
+    """``name`` alone and with M-SWG (SWG weight 0.2) on EDM2-S and on the digits demo; with ``uncond``
+    the negative is the unconditional network of each (XS-uncond for EDM2-S)."""
     s_win = dict(swg_sizes=(40,), swg_steps=(2,), scale_window_guide=1)
     d_win = dict(swg_sizes=(12,), swg_steps=(2,), scale_window_guide=1)
+    edm2 = dict(ref_path=REFS["img512"], **extra)
+    demo = dict(ref_path=DEMO_REF, metrics="fd_digits", **extra)
+    s, s_neg = MODELS["raw-img512-s"], MODELS["raw-img512-xs-uncond"] if uncond else None
+    d, d_neg = MODELS["demo-digits-cond"], MODELS["demo-digits-uncond"] if uncond else None
+    return {f"swg-edm2-s-{name}": Preset(s, s_neg, name, weights, **edm2),
+            f"swg-edm2-s-{name}-mswg": Preset(s, s_neg, f"{name}-swg", (*weights, 0.2), **s_win, **edm2),
+            f"demo-digits-{name}": Preset(d, d_neg, name, weights, **demo),
+            f"demo-digits-{name}-mswg": Preset(d, d_neg, f"{name}-swg", (*weights, 0.2), **d_win, **demo)}
+
+
+def _zoo_presets() -> dict[str, Preset]:
+    """Each zoo rule alone and with M-SWG, against the unconditional network (ZOO_PARAMS)."""
+    p: dict[str, Preset] = {}
     for name, (weights, params) in ZOO_PARAMS.items():
-        extra = dict(g_params=params or None, source="zoo defaults (sampling/presets.py ZOO_PARAMS)")
-        edm2 = dict(ref_path=REFS["img512"], **extra)
-        demo = dict(ref_path=DEMO_REF, metrics="fd_digits", **extra)
-        s, s_neg = MODELS["raw-img512-s"], MODELS["raw-img512-xs-uncond"]
-        d, d_neg = MODELS["demo-digits-cond"], MODELS["demo-digits-uncond"]
-        p[f"swg-edm2-s-{name}"] = Preset(s, s_neg, name, weights, **edm2)
-        p[f"swg-edm2-s-{name}-mswg"] = Preset(s, s_neg, f"{name}-swg", (*weights, 0.2), **s_win, **edm2)
-        p[f"demo-digits-{name}"] = Preset(d, d_neg, name, weights, **demo)
-        p[f"demo-digits-{name}-mswg"] = Preset(d, d_neg, f"{name}-swg", (*weights, 0.2), **d_win, **demo)
+        p.update(_method_presets(name, weights, True, g_params=params or None,
+                                 source="zoo defaults (sampling/presets.py ZOO_PARAMS)"))
     return p
 
 
 def _perturb_presets() -> dict[str, Preset]:
     """PAG, SEG, SLG (no second network) at the weights their papers publish (the table's ``example``:
-    PAG 3.0, SEG 3.0, SLG 2.8), default blocks, alone and with M-SWG: EDM2-S and the digits demo."""
+    PAG 3.0, SEG 3.0, SLG 2.8), default blocks, alone and with M-SWG."""
     p: dict[str, Preset] = {}
-    s_win = dict(swg_sizes=(40,), swg_steps=(2,), scale_window_guide=1)
-    d_win = dict(swg_sizes=(12,), swg_steps=(2,), scale_window_guide=1)
     for name in ("pag", "seg", "slg"):
-        weights = METHODS[name].example
-        src = dict(source="published default weight (guidance.table), default blocks (guidance.perturb)")
-        edm2 = dict(ref_path=REFS["img512"], **src)
-        demo = dict(ref_path=DEMO_REF, metrics="fd_digits", **src)
-        s, d = MODELS["raw-img512-s"], MODELS["demo-digits-cond"]
-        p[f"swg-edm2-s-{name}"] = Preset(s, None, name, weights, **edm2)
-        p[f"swg-edm2-s-{name}-mswg"] = Preset(s, None, f"{name}-swg", (*weights, 0.2), **s_win, **edm2)
-        p[f"demo-digits-{name}"] = Preset(d, None, name, weights, **demo)
-        p[f"demo-digits-{name}-mswg"] = Preset(d, None, f"{name}-swg", (*weights, 0.2), **d_win, **demo)
+        p.update(_method_presets(name, METHODS[name].example, False, source="published default weight "
+                                 "(guidance.table), default blocks (guidance.perturb)"))
     return p
 
 
