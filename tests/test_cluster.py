@@ -197,7 +197,7 @@ def test_preemption_handler_drops_work_but_never_cuts_a_deferred_block():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-@pytest.mark.parametrize("mode", ["tar", "none"])  # PNG on two nodes: the lost-node test
+@pytest.mark.parametrize("mode", ["png", "subdirs", "tar", "none"])
 def test_sigusr1_in_one_process_then_two_nodes_finish(assets, mode, tmp_path, monkeypatch, capsys):
     """World size 1 -> 2 (two launchers, --nnodes 2, c10d at 127.0.0.1): the images of one process."""
     out = tmp_path / "run"
