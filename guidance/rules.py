@@ -10,6 +10,7 @@ scale are per sample, over every other axis.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Optional
 
@@ -31,7 +32,7 @@ def _project(v: torch.Tensor, onto: torch.Tensor):
     return par.to(v.dtype), (v64 - par).to(v.dtype)
 
 
-class Rule:
+class Rule(abc.ABC):
     """Base class: ``rule(pos, neg, step) -> direction``.
 
     ``per_channel``: each output channel depends only on the same channel of the inputs, so
@@ -40,8 +41,9 @@ class Rule:
 
     per_channel = False
 
+    @abc.abstractmethod
     def __call__(self, pos: torch.Tensor, neg: torch.Tensor, step: Optional[int] = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The guidance direction of this rule."""
 
 
 @dataclasses.dataclass
