@@ -14,40 +14,28 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL
 
 import sample_dit
 from sampling import dit_run
 from sampling.run_folder import check_outdir
 from sampling.writer import ImageIndex
-from networks.dit import create_dit
 from guidance.dit import dit_guidance
 from guidance.table import method_param_names
 from sampling.gaussian_diffusion import create_diffusion
 from utils import cache
 from utils.errors import UsageError
+from tests.tiny_dit import TINY, write_tiny_dit, write_tiny_vae
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2}
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny DiT-S/2 checkpoint (official plain layout) for 64px images and a tiny VAE folder."""
     root = tmp_path_factory.mktemp("dit_assets")
-    torch.manual_seed(0)
-    net = create_dit("DiT-S/2", input_size=8, num_classes=10, **TINY)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn_like(p) * 0.1)
-    torch.save(net.state_dict(), root / "tiny-dit.pt")
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64)
-    vae.save_pretrained(root / "vae", safe_serialization=True)
-    return {"root": root, "ckpt": root / "tiny-dit.pt", "vae": root / "vae", "net": net.eval(),
-            "vae_model": vae.eval()}
+    net = write_tiny_dit(root / "tiny-dit.pt")
+    vae = write_tiny_vae(root / "vae")
+    return {"root": root, "ckpt": root / "tiny-dit.pt", "vae": root / "vae", "net": net, "vae_model": vae}
 
 
 def _base(assets, out, *extra, vae_path=True):

@@ -12,34 +12,23 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL  # noqa: E402
 
 from guidance.dit import dit_guidance  # noqa: E402
 from guidance.table import METHODS  # noqa: E402
-from networks.dit import create_dit  # noqa: E402
 from sampling import dit_run  # noqa: E402
 from sampling.gaussian_diffusion import create_diffusion  # noqa: E402
 from utils.errors import UsageError  # noqa: E402
+from tests.tiny_dit import TINY, write_tiny_dit, write_tiny_vae  # noqa: E402
 
-TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2}
 ZOO = [n for n in METHODS if (METHODS[n].base or n) in ("apg", "cfg-zero", "fdg", "tcfg")]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("dit_zoo")
-    torch.manual_seed(0)
-    net = create_dit("DiT-S/2", input_size=8, num_classes=10, **TINY)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn_like(p) * 0.1)
-    torch.save(net.state_dict(), root / "tiny-dit.pt")
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64)
-    vae.save_pretrained(root / "vae", safe_serialization=True)
-    return {"ckpt": root / "tiny-dit.pt", "vae": root / "vae", "net": net.eval(), "vae_model": vae.eval()}
+    net = write_tiny_dit(root / "tiny-dit.pt")
+    vae = write_tiny_vae(root / "vae")
+    return {"ckpt": root / "tiny-dit.pt", "vae": root / "vae", "net": net, "vae_model": vae}
 
 
 def _config(assets, out, method, **kw):

@@ -13,15 +13,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL
 
 import sample_dit
 import sample_edm2
 from benchmarks import edm2_snapshot as WR
+from tests.tiny_dit import write_tiny_dit, write_tiny_vae
 from guidance import guide
 from guidance.dit import dit_guidance
 from guidance.perturb import perturber
-from networks.dit import create_dit
 from networks.edm2_pickle import load_checkpoint
 from sampling.edm import edm_sampler
 from sampling.gaussian_diffusion import create_diffusion
@@ -45,18 +44,9 @@ def assets(tmp_path_factory):
             if name.endswith("_gain"):
                 p.fill_(1.0)   # EDM2's zero-initialised gains make D = c_skip x: nothing to perturb
     WR.write_edm2_pickle(root / "edm2.pkl", net, half=False)
-    torch.manual_seed(0)
-    dit = create_dit("DiT-S/2", input_size=8, num_classes=10, **DIT)
-    with torch.no_grad():
-        for name, p in dit.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn_like(p) * 0.1)
-    torch.save(dit.state_dict(), root / "dit.pt")
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64)
-    vae.save_pretrained(root / "vae", safe_serialization=True)
-    return {"root": root, "dit": dit.eval(), "vae": vae.eval()}
+    dit = write_tiny_dit(root / "dit.pt", **DIT)
+    vae = write_tiny_vae(root / "vae")
+    return {"root": root, "dit": dit, "vae": vae}
 
 
 def _pngs(folder: pathlib.Path) -> dict:
