@@ -81,6 +81,7 @@ __all__ = [
     "STAT_KEYS",
     "PROB_KEYS",
     "parse_metrics",
+    "metrics_need",
     "minimum_images",
     "check_image_count",
     "needs_reference",
@@ -193,6 +194,42 @@ def row_blocks(metrics: Sequence[str]) -> list[str]:
     return [b for b in blocks_for([m for m in metrics if METRICS[m].needs_rows])]
 
 
+def metrics_need(names: Sequence[str], what: str) -> str:
+    """``metric 'is' needs <what>`` / ``metrics 'fid', 'is' need <what>``: the names quoted (``is`` is
+    also a verb), the verb agreeing with their number."""
+    quoted = ", ".join(f"'{n}'" for n in names)
+    return f"metric {quoted} needs {what}" if len(names) == 1 else f"metrics {quoted} need {what}"
+
+
+def _asked(metric: str) -> str:
+    """``metric`` with the short name that stands for it alone (``kid_inception (kid)``)."""
+    short = [a for a, names in ALIASES.items() if names == (metric,)]
+    return f"{metric} ({short[0]})" if short else metric
+
+
+DETECTOR_TITLES = {"inception": "Inception", "dinov2": "DINOv2", "digits": "digits-classifier", "clip": "CLIP"}
+
+
+def _needs_text(metric: str) -> str:
+    """What ``metric`` reads in a reference or statistics file, in words, with its block's name."""
+    spec = METRICS[metric]
+    if spec.needs_rows:
+        return f"{DETECTOR_TITLES[spec.detector]} feature rows (block '{spec.block}' with 'features')"
+    return f"'{spec.block}' statistics"
+
+
+def _fd_metric(block: str) -> str:
+    """The Fréchet metric whose statistics are ``block`` (what 'python -m metrics ref --metrics' takes)."""
+    return next(m for m, spec in METRICS.items() if spec.kind == "fd" and spec.block == block)
+
+
+def _has_blocks(ref: Mapping[str, Any]) -> str:
+    """What a reference or statistics file holds: ``it has 'fid' (mu, sigma), 'fd_dinov2' (mu, sigma, features)``."""
+    blocks = [f"'{k}' ({', '.join(f for f in ('mu', 'sigma', 'features') if v.get(f) is not None)})"
+              for k, v in ref.items() if isinstance(v, Mapping) and ("mu" in v or "features" in v)]
+    return f"it has {', '.join(blocks)}" if blocks else "it has no statistics blocks"
+
+
 def minimum_images(names: Sequence[str]) -> int:
     """Fewest images the metrics ``names`` can be computed from (IS: one per split; P/R: 4; FD: 2)."""
     return max([METRICS[m].min_images for m in names] or [0])
@@ -202,7 +239,7 @@ def check_image_count(names: Sequence[str], n: int) -> None:
     """Raise :class:`UsageError` before sampling when ``n`` images are too few for the metrics ``names``."""
     need = minimum_images(names)
     if n < need:
-        raise UsageError(f"`metrics` {','.join(names)} needs at least {need} images, the run makes {n}; "
+        raise UsageError(f"`metrics`: {metrics_need(names, f'at least {need} images')}, the run makes {n}; "
                          f"sample more seeds or drop {'is' if 'is' in names and need == IS_SPLITS else 'the metrics'}")
 
 
@@ -262,7 +299,8 @@ def _local_batches(images: Images, num: Optional[int], batch: int, seed: int):
                 yield x
             if num is not None and seen >= num:
                 break
-    return gen(), None, None
+    sized = num is None and hasattr(images, "__len__")  # a list of batches, or an iterable that knows its length
+    return gen(), (len(images) if sized else None), None
 
 
 def block_taps(blocks: Sequence[str]) -> Dict[str, tuple]:
@@ -303,7 +341,9 @@ def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dino
     rows (float16) of every ``features`` block (True) or of the named blocks.
     ``resolution``: the reference's (H, W), checked against the first batch.
     ``images``: a folder/zip/tar/npz path, an :class:`ImageSource`, or an
-    iterable of uint8 NHWC batches (under torchrun: this rank's share).
+    iterable of uint8 NHWC batches (under torchrun: this rank's share; its ``len()``, when it has one, is
+    the number of batches the progress bar counts to).  The bar (rank 0, ``progress``) is not shown when
+    there is no batch to read, and its last state drawn is the finished count, before it is cleared.
     """
     device = torch.device(device) if device is not None else _default_device()
     blocks = [STAT_KEYS[k] for k in detectors] if blocks is None else list(blocks)
@@ -324,26 +364,31 @@ def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dino
     sat = 0.0
     count = 0
     size = None
-    bar = tqdm.tqdm(batches, total=num_batches, desc=desc, unit="batch",
-                    disable=not progress or dist.get_rank() != 0, leave=False)
-    for x in bar:
-        if size is None:
-            size = list(x.shape[-2:])
-            check_resolution(resolution, size, "the reference")
-        elif list(x.shape[-2:]) != size:
-            raise UsageError(f"images of {x.shape[-1]}x{x.shape[-2]} and {size[1]}x{size[0]} pixels are mixed; "
-                             f"all images must have the same size")
-        count += x.shape[0]
-        if saturation:
-            sat += saturation_sum(x)
-        x = x.to(device)
-        for kind, det in dets.items():
-            out = det(x)
-            for b, (k, name) in taps.items():
-                if k == kind:
-                    stats[b].append(out[name])
-            if kind in prob_rows:
-                prob_rows[kind].append(out["probs"].double().cpu())
+    bar = tqdm.tqdm(total=num_batches, desc=desc, unit="batch", leave=False,
+                    disable=not progress or dist.get_rank() != 0 or num_batches == 0)
+    try:
+        for x in batches:
+            if size is None:
+                size = list(x.shape[-2:])
+                check_resolution(resolution, size, "the reference")
+            elif list(x.shape[-2:]) != size:
+                raise UsageError(f"images of {x.shape[-1]}x{x.shape[-2]} and {size[1]}x{size[0]} pixels are mixed; "
+                                 f"all images must have the same size")
+            count += x.shape[0]
+            if saturation:
+                sat += saturation_sum(x)
+            x = x.to(device)
+            for kind, det in dets.items():
+                out = det(x)
+                for b, (k, name) in taps.items():
+                    if k == kind:
+                        stats[b].append(out[name])
+                if kind in prob_rows:
+                    prob_rows[kind].append(out["probs"].double().cpu())
+            bar.update(1)
+        bar.refresh()  # the finished count is the last state drawn (a log file keeps it, not 0%)
+    finally:
+        bar.close()
     if total is None and num is not None and count < num:
         raise UsageError(f"asked for {num} images but the batches held only {count}; lower --num or generate more")
     result: Dict[str, Any] = {}
@@ -351,7 +396,7 @@ def compute_stats(images: Images, detectors: Sequence[str] = ("inception", "dino
     if total is not None and n != total:
         raise RuntimeError(f"read {n} images, expected {total}")
     if n < 2:
-        raise UsageError(f"found {n} image(s); statistics need at least 2, point --images at more")
+        raise UsageError(f"found {n} image(s); statistics need at least 2, give more images")
     result["num_images"] = n
     if size is not None:
         result["resolution"] = size
@@ -399,9 +444,9 @@ def check_stats_cover(stats: Mapping[str, Any], metrics: Sequence[str], where: s
     for metric in parse_metrics(metrics):
         need, ok = _needed_block(stats, metric)
         if not ok:
-            rows = " feature rows" if METRICS[metric].needs_rows else ""
-            raise UsageError(f"{where} has no '{need}'{rows} statistics needed for {metric}; drop {metric} from "
-                             f"--metrics or compute the statistics with it")
+            what = _needs_text(metric) if METRICS[metric].block else f"'{need}' statistics"
+            raise UsageError(f"{where} has no {what}, which {_asked(metric)} needs ({_has_blocks(stats)}); drop "
+                             f"{metric} from --metrics or compute the statistics with it")
 
 
 def _rows(block: Mapping[str, Any]) -> np.ndarray:
@@ -468,12 +513,14 @@ def check_ref_covers(ref: Mapping[str, Any], metrics: Sequence[str], where: str)
                 raise UsageError(f"{where} has keys {', '.join(keys)}; {metric} needs {', '.join(need)} "
                                  f"(ADM reference batch layout: {ADM_LAYOUT})")
             continue
+        if spec.needs_rows and (key not in ref or ref[key].get("features") is None):
+            raise UsageError(f"{where} has no {_needs_text(metric)}, which {_asked(metric)} needs "
+                             f"({_has_blocks(ref)}); rebuild it with 'python -m metrics ref --metrics "
+                             f"{_fd_metric(key)} --features 50000', pass an image folder as --ref, or drop "
+                             f"{metric} from --metrics")
         if key not in ref:
-            raise UsageError(f"{where} has no '{key}' statistics needed for {metric}; "
-                             f"use a reference that has them or drop {metric} from --metrics")
-        if spec.needs_rows and ref[key].get("features") is None:
-            raise UsageError(f"{where} has no '{key}' features needed for {metric}; rebuild it with "
-                             f"'python -m metrics ref --features 50000' or pass an image folder as --ref")
+            raise UsageError(f"{where} has no {_needs_text(metric)}, which {_asked(metric)} needs "
+                             f"({_has_blocks(ref)}); use a reference that has them or drop {metric} from --metrics")
 
 
 def _sha256(path) -> str:
@@ -532,7 +579,7 @@ def is_stats_file(path: Union[str, os.PathLike]) -> bool:
 def _reference(ref_path, need_ref: Sequence[str], *, batch, device, detector_kwargs, progress):
     """The reference of ``need_ref``: statistics of an image folder, or a loaded file (checked, no rows yet)."""
     if ref_path is None:
-        raise UsageError(f"metrics {','.join(need_ref)} need reference statistics; pass --ref / ref_path")
+        raise UsageError(f"{metrics_need(need_ref, 'reference statistics')}; pass --ref / ref_path")
     if is_image_source(ref_path):
         return compute_stats(ref_path, detectors_for(need_ref), blocks=blocks_for(need_ref),
                              keep_features=row_blocks(need_ref), batch=batch, device=device,
@@ -614,8 +661,8 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
         indices = select_indices(len(images), num, seed)
         minimum = minimum_images(names)
         if (num or len(images)) < minimum:
-            raise UsageError(f"{','.join(names)} need at least {minimum} images, found {num or len(images)}; "
-                             f"point --images at more")
+            raise UsageError(f"{metrics_need(names, f'at least {minimum} images')}, found {num or len(images)}; "
+                             + ("raise --num" if num is not None and num < len(images) else "give more images"))
         if need_ref and ref is not None:
             check_resolution(ref.get("resolution"), _first_resolution(images, indices), where)
     if need_ref and ref is None:

@@ -9,19 +9,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pathlib
+from typing import Optional
 
 import click
 import numpy as np
 
 from utils.atomic import check_output_dir
+from utils.cache import OfflineError, cache_path
 from utils.device import resolve_device
 from utils.errors import UsageError, exit_on_usage_error
 
 from utils import dist
 from .api import (ALIASES, METRICS, STAT_KEYS, blocks_for, calc_metrics, compute_stats, detectors_for, parse_metrics,
                   write_metrics)
+from .detectors import weights_source
 from .images import open_images, select_indices
 from .refs import save_adm_ref, save_ref
 
@@ -37,6 +42,41 @@ def _detector_kwargs(inception_weights, dinov2_weights, dinov2_resize, clip_weig
     if clip_weights:
         kw["clip"]["weights"] = clip_weights
     return kw
+
+
+WEIGHT_FLAGS = {"inception": "--inception_weights", "dinov2": "--dinov2_weights", "clip": "--clip_weights"}
+
+
+@contextlib.contextmanager
+def _offline_advice(file_flag: Optional[str] = None):
+    """This command has no ``--prefetch`` (the samplers' advice in :class:`utils.cache.OfflineError`):
+    a download that fails names the flag that takes a local copy instead (a detector's ``--*_weights``,
+    else ``file_flag`` for a reference or statistics URL)."""
+    try:
+        yield
+    except OfflineError as exc:
+        for kind, flag in WEIGHT_FLAGS.items():
+            if exc.target is not None and exc.target == cache_path(weights_source(kind)):
+                raise exc.advise(f"or give a local copy with {flag} FILE") from None
+        if file_flag:
+            raise exc.advise(f"or give a local copy as {file_flag} FILE") from None
+        raise exc.advise("or run this command once where there is internet, with the same $SWG_CACHE") from None
+
+
+def _image_source(images_arg: Optional[str], images: Optional[str]) -> str:
+    """The images of ``calc``, given as IMAGES or --images; refused when missing, named the way it was given."""
+    if images_arg and images and images_arg != images:
+        raise UsageError(f"two image sources ({images_arg} and --images {images}); give one")
+    how = "IMAGES" if images_arg else "--images"
+    images = images or images_arg
+    if not images:
+        raise UsageError("no images given; use 'python -m metrics calc IMAGES --ref REF [--metrics fid,...]' "
+                         "(IMAGES: PNG/JPEG folder, .zip, .tar, ADM .npz or a --save_stats .pkl)")
+    if not pathlib.Path(images).expanduser().exists():
+        raise UsageError(f"images not found: {images}; give an existing PNG/JPEG folder, .zip, .tar, ADM .npz or "
+                         f"--save_stats .pkl as {how}" + (" ('python -m metrics calc IMAGES --ref REF')"
+                                                           if how == "IMAGES" else ""))
+    return images
 
 
 _common = [
@@ -80,19 +120,16 @@ def main(ctx):
 def calc(images_arg, images, ref, metrics, num, seed, out, batch, device, inception_weights, dinov2_weights,
          clip_weights, dinov2_resize):
     """Compute metrics of IMAGES (or --images) against --ref."""
-    if images_arg and images and images_arg != images:
-        raise UsageError(f"two image sources ({images_arg} and --images {images}); give one")
-    images = images or images_arg
-    if not images:
-        raise UsageError("no images given; use 'python -m metrics calc FOLDER --ref REF [--metrics fid,...]' "
-                         "(FOLDER: PNG/JPEG folder, .zip, .tar or ADM .npz)")
+    images = _image_source(images_arg, images)
     names = parse_metrics(metrics)
     device = resolve_device(device)
     if out and os.environ.get("RANK", "0") == "0":  # rank 0 writes; probing on every rank would race
         check_output_dir(out, "--out")  # before the work, not after
     dist.init()
-    results = calc_metrics(images, names, ref_path=ref, num=num, batch=batch, device=device, seed=seed,
-                           detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize, clip_weights))
+    with _offline_advice("--ref"):
+        results = calc_metrics(images, names, ref_path=ref, num=num, batch=batch, device=device, seed=seed,
+                               detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize,
+                                                                clip_weights))
     if dist.get_rank() == 0:
         if out:
             args = dict(images=images, ref=ref, metrics=",".join(names), num=num, seed=seed)
@@ -138,10 +175,12 @@ def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, in
     source = open_images(images)
     dist.init()
     keep = [] if adm or features == 0 else [b for b in blocks if b != "sfid"]
-    stats = compute_stats(source, detectors_for(names), blocks=blocks, keep_features=keep, num=num, batch=batch,
-                          seed=seed, device=device,
-                          detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize, clip_weights),
-                          desc="reference images")
+    with _offline_advice():
+        stats = compute_stats(source, detectors_for(names), blocks=blocks, keep_features=keep, num=num, batch=batch,
+                              seed=seed, device=device,
+                              detector_kwargs=_detector_kwargs(inception_weights, dinov2_weights, dinov2_resize,
+                                                               clip_weights),
+                              desc="reference images")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(stats["num_images"], min(features, stats["num_images"]), replace=False))
     for block in keep:
@@ -173,7 +212,9 @@ def combine(stats, dest, overwrite):
 
     if os.path.exists(dest) and not overwrite:
         raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
-    merged = combine_stats([load_ref(p) for p in stats])
+    with _offline_advice("--stats"):
+        loaded = [load_ref(p) for p in stats]
+    merged = combine_stats(loaded)
     path = save_ref(merged, dest, overwrite=overwrite)
     blocks = [k for k in merged if isinstance(merged[k], dict)]
     click.echo(f"wrote {path} ({merged['num_images']} images: {', '.join(blocks)})")

@@ -27,7 +27,7 @@ from . import dinov2 as _dinov2
 from . import inception as _inception
 
 __all__ = ["full_precision", "output_dims", "Detector", "InceptionDetector", "DINOv2Detector", "CLIPDetector", "LOADERS", "get_detector", "clear_cache",
-           "prefetch"]
+           "weights_source", "prefetch"]
 
 
 @contextlib.contextmanager
@@ -177,7 +177,7 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def _weights(kind: str):
+def weights_source(kind: str):
     """Where detector ``kind``'s default weights come from: a cache source, or a shipped file."""
     if kind == "inception":
         return _inception.INCEPTION_URL
@@ -197,6 +197,6 @@ def prefetch(kinds) -> list:
 
     paths = []
     for kind in kinds:
-        source = _weights(kind)
+        source = weights_source(kind)
         paths.append(source if not isinstance(source, str) else fetch(source, desc=f"{kind} detector weights"))
     return paths

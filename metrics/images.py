@@ -77,7 +77,7 @@ def _decode(data: bytes, name: str) -> np.ndarray:
         raise
     except Exception as exc:
         raise UsageError(f"cannot decode image {name} ({type(exc).__name__}: {exc}); "
-                         f"delete or regenerate it, or point --images elsewhere") from exc
+                         f"delete or regenerate it, or use other images") from exc
 
 
 class ImageSource:
@@ -247,7 +247,7 @@ def open_images(path: str | os.PathLike) -> ImageSource:
     """Open a folder, ``.zip``, ``.tar``/``.tar.gz`` or ADM ``.npz`` of images."""
     p = pathlib.Path(path).expanduser()
     if not p.exists():
-        raise UsageError(f"images not found: {p}; pass --images with a folder, .zip, .tar or .npz of images")
+        raise UsageError(f"images not found: {p}; give an existing folder, .zip, .tar or .npz of images")
     name = p.name.lower()
     if p.is_dir():
         src: ImageSource = FolderSource(p)

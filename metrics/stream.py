@@ -49,8 +49,8 @@ from utils import dist
 from utils.atomic import atomic_path
 from utils.errors import UsageError
 
-from .api import (IS_SPLITS, METRICS, PROB_KEYS, block_taps, blocks_for, detectors_for, minimum_images, parse_metrics,
-                  row_blocks)
+from .api import (IS_SPLITS, METRICS, PROB_KEYS, block_taps, blocks_for, detectors_for, metrics_need, minimum_images,
+                  parse_metrics, row_blocks)
 from .detectors import get_detector, output_dims
 from .scores import saturation_sum
 from .stats import FeatureStats
@@ -109,7 +109,7 @@ class StreamingStats:
         n = len(self.seeds)
         minimum = minimum_images(self.metrics)
         if n < minimum:
-            raise UsageError(f"{','.join(self.metrics)} need at least {minimum} images, the run has {n}; "
+            raise UsageError(f"{metrics_need(self.metrics, f'at least {minimum} images')}, the run has {n}; "
                              f"give more --seeds")
         save_every = DEFAULT_SAVE_EVERY if save_every is None else save_every
         if batch < 1 or save_every < 1:

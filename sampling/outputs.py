@@ -148,6 +148,19 @@ def write_npz(outdir: os.PathLike | str, seeds: Sequence[int], path: Optional[os
     return path
 
 
+class _Batches:
+    """``index.batches(seeds, batch)`` that knows its length, so the metrics' progress bar counts to it."""
+
+    def __init__(self, index: ImageIndex, seeds: Sequence[int], batch: int):
+        self.index, self.seeds, self.batch = index, seeds, batch
+
+    def __len__(self) -> int:
+        return -(-len(self.seeds) // self.batch)
+
+    def __iter__(self):
+        return self.index.batches(self.seeds, self.batch)
+
+
 def run_metrics(outdir, seeds: Sequence[int], metrics: Sequence[str], *, ref_path: Optional[str] = None,
                 ref: Optional[dict] = None, device=None, record: Optional[Mapping[str, Any]] = None,
                 wandb_log: bool = False) -> dict:
@@ -162,7 +175,7 @@ def run_metrics(outdir, seeds: Sequence[int], metrics: Sequence[str], *, ref_pat
     index = ImageIndex(outdir)
     try:
         share = seeds[dist.get_rank()::dist.get_world_size()]
-        results = calc_metrics(index.batches(share, 64), list(metrics), ref_path=ref_path, ref=ref, device=device,
+        results = calc_metrics(_Batches(index, share, 64), list(metrics), ref_path=ref_path, ref=ref, device=device,
                                progress=dist.get_rank() == 0)
     finally:
         index.close()

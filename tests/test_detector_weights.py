@@ -1,6 +1,7 @@
 """Detector weights: the Inception file's name-embedded sha256 prefix is enforced; an unreachable Hub fails fast."""
 
 import hashlib
+import pickle
 import socket
 import time
 
@@ -108,3 +109,33 @@ def test_local_weights_named_without_a_hash_replace_the_download(tmp_path, monke
     monkeypatch.setenv("SWG_INCEPTION_WEIGHTS", str(local))
     model = inception.load_inception()
     assert torch.equal(model.fc.weight, torch.load(local, weights_only=True)["fc.weight"])
+
+
+def test_metrics_offline_names_its_own_flags_not_the_samplers_prefetch(tmp_path, monkeypatch):
+    """`python -m metrics` has no --prefetch: offline, it names the flag that takes a local copy."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        PIL.Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(folder / f"{i}.png")
+    ref = tmp_path / "ref.pkl"
+    with open(ref, "wb") as f:
+        pickle.dump({"num_images": 9, "fd_dinov2": {"mu": np.zeros(1024), "sigma": np.eye(1024)}}, f)
+
+    def one_line(*args):
+        res = CliRunner().invoke(cli, [str(a) for a in args])
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+        assert "--prefetch" not in lines[0], lines[0]
+        return lines[0]
+
+    line = one_line("calc", folder, "--ref", ref, "--metrics", "fd_dinov2")
+    assert str(cache.cache_path(dinov2.DINOV2_SOURCE)) in line and "--dinov2_weights FILE" in line, line
+    line = one_line("ref", "--images", folder, "--dest", tmp_path / "new.pkl", "--metrics", "fd_dinov2")
+    assert "--dinov2_weights FILE" in line and not (tmp_path / "new.pkl").exists(), line
+    url = f"http://127.0.0.1:{_closed_port()}/refs/img512.pkl"
+    line = one_line("calc", folder, "--ref", url, "--metrics", "fd_dinov2")
+    assert str(cache.cache_path(url)) in line and "--ref FILE" in line, line
+    # The samplers have --prefetch: the cache's own message keeps it.
+    with pytest.raises(cache.OfflineError, match="or run with --prefetch where there is internet"):
+        cache.fetch(dinov2.DINOV2_SOURCE)

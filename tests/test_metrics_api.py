@@ -20,6 +20,7 @@ from metrics.cli import main as cli
 from metrics.detectors import DINOv2Detector
 from metrics.scores import saturation_sum
 from tests.tiny_detectors import TinyInception as InceptionStandIn
+from utils.errors import UsageError
 
 
 # Inception stand-in: 64-d features (cheap FD), 1008 probabilities.
@@ -129,6 +130,7 @@ def one_error_line(code, out, err, pattern):
     lines = [l for l in re.split(r"[\r\n]", err) if l.strip() and not re.match(r"^\S*( images)?:\s+\d+%", l)]
     assert code == 2 and not out and len(lines) == 1, (code, out, err)
     assert lines[0].startswith("error:") and pattern in lines[0], lines[0]
+    return lines[0]
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
@@ -143,7 +145,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path):
     one_error_line(*run_cli("calc", "--images", gen, "--ref", ref, "--metrics", "fd_dinov2"), "no 'fd_dinov2'")
     one_error_line(*run_cli("calc", "--images", gen, "--ref", ref, "--metrics", "fid", "--num", 50),
                    "asked for 50 images but only 6")
-    one_error_line(*run_cli("calc", "--images", gen, "--metrics", "is"), "need at least 10 images")
+    one_error_line(*run_cli("calc", "--images", gen, "--metrics", "is"), "needs at least 10 images")
     one_error_line(*run_cli("ref", "--images", gen, "--dest", ref), "already exists")
     (gen / "000000" / "0000002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     one_error_line(*run_cli("ref", "--images", gen, "--dest", tmp_path / "new.pkl", "--metrics", "fid"), "0000002.png")
@@ -221,3 +223,73 @@ def test_device_without_gpu_is_one_line(tmp_path):
     one_error_line(*run_cli("ref", "--images", gen, "--dest", tmp_path / "r.pkl", "--device", "gpu0"),
                    "--device 'gpu0' is not a device")
     assert not (tmp_path / "r.pkl").exists()
+
+
+# ----------------------------------------------------------------------------
+# What a new user met in a fresh-clone trial of 'python -m metrics' (each: one line, exit 2).
+
+def test_missing_statistics_name_the_metric_asked_for_and_what_it_reads(tmp_path):
+    gen = write_folder(tmp_path / "gen", make_images(6, 3))
+    ref = tmp_path / "ref.pkl"
+    with open(ref, "wb") as f:  # FD-DINOv2 statistics only: no Inception block, no feature rows
+        pickle.dump({"num_images": 9, "fd_dinov2": {"mu": np.zeros(16), "sigma": np.eye(16)}}, f)
+    line = one_error_line(*run_cli("calc", gen, "--ref", ref, "--metrics", "kid"), "kid_inception (kid) needs")
+    assert "Inception feature rows" in line and "'fid' statistics" not in line, line
+    assert "'fd_dinov2' (mu, sigma)" in line and "--metrics fid --features" in line, line
+    line = one_error_line(*run_cli("calc", gen, "--ref", ref, "--metrics", "kid_dinov2"), "kid_dinov2 needs")
+    assert "DINOv2 feature rows" in line and "--metrics fd_dinov2 --features" in line, line
+    # A --save_stats file without rows: the same words.
+    stats = tmp_path / "stats.pkl"
+    with open(stats, "wb") as f:
+        pickle.dump({"num_images": 9, "fid": {"mu": np.zeros(64), "sigma": np.eye(64)}}, f)
+    line = one_error_line(*run_cli("calc", stats, "--ref", ref, "--metrics", "kid"), "kid_inception (kid) needs")
+    assert "Inception feature rows" in line, line
+
+
+def test_too_few_images_is_worded_as_a_sentence(tmp_path):
+    gen = write_folder(tmp_path / "gen", make_images(6, 3))
+    line = one_error_line(*run_cli("calc", gen, "--metrics", "is"), "metric 'is' needs at least 10 images, found 6")
+    assert "is need " not in line
+    line = one_error_line(*run_cli("calc", gen, "--metrics", "is,saturation"),
+                          "metrics 'is', 'saturation' need at least 10 images")
+    with pytest.raises(UsageError, match="metric 'is' needs at least 10 images, the run makes 4"):
+        api.check_image_count(["is"], 4)
+    with pytest.raises(UsageError, match="metrics 'fid', 'is' need at least 10 images, the run makes 4"):
+        api.check_image_count(["fid", "is"], 4)
+
+
+def test_missing_images_named_the_way_they_were_given(tmp_path):
+    line = one_error_line(*run_cli("calc", tmp_path / "nowhere", "--metrics", "saturation"), "images not found")
+    assert "as IMAGES" in line and "--images" not in line, line
+    line = one_error_line(*run_cli("calc", "--images", tmp_path / "nowhere", "--metrics", "saturation"),
+                          "images not found")
+    assert "as --images" in line, line
+    line = one_error_line(*run_cli("calc", "--metrics", "saturation"), "no images given")
+    assert "calc IMAGES" in line and "--images" not in line, line
+
+
+def _bar_states(err: str, desc: str) -> list:
+    """The states of the bar ``desc`` drawn on a non-terminal stderr (tqdm separates them with carriage returns)."""
+    return [s.strip() for s in err.split("\r") if s.strip().startswith(f"{desc}:")]
+
+
+def test_progress_bar_ends_at_its_count_and_is_absent_with_nothing_to_do(tmp_path, capsys):
+    imgs = make_images(12, 5)
+    api.compute_stats([imgs[:6], imgs[6:]], ["inception"], device="cpu", progress=True)
+    states = _bar_states(capsys.readouterr().err, "images")
+    assert states and "2/2" in states[-1] and "100%" in states[-1], states
+    # Nothing to read: no bar at all, only the error.
+    with pytest.raises(UsageError, match="found 0 image"):
+        api.compute_stats([], ["inception"], device="cpu", progress=True)
+    assert _bar_states(capsys.readouterr().err, "images") == []
+    # The metrics after a sampling run: the bar knows its length (not 'images: 0batch').
+    from sampling.outputs import run_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for i, a in enumerate(imgs):
+        (run / f"{i:07d}.png").write_bytes(png_bytes(a))
+    res = run_metrics(run, range(12), ["saturation"], device="cpu")
+    states = _bar_states(capsys.readouterr().err, "images")
+    assert res["num_images"] == 12 and states and "1/1" in states[-1] and "100%" in states[-1], states
+    assert not any(s.startswith("images: 0batch") for s in states), states  # the unknown-length bar of before

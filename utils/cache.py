@@ -14,7 +14,9 @@ it in ``<file>.sha256``.  Under torchrun rank 0 downloads while the other ranks
 wait on a barrier.  When a file is missing and cannot be downloaded, an
 :class:`OfflineError` names the URL and the exact path to place the file at,
 so compute nodes without internet can be served by copying files into the
-cache (or by running the command with ``--prefetch`` on a login node).
+cache.  The message's last advice is the samplers' (run the same command with
+``--prefetch`` on a login node); a command without that flag gives its own with
+:meth:`OfflineError.advise` (``python -m metrics`` names its ``--*_weights`` and ``--ref``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,27 @@ _CHUNK = 1 << 20
 _SNAPSHOT_PATTERNS = ["*.json", "*.safetensors"]
 
 
+PREFETCH_FIX = "or run with --prefetch where there is internet"  # the samplers' flag
+
+
 class OfflineError(UsageError):
-    """A file is not cached and cannot be downloaded (offline or unreachable)."""
+    """A file is not cached and cannot be downloaded (offline or unreachable).
+
+    Made by :func:`_offline`: ``problem`` (what could not be downloaded, from where, why), ``target``
+    (where a copy placed by hand is found) and ``fix`` (a further remedy, by default the samplers'
+    ``--prefetch``).  An error made from a plain message has only that message.
+    """
+
+    def __init__(self, message: str, *, problem: Optional[str] = None, target: Optional[pathlib.Path] = None,
+                 fix: Optional[str] = None):
+        super().__init__(message)
+        self.problem, self.target, self.fix = problem, target, fix
+
+    def advise(self, fix: str) -> "OfflineError":
+        """The same error with another last advice ``fix`` (for commands that have no ``--prefetch``)."""
+        if self.problem is None or self.target is None:
+            return self
+        return _offline_error(self.problem, self.target, fix)
 
 
 def cache_dir() -> pathlib.Path:
@@ -107,11 +128,14 @@ def _atomic_write_text(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _offline_error(problem: str, target: pathlib.Path, fix: str) -> OfflineError:
+    return OfflineError(f"{problem}; if this machine is offline, download it elsewhere and place it at {target} "
+                        f"({fix})", problem=problem, target=target, fix=fix)
+
+
 def _offline(source: str, target: pathlib.Path, what: str, reason: object) -> OfflineError:
     reason = " ".join(str(reason).split()) or type(reason).__name__
-    return OfflineError(f"cannot download {what} from {source} ({reason}); if this machine is offline, "
-                        f"download it elsewhere and place it at {target} (or run with --prefetch where "
-                        f"there is internet)")
+    return _offline_error(f"cannot download {what} from {source} ({reason})", target, PREFETCH_FIX)
 
 
 def _download_url(url: str, target: pathlib.Path, sha256: Optional[str], desc: str) -> None:
