@@ -113,11 +113,14 @@ def sampler_settings(sampler: str, argv: Sequence[str]):
 def run_sampler(sampler: str, argv: Sequence[str]) -> dict:
     """Sample one trial in this process through the Python API; returns the run summary."""
     from sampling import dit_run, edm2_run
-    from utils.cli import flag_names
 
     cfg = sampler_settings(sampler, argv)
     api = edm2_run if sampler == "edm2" else dit_run
-    return flag_names(_flags(sampler).FLAGS, dashes=sampler == "dit")(api.generate)(cfg)
+    try:
+        return api.generate(cfg)
+    except UsageError as exc:
+        exc.spelling = exc.spelling or _flags(sampler).SPELLING  # about the sampler's flags
+        raise
 
 
 def _check_objective(sampler: str, base_args: Sequence[str], ranges, outdir, objective: str) -> None:
