@@ -26,6 +26,7 @@ import json
 import math
 import os
 import pathlib
+import typing
 from typing import Optional, Sequence
 
 import torch
@@ -112,8 +113,15 @@ class DiTOptions:
     seg_sigma: Optional[str] = None        # seg: query blur width (text or a number) [default: inf]
 
 
-# Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder).
-_CONVERT = {"float": float, "int": int, "Optional[int]": int, "bool": bool}
+def _scalar(tp):
+    """``int`` for ``int`` and ``Optional[int]`` (likewise float, bool); None for other types (text, lists)."""
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+    return inner[0] if len(inner) == 1 and inner[0] in (int, float, bool) else None
+
+
+# Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder):
+# by the type of each DiTOptions field.
+_CONVERT = {name: _scalar(tp) for name, tp in typing.get_type_hints(DiTOptions).items() if _scalar(tp)}
 # The reference's guidance switches, recorded in settings.json and named in the run folder as given.
 SWITCHES = ("g_scale", "crop_scale", "crop", "mask", "cfg_crop", "uncond", "vanila_cfg")
 # The constructor arguments model_kwargs may override.
@@ -258,10 +266,10 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
                         f"options are {', '.join([*fields, *method_param_names()])}")
     params = {name: opts.pop(name, None) for name in method_param_names()}
     o = {**dataclasses.asdict(DiTOptions(**opts)), **params}
-    for key, field in fields.items():
-        if field.type in _CONVERT and o[key] is not None:
-            o[key] = _CONVERT[field.type](o[key])
-        if field.type == "float" and not math.isfinite(o[key]):
+    for key, convert in _CONVERT.items():
+        if o[key] is not None:
+            o[key] = convert(o[key])
+        if convert is float and not math.isfinite(o[key]):
             raise UsageError(f"`{key}`: '{o[key]}' is not finite; give ordinary numbers")
 
     check_bounds(DiTConfig, o)  # num_fid_samples, num_classes, global_seed, keep

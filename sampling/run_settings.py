@@ -24,7 +24,7 @@ from sampling.seeds import parse_int_list
 from utils import dist
 from utils.bounds import bounded, check_bounds
 from utils.device import resolve_device as checked_device
-from utils.errors import UsageError
+from utils.errors import UsageError, spell
 from utils.ranges import compact_ranges
 
 __all__ = ["MAX_SEED", "SAVE_MODES", "save_mode", "RunSettings", "compact_seeds", "parse_seeds", "parse_metrics",
@@ -81,8 +81,8 @@ def parse_seeds(text) -> list[int]:
         raise UsageError("`seeds` is empty; give e.g. 0-49999")
     unique = list(dict.fromkeys(seeds))
     if len(unique) != len(seeds):
-        print(f"warning: `seeds` lists {len(seeds) - len(unique)} seed(s) more than once; each image is made once"
-              .replace("`", ""), file=sys.stderr)
+        print(spell(f"warning: `seeds` lists {len(seeds) - len(unique)} seed(s) more than once; each image is "
+                    f"made once"), file=sys.stderr)
     return unique
 
 

@@ -199,6 +199,19 @@ def test_bounds_declared_once_for_the_api_and_both_clis(tmp_path, capsys):
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
 
 
+def test_warnings_and_notes_name_the_flags_of_the_command_line(assets, tmp_path, capsys):  # noqa: F811
+    from utils.errors import spell
+
+    assert spell("pass `ref_path`") == "pass `ref_path`"  # a Python caller: the API's names
+    assert spell("pass `ref_path`", dit_flags.SPELLING) == "pass --ref-path"
+    assert sample_dit.main(_base(assets, tmp_path / "o", "--seeds", "0,0", "--metrics", "fid")) == 0
+    err = capsys.readouterr()
+    assert "warning: --seeds lists 1 seed(s) more than once" in err.err
+    assert "metrics skipped: no reference statistics (pass --ref-path)" in err.out + err.err
+    assert "`" not in err.out + err.err
+    assert spell("pass `ref_path`") == "pass `ref_path`"  # the command line's spelling ended with it
+
+
 @pytest.mark.parametrize("edm2_args,dit_args,edm2_flag,dit_flag", [
     (["--batch", "0"], ["--per-proc-batch-size", "0"], "'--batch': 0 is not in the range x>=1",
      "'--per-proc-batch-size' / '--per_proc_batch_size': 0 is not in the range x>=1"),

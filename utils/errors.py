@@ -20,6 +20,7 @@ exits 1; the README's troubleshooting section shows what that looks like.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import os
@@ -30,13 +31,25 @@ from typing import Callable, Mapping, Optional
 
 from utils.threads import apply_default_threads
 
-__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "describe_os_error", "report_once", "INTERRUPTED"]
+__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "spell", "describe_os_error", "report_once",
+           "INTERRUPTED"]
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 RANK_WAIT_S = 5.0  # how long a failing rank other than 0 waits to see whether rank 0 reports the error
 
 
 _PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+# The spelling of the command line running now (set by exit_on_usage_error): warnings and notes use it too.
+_SPELLING: contextvars.ContextVar = contextvars.ContextVar("swg_spelling", default=None)
+
+
+def spell(message: str, spelling: Optional[Callable[[str], str]] = None) -> str:
+    """``message`` with each parameter named as a code span (`` `ref_path` ``) written as ``spelling(name)``,
+    else as the flag of the command line running now, else left as the code span (a Python caller's names).
+
+    For warnings and notes; a :class:`UsageError` formats itself the same way (:meth:`UsageError.format`)."""
+    spelling = spelling or _SPELLING.get()
+    return _PARAM.sub(lambda m: spelling(m.group(1)), message) if spelling else message
 
 
 class UsageError(Exception):
@@ -76,8 +89,8 @@ class UsageError(Exception):
 
     def format(self, spelling: Optional[Callable[[str], str]] = None) -> str:
         """The message with each parameter written as ``spelling(name)`` (default: the code span)."""
-        spell = spelling or (lambda name: f"`{name}`")
-        return _PARAM.sub(lambda m: spell(self.names.get(m.group(1), m.group(1))), self.template)
+        write = spelling or (lambda name: f"`{name}`")
+        return _PARAM.sub(lambda m: write(self.names.get(m.group(1), m.group(1))), self.template)
 
     def __str__(self) -> str:
         return self.format()
@@ -247,6 +260,7 @@ def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED,
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         apply_default_threads()  # every CLI passes here first: torch's CPU threads (utils/threads.py)
+        token = _SPELLING.set(spelling)  # warnings and notes printed meanwhile name this command line's flags
         try:
             return fn(*args, **kwargs)
         except UsageError as exc:  # also utils.preempt.Stopped: 'stopped: ...', exit 75
@@ -265,5 +279,7 @@ def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED,
             if _env_int("RANK", 0) == 0:
                 print(interrupted, file=sys.stderr, flush=True)
             sys.exit(130)
+        finally:
+            _SPELLING.reset(token)
 
     return wrapper
