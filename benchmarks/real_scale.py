@@ -310,9 +310,7 @@ def measure(kind: str, source: str, device: str = "cpu", batch: int = 1, repeats
     # Warm-up of both calls, so that first-call costs (kernel selection, the weight cache, the first read
     # of memory-mapped weights) are not timed; skipped for EDM2 networks too large for the CPU weight
     # cache (L, XL, XXL), where a first call costs no more than the next (and XXL's takes 40 s).
-    from networks.edm2 import CPU_WEIGHT_CACHE_BYTES
-
-    warm = evaluate and (dev.type != "cpu" or kind != "edm2" or params * 4 <= CPU_WEIGHT_CACHE_BYTES)
+    warm = evaluate and (dev.type != "cpu" or kind != "edm2" or net.caches_weights_on(dev))
     with torch.inference_mode():
         if warm:
             plain()

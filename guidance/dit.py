@@ -31,7 +31,8 @@ pairings, and sigma intervals in DiT's noise level ``sigma(t) = sqrt(1 / alpha_b
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Mapping, Optional, Tuple
 
 import torch
 
@@ -39,9 +40,45 @@ from .settings import GuidanceSettings
 from .table import method_params, method_spec
 from utils.errors import UsageError
 
-__all__ = ["DiTDenoiser", "dit_guidance", "dit_settings", "guide_dit", "DIT_MODES", "default_window_size"]
+__all__ = ["DiTDenoiser", "dit_guidance", "dit_settings", "guide_dit", "DIT_MODES", "ReferenceMode", "REFERENCE_MODES",
+           "reference_mode", "default_window_size"]
 
-DIT_MODES = ("none", "uncond", "swg", "cfg", "cfg-swg")
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceMode:
+    """A guidance mode of DiT's reference script: the 0/1 switch that selects it, the mode it runs
+    (a method of :data:`guidance.table.METHODS`, or ``uncond``), the scales that give its weights
+    (``g_scale`` / ``crop_scale``, see :func:`dit_settings`), what each scale is (``W``: a weight,
+    ``S``: DiT's CFG scale, 1 = unguided) and example values."""
+
+    switch: str
+    mode: str
+    scales: Tuple[str, ...] = ()
+    meaning: Tuple[str, ...] = ()
+    example: Tuple[float, ...] = ()
+
+
+# In the order the reference checks its switches (the first one set wins there; here two are an error).
+REFERENCE_MODES = (
+    ReferenceMode("crop", "swg", ("g_scale",), ("W",), (0.5,)),
+    ReferenceMode("cfg_crop", "cfg-swg", ("g_scale", "crop_scale"), ("W1", "W2"), (0.6, 0.5)),
+    ReferenceMode("vanila_cfg", "cfg", ("g_scale",), ("S",), (1.5,)),
+    ReferenceMode("uncond", "uncond"),
+)
+DIT_MODES = ("none", *(m.mode for m in REFERENCE_MODES))  # every mode the switches select, and none
+
+
+def reference_mode(switches: Mapping[str, object]) -> str:
+    """The mode of the reference's switches (``{"crop": 1, ...}``; missing or 0 = off), ``"none"`` without one.
+
+    >>> reference_mode({"crop": 1, "cfg_crop": 0})
+    'swg'
+    """
+    chosen = [m for m in REFERENCE_MODES if switches.get(m.switch)]
+    if len(chosen) > 1:
+        raise UsageError(f"{' and '.join(f'`{m.switch}`' for m in chosen)} exclude each other; pick one guidance "
+                         f"switch")
+    return chosen[0].mode if chosen else "none"
 
 
 class DiTDenoiser:

@@ -84,6 +84,7 @@ class MethodSpec:
     paper: str = ""                             # where the method comes from
     base: str = ""                              # for "X-swg" pairings: the method X
     perturbation: Optional[str] = None          # a perturbed pass of the positive network (guidance.perturb.KINDS)
+    pairing: bool = False                       # an "X-swg" made from X by _swg_pair (not one of the paper's)
 
     @property
     def num_weights(self) -> int:
@@ -192,7 +193,7 @@ def _swg_pair(spec: "MethodSpec", example_swg: float) -> "MethodSpec":
                       build, negative=spec.negative, windows=True, options=("masked",),
                       aliases=tuple(f"{a}-swg" for a in spec.aliases if "_" not in a) + (f"{spec.name}_swg",),
                       example=(*spec.example, example_swg), label=f"{spec.label}+SWG", params=spec.params,
-                      paper=spec.paper, base=spec.name, perturbation=spec.perturbation)
+                      paper=spec.paper, base=spec.name, perturbation=spec.perturbation, pairing=True)
 
 
 _NEW = (
@@ -256,9 +257,10 @@ METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in (
 _LOOKUP: Dict[str, str] = {**{n: n for n in METHODS}, **{a: s.name for s in METHODS.values() for a in s.aliases}}
 
 
-def method_names() -> List[str]:
-    """Canonical method names, in table order."""
-    return list(METHODS)
+def method_names(pairings: bool = True) -> List[str]:
+    """Canonical method names, in table order (``pairings=False``: without the ``X-swg`` pairings of the
+    other papers' methods, which ``--help`` summarises as "X-swg")."""
+    return [name for name, spec in METHODS.items() if pairings or not spec.pairing]
 
 
 def method_spec(name: str, param: str = "method") -> MethodSpec:

@@ -395,12 +395,17 @@ class Precond(torch.nn.Module):
         self.weight_cache = bool(enabled)
         clear_weight_cache(self)
 
+    def caches_weights_on(self, device) -> bool:
+        """Whether calls on ``device`` use the weight cache: when enabled, except for networks on the CPU
+        larger than :data:`CPU_WEIGHT_CACHE_BYTES` (a first call then costs no more than the next)."""
+        nbytes = sum(p.numel() * 4 for p in self.unet.parameters())
+        return self.weight_cache and (torch.device(device).type != "cpu" or nbytes <= CPU_WEIGHT_CACHE_BYTES)
+
     def _choose_weight_cache(self, device: torch.device) -> None:
         """Cache inference weights (see :class:`MPConv`) except for large networks on the CPU."""
         if getattr(self, "_cache_device", None) == device.type:
             return
-        nbytes = sum(p.numel() * 4 for p in self.unet.parameters())
-        enabled = self.weight_cache and (device.type != "cpu" or nbytes <= CPU_WEIGHT_CACHE_BYTES)
+        enabled = self.caches_weights_on(device)
         for m in self.unet.modules():
             if isinstance(m, MPConv):
                 m.cache_weights = enabled

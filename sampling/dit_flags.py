@@ -2,8 +2,7 @@
 
 ``sample_dit.py`` is only ``sys.exit(main())`` over this module; tools that take the
 sampler's flags (``search.optuna_search``) turn them into settings with
-:func:`settings`.  Errors name this command line's flags (:data:`FLAGS`,
-:func:`utils.cli.flag_names`).
+:func:`settings`.  Errors name this command line's flags (:data:`FLAGS`, :data:`SPELLING`).
 """
 
 from __future__ import annotations
@@ -14,17 +13,20 @@ from typing import Optional, Sequence
 
 import click
 
-from guidance.table import METHODS, method_param_help
+from guidance.dit import DIT_MODES, REFERENCE_MODES, ReferenceMode
+from guidance.table import METHODS, method_param_help, method_spec
 from sampling import dit_run
 from utils import dist
-from utils.cli import CONTEXT, flag_names, run_command
-from utils.errors import exit_on_usage_error
+from sampling.run_settings import RunSettings
+from utils.cli import CONTEXT, flag_spelling, int_range, run_command
+from utils.errors import UsageError, exit_on_usage_error
 
-__all__ = ["cli", "main", "settings", "FLAGS"]
+__all__ = ["cli", "main", "settings", "format_methods", "FLAGS", "SPELLING"]
 D = dit_run.DiTOptions()  # the defaults
 # Library parameters whose flag is not simply --<name-with-dashes> (the run's and guidance's names included).
 FLAGS = {"batch": "--per-proc-batch-size", "outdir": "--sample-dir", "weight": "--g-scale", "masked": "--mask",
          "swg_sizes": "--window-size", "swg_steps": "--window-steps"}
+SPELLING = flag_spelling(FLAGS, dashes=True)  # how this command line writes a parameter in an error
 
 
 # ----------------------------------------------------------------------------
@@ -52,8 +54,7 @@ def _method_options(fn):
                        ("weights", "With --method: its weights, comma separated (table convention: "
                                    "D = D_pos + w rule), e.g. 0.4 or 0.4,0.2 for X-swg"),
                        ("method", "Another guidance method instead of the switches: "
-                                  + ", ".join(n for n in METHODS if n not in ("none", "swg", "cfg", "cfg-swg", "wmg",
-                                                                              "wmg-swg")) + " (--list-methods)")):
+                                  + ", ".join(_table_methods()) + " (--list-methods)")):
         name = flag.replace("-", "_")
         fn = click.option(*dict.fromkeys((f"--{flag}", f"--{name}")), name, default=None, help=text)(fn)
     return fn
@@ -65,14 +66,24 @@ def _list_methods(ctx, _param, value):
         ctx.exit(0)
 
 
+def _table_methods() -> list:
+    """The methods ``--method`` runs: the table's, less the switches' modes and those needing a weaker network."""
+    return [name for name, spec in METHODS.items() if name not in DIT_MODES and spec.negative != "weak"]
+
+
+def _switch_flags(mode: ReferenceMode) -> str:
+    mask = " [--mask 1]" if method_spec(mode.mode).windows else ""
+    scales = " ".join(f"--{s.replace('_', '-')} {v}" for s, v in zip(mode.scales, mode.meaning))
+    return f"--{mode.switch.replace('_', '-')} 1{mask} {scales}"
+
+
 def format_methods() -> str:
     """DiT's methods: the reference switches and each table method with its example weights and parameters."""
     rows = [("method", "flags", "weights (example)", "parameters")]
-    rows += [("swg", "--crop 1 [--mask 1] --g-scale W", "0.5", "-"), ("cfg", "--vanila-cfg 1 --g-scale S", "1.5", "-"),
-             ("cfg-swg", "--cfg-crop 1 [--mask 1] --g-scale W1 --crop-scale W2", "0.6,0.5", "-")]
-    for name, spec in METHODS.items():
-        if name in ("none", "swg", "cfg", "cfg-swg") or spec.negative == "weak":
-            continue
+    rows += [(m.mode, _switch_flags(m), ",".join(f"{v:g}" for v in m.example), "-")
+             for m in REFERENCE_MODES if m.scales]
+    for name in _table_methods():
+        spec = METHODS[name]
         mask = " [--mask 1]" if spec.windows else ""
         rows.append((name, f"--method {name} --weights {','.join(spec.weights)}{mask}", spec.example_text(),
                      ",".join(f"{p.name}={p.default:g}" for p in spec.params) or "-"))
@@ -96,15 +107,17 @@ def format_methods() -> str:
               help="Local diffusers AutoencoderKL folder")
 @click.option("--sample-dir", "--sample_dir", "sample_dir", default=D.sample_dir, show_default=True,
               help="Parent folder of the run folder")
-@click.option("--per-proc-batch-size", "--per_proc_batch_size", "per_proc_batch_size", type=int,
-              default=D.per_proc_batch_size,
+@click.option("--per-proc-batch-size", "--per_proc_batch_size", "per_proc_batch_size",
+              type=int_range(RunSettings, "batch"), default=D.per_proc_batch_size,
               show_default=True, help="Images per batch on each process")
-@click.option("--num-fid-samples", "--num_fid_samples", "num_fid_samples", type=int, default=D.num_fid_samples,
+@click.option("--num-fid-samples", "--num_fid_samples", "num_fid_samples",
+              type=int_range(dit_run.DiTConfig, "num_fid_samples"), default=D.num_fid_samples,
               help="Sample images 0..N-1  [default: 50000]")
 @click.option("--seeds", default=D.seeds, help="Image indices instead of --num-fid-samples, e.g. 0-999,2000")
 @click.option("--image-size", "--image_size", "image_size", type=int, default=D.image_size, show_default=True,
               help="Image resolution (256 or 512 for the released weights)")
-@click.option("--num-classes", "--num_classes", "num_classes", type=int, default=D.num_classes, show_default=True)
+@click.option("--num-classes", "--num_classes", "num_classes", type=int_range(dit_run.DiTConfig, "num_classes"),
+              default=D.num_classes, show_default=True)
 @click.option("--g-scale", "--g_scale", "g_scale", type=float, default=D.g_scale, show_default=True,
               help="SWG weight (--crop), CFG scale (--vanila-cfg) or CFG weight (--cfg-crop)")
 @click.option("--crop-scale", "--crop_scale", "crop_scale", type=float, default=D.crop_scale, show_default=True,
@@ -129,13 +142,14 @@ def format_methods() -> str:
 @click.option("--num-sampling-steps", "--num_sampling_steps", "num_sampling_steps",
               default=D.num_sampling_steps,
               show_default=True, help="Respacing of the 1000 steps: 250, ddim50, 10,15,20, ...")
-@click.option("--global-seed", "--global_seed", "global_seed", type=int, default=D.global_seed, show_default=True)
+@click.option("--global-seed", "--global_seed", "global_seed", type=int_range(dit_run.DiTConfig, "global_seed"),
+              default=D.global_seed, show_default=True)
 @click.option("--tf32/--no-tf32", " /--no_tf32", "tf32", default=D.tf32, show_default=True, help="TF32 matmuls on Ampere+ GPUs")
 @click.option("--save-tar/--no-save-tar", "--save_tar/--no_save_tar", "save_tar", default=D.save_tar, show_default=True,
               help="Write tar shards of PNGs instead of single PNGs")
 @click.option("--save", type=click.Choice(["png", "tar", "none"]), default=D.save,
               help="Image output: png (default), tar (= --save-tar), or none: metrics while sampling, no image files")
-@click.option("--keep", type=click.IntRange(min=0), default=D.keep, show_default=True,
+@click.option("--keep", type=int_range(RunSettings, "keep"), default=D.keep, show_default=True,
               help="With --save none: still write the first N images as PNGs")
 @click.option("--save-stats", "--save_stats", "save_stats", default=D.save_stats,
               help="With --save none: write the run's feature statistics (EDM2 pickle layout) to this file")
@@ -155,8 +169,7 @@ def format_methods() -> str:
               show_default=True, help="Log arguments, metrics and a sample grid to wandb (rank 0)")
 @click.option("--wandb-group", "--wandb_group", "wandb_group", default=D.wandb_group, help="wandb group")
 @click.option("--wandb-runname", "--wandb_runname", "wandb_runname", default=D.wandb_runname, help="wandb run name")
-@exit_on_usage_error
-@flag_names(FLAGS, dashes=True)
+@exit_on_usage_error(spelling=SPELLING)
 def cli(prefetch: bool, **opts):
     """Sample images from DiT with sliding window guidance (SWG / M-SWG), CFG or CFG+SWG."""
     cfg = dit_run.build_config(**opts)
@@ -190,7 +203,11 @@ def settings(argv: Sequence[str]):
     """The :class:`sampling.dit_run.DiTConfig` these flags give (validated, nothing run or written)."""
     params = dict(cli.make_context("sample_dit.py", _join_metric_words(list(argv))).params)
     params.pop("prefetch")
-    return flag_names(FLAGS, dashes=True)(dit_run.build_config)(**params)
+    try:
+        return dit_run.build_config(**params)
+    except UsageError as exc:
+        exc.spelling = SPELLING  # the error is about these flags, wherever it is reported
+        raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

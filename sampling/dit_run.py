@@ -26,12 +26,13 @@ import json
 import math
 import os
 import pathlib
+import typing
 from typing import Optional, Sequence
 
 import torch
 
 from guidance import WindowError
-from guidance.dit import DIT_MODES, default_window_size, dit_settings, guide_dit
+from guidance.dit import DIT_MODES, REFERENCE_MODES, default_window_size, dit_settings, guide_dit, reference_mode
 from guidance.settings import GuidanceSettings
 from guidance.table import method_param_names, method_params, method_spec, parse_sigma_interval
 from metrics.api import needs_reference
@@ -42,6 +43,7 @@ from networks.zoo import close_names
 from sampling import run, run_folder, run_settings
 from sampling.gaussian_diffusion import create_diffusion, space_timesteps
 from sampling.seeds import draw_dit
+from utils.bounds import bounded, check_bounds
 from utils.cache import prefetch as cache_prefetch
 from utils.errors import UsageError
 
@@ -111,8 +113,15 @@ class DiTOptions:
     seg_sigma: Optional[str] = None        # seg: query blur width (text or a number) [default: inf]
 
 
-# Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder).
-_CONVERT = {"float": float, "int": int, "Optional[int]": int, "bool": bool}
+def _scalar(tp):
+    """``int`` for ``int`` and ``Optional[int]`` (likewise float, bool); None for other types (text, lists)."""
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
+    return inner[0] if len(inner) == 1 and inner[0] in (int, float, bool) else None
+
+
+# Python values are converted as the command line converts its flags (so 1 and 1.0 name the same folder):
+# by the type of each DiTOptions field.
+_CONVERT = {name: _scalar(tp) for name, tp in typing.get_type_hints(DiTOptions).items() if _scalar(tp)}
 # The reference's guidance switches, recorded in settings.json and named in the run folder as given.
 SWITCHES = ("g_scale", "crop_scale", "crop", "mask", "cfg_crop", "uncond", "vanila_cfg")
 # The constructor arguments model_kwargs may override.
@@ -131,10 +140,10 @@ class DiTConfig(run_settings.RunSettings):
     vae: str
     vae_path: Optional[str]
     sample_dir: str
-    num_fid_samples: Optional[int]
+    num_fid_samples: Optional[int] = bounded(lo=1, hi=run_settings.MAX_SEED + 1)  # images are named by 7 digits
     image_size: int
     latent_size: int
-    num_classes: int
+    num_classes: int = bounded(lo=1)
     switches: dict                         # SWITCHES as given (settings.json, the folder name); read by nothing else
     guidance: GuidanceSettings
     unconditional: bool                    # sample the null class
@@ -142,7 +151,7 @@ class DiTConfig(run_settings.RunSettings):
     pos_embed: str
     num_sampling_steps: str
     timesteps: int
-    global_seed: int
+    global_seed: int = bounded(lo=0, hi=2 ** 31 - 1)
     tf32: bool
 
     def to_json(self) -> dict:
@@ -172,15 +181,6 @@ class DiTConfig(run_settings.RunSettings):
 # ----------------------------------------------------------------------------
 # Configuration.
 
-def _guidance_mode(crop: int, cfg_crop: int, vanila_cfg: int, uncond: int) -> str:
-    chosen = [name for name, on in (("crop", crop), ("cfg_crop", cfg_crop), ("vanila_cfg", vanila_cfg),
-                                    ("uncond", uncond)) if on]
-    if len(chosen) > 1:
-        raise UsageError(f"{' and '.join(f'`{c}`' for c in chosen)} exclude each other; pick one guidance switch")
-    return {"crop": "swg", "cfg_crop": "cfg-swg", "vanila_cfg": "cfg", "uncond": "uncond"}.get(
-        chosen[0] if chosen else "", "none")
-
-
 def _model_kwargs(kwargs) -> dict:
     kwargs = kwargs or {}
     if isinstance(kwargs, str):
@@ -208,13 +208,7 @@ def _seed_list(seeds, num_fid_samples) -> list[int]:
         raise UsageError("`seeds` and `num_fid_samples` both choose the images; give one of them")
     if seeds is not None:
         return run_settings.parse_seeds(seeds)
-    n = 50000 if num_fid_samples is None else num_fid_samples
-    if n < 1:
-        raise UsageError(f"`num_fid_samples` must be >= 1, got {n}")
-    if n > run_settings.MAX_SEED + 1:
-        raise UsageError(f"`num_fid_samples` must be at most {run_settings.MAX_SEED + 1} (images are named by a 7-digit "
-                         f"index), got {n}")
-    return list(range(n))
+    return list(range(50000 if num_fid_samples is None else num_fid_samples))
 
 
 def _table_method(o: dict, mode: str):
@@ -229,12 +223,13 @@ def _table_method(o: dict, mode: str):
         return mode, (), {}, None, None
     spec = method_spec(name, "method")
     if spec.name in DIT_MODES:
-        switch = {"swg": "`crop` 1", "cfg": "`vanila_cfg` 1", "cfg-swg": "`cfg_crop` 1", "none": "no switch"}
-        raise UsageError(f"`method` {spec.name} is one of DiT's reference modes: use {switch[spec.name]} "
-                         f"with `g_scale` (see --help)")
+        switch = {m.mode: m for m in REFERENCE_MODES}.get(spec.name)
+        use = f"`{switch.switch}` 1 with {' and '.join(f'`{s}`' for s in switch.scales)}" if switch else "no switch"
+        raise UsageError(f"`method` {spec.name} is one of DiT's reference modes: use {use} (see --help)")
     if mode != "none" or o["g_scale"] or o["crop_scale"]:
-        raise UsageError(f"`method` {spec.name} replaces the switches `crop`, `cfg_crop`, `vanila_cfg`, `uncond` "
-                         f"and `g_scale` / `crop_scale`; give its weights with `weights` (e.g. {spec.example_text()})")
+        raise UsageError(f"`method` {spec.name} replaces the switches "
+                         f"{', '.join(f'`{m.switch}`' for m in REFERENCE_MODES)} and `g_scale` / `crop_scale`; "
+                         f"give its weights with `weights` (e.g. {spec.example_text()})")
     try:
         weights = tuple(float(w) for w in str(o["weights"] if o["weights"] is not None else "").replace(
             "(", "").replace(")", "").split(",") if str(w).strip()) if not isinstance(o["weights"], (list, tuple)) \
@@ -271,12 +266,13 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
                         f"options are {', '.join([*fields, *method_param_names()])}")
     params = {name: opts.pop(name, None) for name in method_param_names()}
     o = {**dataclasses.asdict(DiTOptions(**opts)), **params}
-    for key, field in fields.items():
-        if field.type in _CONVERT and o[key] is not None:
-            o[key] = _CONVERT[field.type](o[key])
-        if field.type == "float" and not math.isfinite(o[key]):
+    for key, convert in _CONVERT.items():
+        if o[key] is not None:
+            o[key] = convert(o[key])
+        if convert is float and not math.isfinite(o[key]):
             raise UsageError(f"`{key}`: '{o[key]}' is not finite; give ordinary numbers")
 
+    check_bounds(DiTConfig, o)  # num_fid_samples, num_classes, global_seed, keep
     if o["model"] not in DiT_models:
         close = close_names(o["model"], DiT_models)
         hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -294,18 +290,16 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         raise UsageError(f"`image_size` {o['image_size']} must be a positive multiple of {8 * patch} "
                          f"(VAE factor 8 x patch size {patch}); DiT uses 256 or 512")
     latent = o["image_size"] // 8
-    if o["num_classes"] < 1:
-        raise UsageError(f"`num_classes` must be >= 1, got {o['num_classes']}")
 
     # Guidance.
-    mode = _guidance_mode(o["crop"], o["cfg_crop"], o["vanila_cfg"], o["uncond"])
+    mode = reference_mode(o)
     g, c = o["g_scale"], o["crop_scale"]
     if g < 0 or c < 0:
         raise UsageError(f"guidance scales must be >= 0, got `g_scale` {g} `crop_scale` {c}")
     if c > 0 and mode != "cfg-swg":
         raise UsageError("`crop_scale` is the SWG weight of `cfg_crop` 1; with `crop` 1 the weight is `g_scale`")
     mode, weights, g_params, g_sigma, swg_sigma = _table_method(o, mode)
-    windows = mode in ("swg", "cfg-swg") or (mode not in DIT_MODES and method_spec(mode).windows)
+    windows = mode != "uncond" and method_spec(mode).windows
     if o["mask"] and not windows:
         raise UsageError("`mask` 1 (M-SWG) needs `crop` 1 or `cfg_crop` 1 (or a `method` with windows, e.g. apg-swg)")
     if mode == "uncond" and g > 0:
@@ -338,8 +332,6 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     steps = str(o["num_sampling_steps"])
     timesteps = len(space_timesteps(1000, steps))
     guidance.check_sampler_steps(timesteps)
-    if o["global_seed"] < 0 or o["global_seed"] >= 2 ** 31:
-        raise UsageError(f"`global_seed` must lie in [0, 2^31), got {o['global_seed']}")
     metrics = run_settings.parse_metrics(o["metrics"])
     ref_path = _default_ref_path(o["ref_path"], o["image_size"]) if needs_reference(metrics) else o["ref_path"]
 

@@ -2,8 +2,7 @@
 
 ``sample_edm2.py`` is only ``sys.exit(main())`` over this module; tools that take the
 sampler's flags (``search.optuna_search``) turn them into settings with
-:func:`settings`.  Errors name this command line's flags (:data:`FLAGS`,
-:func:`utils.cli.flag_names`).
+:func:`settings`.  Errors name this command line's flags (:data:`FLAGS`, :data:`SPELLING`).
 """
 
 from __future__ import annotations
@@ -13,20 +12,21 @@ from typing import Optional, Sequence
 
 import click
 
-from guidance.table import METHODS, method_param_help
+from guidance.table import method_names, method_param_help
 from sampling import edm2_run
 from sampling.presets import format_presets
 from utils import dist
-from utils.cli import CONTEXT, flag_names, option, run_command
-from utils.errors import exit_on_usage_error
+from utils.cli import CONTEXT, flag_spelling, int_range, option, run_command
+from utils.errors import UsageError, exit_on_usage_error
 
-__all__ = ["cli", "main", "settings", "FLAGS"]
+__all__ = ["cli", "main", "settings", "FLAGS", "SPELLING"]
 
 D = edm2_run.GenerateConfig()  # the defaults, shown in --help
 # Library parameters whose flag is not simply --<name> (guidance's own names included).
 FLAGS = {"class_idx": "--class", "window_size": "--swg_sizes", "window_steps": "--swg_steps",
          "weight": "--g_weight", "method": "--g_method", "neg_denoiser": "--net_neg_pkl",
          "masked": "--scale_window_guide"}
+SPELLING = flag_spelling(FLAGS)  # how this command line writes a parameter in an error
 
 
 def _method_options(fn):
@@ -49,14 +49,18 @@ def _method_options(fn):
 @option("--save_tar", is_flag=True, help="Write tar shards of PNGs instead of loose PNGs.")
 @option("--save", type=click.Choice(["png", "tar", "none"]), default=None,
         help="Image output: png [default], tar (= --save_tar), or none: metrics while sampling, no image files.")
-@option("--keep", type=click.IntRange(min=0), default=None, help="With --save none: still write the first N images.")
+@option("--keep", type=int_range(edm2_run.GenerateConfig, "keep"),
+        default=None, help="With --save none: still write the first N images.")
 @option("--save_stats", default=None,
         help="With --save none: write the run's feature statistics (EDM2 pickle layout) to this file.")
 @option("--save_npz", is_flag=True, help="Also write <outdir>.npz (arr_0, uint8 NHWC) for the ADM evaluator.")
 @option("--seeds", default="0-63", show_default=True, help="Seeds, e.g. 0-49999 or 1,2,5-10.")
-@click.option("--class", "class_idx", type=int, default=None, help="Class label for all images [default: random].")
-@option("--batch", type=int, default=None, help=f"Maximum batch per GPU [default: {D.batch:g}].")
-@option("--steps", type=int, default=None, help=f"Sampler steps [default: {D.steps:g}].")
+@click.option("--class", "class_idx", type=int_range(edm2_run.GenerateConfig, "class_idx"),
+              default=None, help="Class label for all images [default: random].")
+@option("--batch", type=int_range(edm2_run.GenerateConfig, "batch"),
+        default=None, help=f"Maximum batch per GPU [default: {D.batch:g}].")
+@option("--steps", type=int_range(edm2_run.GenerateConfig, "steps"),
+        default=None, help=f"Sampler steps [default: {D.steps:g}].")
 @option("--sigma_min", type=float, default=None, help=f"Lowest noise level [default: {D.sigma_min:g}].")
 @option("--sigma_max", type=float, default=None, help=f"Highest noise level [default: {D.sigma_max:g}].")
 @option("--rho", type=float, default=None, help=f"Time step exponent [default: {D.rho:g}].")
@@ -64,8 +68,8 @@ def _method_options(fn):
 @option("--S_min", type=float, default=None, help=f"Stochastic min noise level [default: {D.S_min:g}].")
 @option("--S_max", type=float, default=None, help=f"Stochastic max noise level [default: {D.S_max:g}].")
 @option("--S_noise", type=float, default=None, help=f"Stochastic noise inflation [default: {D.S_noise:g}].")
-@option("--g_method", default=None, help=" | ".join(n for n, s in METHODS.items() if not s.base or n in (
-    "wmg-swg", "cfg-swg")) + "; X-swg adds (M-)SWG to X (README: methods).")
+@option("--g_method", default=None, help=" | ".join(method_names(pairings=False))
+        + "; X-swg adds (M-)SWG to X (README: methods).")
 @option("--g_weight", default=None, help="Guidance weight w, or two (w_neg,w_swg) for combinations.")
 @option("--swg_sizes", default=None, help="Window size k in latent pixels (or kh,kw).")
 @option("--swg_steps", default=None, help=f"Windows per axis n (or nh,nw) [default: {D.guidance.window_steps[0]}].")
@@ -90,8 +94,7 @@ def _method_options(fn):
 @option("--wandb_group", default=None, help="W&B group.")
 @option("--wandb_runname", default=None, help="W&B run name.")
 @option("--prefetch", is_flag=True, help="Only download what this command needs into the cache, then exit.")
-@exit_on_usage_error
-@flag_names(FLAGS)
+@exit_on_usage_error(spelling=SPELLING)
 def cli(prefetch: bool, list_presets: bool, **opts) -> None:
     """Sample EDM2 with sliding window guidance; see the README for the methods."""
     if list_presets:
@@ -112,7 +115,11 @@ def settings(argv: Sequence[str]):
     params = dict(cli.make_context("sample_edm2.py", list(argv)).params)
     prefetch = params.pop("prefetch")
     params.pop("list_presets")
-    return flag_names(FLAGS)(edm2_run.build_config)(require_outdir=not prefetch, **params)
+    try:
+        return edm2_run.build_config(require_outdir=not prefetch, **params)
+    except UsageError as exc:
+        exc.spelling = SPELLING  # the error is about these flags, wherever it is reported
+        raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

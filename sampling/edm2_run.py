@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import sys
 from typing import Optional, Sequence
 
@@ -41,6 +40,7 @@ from sampling import run, run_folder, run_settings
 from sampling.edm import edm_sampler
 from sampling.seeds import draw_edm2
 from utils import cache
+from utils.bounds import bounded, check_bounds
 from utils.errors import UsageError
 
 __all__ = ["GenerateConfig", "EDM2Backend", "build_config", "load_networks", "check_networks",
@@ -66,8 +66,8 @@ class GenerateConfig(run_settings.RunSettings):
     net_pos_pkl: Optional[str] = None
     net_neg_pkl: Optional[str] = None
     preset: Optional[str] = None
-    class_idx: Optional[int] = None
-    steps: int = 32
+    class_idx: Optional[int] = bounded(None, lo=0)
+    steps: int = bounded(32, lo=1)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
@@ -197,9 +197,8 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
         seg_sigma=kwargs.pop("seg_sigma", None))
     try:
         guidance = guidance.checked()
-    except UsageError as exc:  # name this API's keywords (g_method, swg_sizes ...), not the description's fields
-        exc.args = (re.sub(r"`(\w+)`", lambda m: f"`{GUIDANCE_NAMES.get(m.group(1), m.group(1))}`", str(exc)),)
-        raise
+    except UsageError as exc:  # about this API's keywords (g_method, swg_sizes ...), not the description's fields
+        raise exc.renamed(GUIDANCE_NAMES)
     spec = guidance.spec
     if spec.needs_neg and not neg:
         raise UsageError(f"`g_method` {method} needs a negative network ({NEGATIVES[spec.negative]}); "
@@ -225,12 +224,11 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
 
 
 def _check_numbers(cfg: GenerateConfig) -> None:
+    check_bounds(GenerateConfig, vars(cfg))  # steps and class_idx first: the checks below use them
     for name in ("sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise"):
         value = getattr(cfg, name)
         if math.isnan(value) or (math.isinf(value) and not (name == "S_max" and value > 0)):  # S_max inf: no bound
             raise UsageError(f"`{name}`: '{value}' is not finite; give ordinary numbers")
-    if cfg.steps < 1:
-        raise UsageError(f"`steps` must be >= 1, got {cfg.steps}")
     if not (0 < cfg.sigma_min < cfg.sigma_max) or math.isinf(cfg.sigma_max):
         raise UsageError(f"need 0 < `sigma_min` < `sigma_max` < inf, got {cfg.sigma_min} and {cfg.sigma_max}")
     if cfg.rho <= 0:
@@ -241,8 +239,6 @@ def _check_numbers(cfg: GenerateConfig) -> None:
     if interval is not None and interval[1] >= cfg.steps:
         raise UsageError(f"`g_interval` {interval[0]},{interval[1]} goes past the last step "
                          f"{cfg.steps - 1}; step indices run from 0 to `steps` - 1")
-    if cfg.class_idx is not None and cfg.class_idx < 0:
-        raise UsageError(f"`class_idx` must be >= 0, got {cfg.class_idx}")
 
 
 # ----------------------------------------------------------------------------

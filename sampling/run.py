@@ -50,7 +50,7 @@ from sampling.wandb_log import WandbLogger
 from sampling.writer import done_seeds, remove_stale_temps
 from utils import cache, dist
 from utils.preempt import Preempted
-from utils.errors import UsageError
+from utils.errors import UsageError, spell
 
 __all__ = ["Backend", "Draw", "split_batches", "prefetch", "progress", "generate"]
 
@@ -227,7 +227,7 @@ def _generate(backend: Backend, guard: RunGuard, *, progress_bar: bool, desc: st
         print(f"wrote {summary['npz']}", file=sys.stderr)
     dist.barrier()
     if skip_metrics:
-        dist.print0("metrics skipped: no reference statistics (pass `ref_path`)".replace("`", ""))
+        dist.print0(spell("metrics skipped: no reference statistics (pass `ref_path`)"))
     elif stream is not None:
         with torch.no_grad():
             summary["metrics"] = finish_stream(stream, settings, outdir, ref, metrics, record, device)

@@ -2,9 +2,9 @@
 
 The backends' configurations (:class:`sampling.edm2_run.GenerateConfig`,
 :class:`sampling.dit_run.DiTConfig`) extend :class:`RunSettings`;
-:func:`check_run_settings` checks the common fields once.  Library errors name
-*parameters* in backticks (`` `seeds` ``); each command line turns them into its
-own flag spelling (:func:`utils.cli.flag_names`).
+:func:`check_run_settings` checks the common fields once.  Its errors name the
+*parameters* they are about (`` `seeds` ``, :attr:`utils.errors.UsageError.params`);
+each command line writes them once in its own flag spelling (:func:`utils.cli.flag_spelling`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from networks.zoo import DEMO_REF, REFS
 from sampling.run_folder import check_outdir, json_value
 from sampling.seeds import parse_int_list
 from utils import dist
+from utils.bounds import bounded, check_bounds
 from utils.device import resolve_device as checked_device
-from utils.errors import UsageError
+from utils.errors import UsageError, spell
 from utils.ranges import compact_ranges
 
 __all__ = ["MAX_SEED", "SAVE_MODES", "save_mode", "RunSettings", "compact_seeds", "parse_seeds", "parse_metrics",
@@ -41,14 +42,14 @@ class RunSettings:
     """
     outdir: Optional[str] = None          # folder of the images (created)
     seeds: list = dataclasses.field(default_factory=list)
-    batch: int = 32                       # images per batch on each process
+    batch: int = bounded(32, lo=1)        # images per batch on each process
     subdirs: bool = False                 # PNGs in per-1000 folders
     save_tar: bool = False                # tar shards of PNGs instead of loose PNGs
     save_npz: bool = False                # also <outdir>.npz (arr_0, uint8 NHWC) for the ADM evaluator
     save: str = "png"                     # png | tar | none (none: metrics while sampling, no image files)
-    keep: int = 0                         # with save none: still write the first `keep` seeds' PNGs
+    keep: int = bounded(0, lo=0)          # with save none: still write the first `keep` seeds' PNGs
     save_stats: Optional[str] = None      # with save none: the run's feature statistics (EDM2 pickle layout)
-    shard_size: int = 1000
+    shard_size: int = bounded(1000, lo=1)  # PNGs per tar shard
     metrics: tuple = ()                   # names of metrics.api.METRICS
     ref_path: Optional[str] = None        # reference statistics (path or URL)
     require_reference: bool = True        # False: metrics needing a missing reference are skipped with a note
@@ -80,8 +81,8 @@ def parse_seeds(text) -> list[int]:
         raise UsageError("`seeds` is empty; give e.g. 0-49999")
     unique = list(dict.fromkeys(seeds))
     if len(unique) != len(seeds):
-        print(f"warning: `seeds` lists {len(seeds) - len(unique)} seed(s) more than once; each image is made once"
-              .replace("`", ""), file=sys.stderr)
+        print(spell(f"warning: `seeds` lists {len(seeds) - len(unique)} seed(s) more than once; each image is "
+                    f"made once"), file=sys.stderr)
     return unique
 
 
@@ -132,10 +133,7 @@ def check_run_settings(settings: RunSettings, *, require_outdir: bool = True) ->
     """Checks of the common settings that need no network (one place per parameter)."""
     if require_outdir and not settings.outdir:
         raise UsageError("no output folder; pass `outdir`")
-    if settings.batch < 1:
-        raise UsageError(f"`batch` must be >= 1, got {settings.batch}")
-    if settings.shard_size < 1:
-        raise UsageError(f"`shard_size` must be >= 1, got {settings.shard_size}")
+    check_bounds(type(settings), vars(settings))  # batch, keep, shard_size and the backend's bounded fields
     _check_save(settings)
     if settings.save_tar and settings.subdirs:
         raise UsageError("`subdirs` applies to PNG folders; drop it when using `save_tar`")
@@ -172,8 +170,6 @@ def _check_save(settings: RunSettings) -> None:
     if settings.save not in SAVE_MODES or settings.save_tar != (settings.save == "tar"):
         raise UsageError(f"`save` {settings.save!r} with `save_tar` {settings.save_tar} is not an output mode; "
                          f"build the settings with sampling.run_settings.save_mode")
-    if settings.keep < 0:
-        raise UsageError(f"`keep` must be >= 0, got {settings.keep}")
     if settings.save != "none":
         for name in ("keep", "save_stats"):
             if getattr(settings, name):

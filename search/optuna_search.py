@@ -34,16 +34,18 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import sys
 from typing import Callable, Optional, Sequence
 
 import click
 
 from utils import dist
 from utils.atomic import write_json_atomic
+from utils.cli import run_command
 from utils.errors import UsageError, exit_on_usage_error
 
 __all__ = ["parse_range", "trial_folder", "sampler_argv", "sampler_settings", "run_sampler", "read_objective",
-           "run_search", "main"]
+           "run_search", "cli", "main"]
 
 # Objective (a key of the sampler's metrics.json) -> the --metrics entry that writes it.
 OBJECTIVES = {"fid": "fid", "fd_dinov2": "fd_dinov2", "is": "is", "saturation": "saturation",
@@ -113,11 +115,14 @@ def sampler_settings(sampler: str, argv: Sequence[str]):
 def run_sampler(sampler: str, argv: Sequence[str]) -> dict:
     """Sample one trial in this process through the Python API; returns the run summary."""
     from sampling import dit_run, edm2_run
-    from utils.cli import flag_names
 
     cfg = sampler_settings(sampler, argv)
     api = edm2_run if sampler == "edm2" else dit_run
-    return flag_names(_flags(sampler).FLAGS, dashes=sampler == "dit")(api.generate)(cfg)
+    try:
+        return api.generate(cfg)
+    except UsageError as exc:
+        exc.spelling = exc.spelling or _flags(sampler).SPELLING  # about the sampler's flags
+        raise
 
 
 def _check_objective(sampler: str, base_args: Sequence[str], ranges, outdir, objective: str) -> None:
@@ -276,12 +281,17 @@ def run_search(sampler: str, base_args: Sequence[str], ranges: Sequence[tuple[fl
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of Optuna's TPE sampler.")
 @click.argument("sampler_args", nargs=-1, type=click.UNPROCESSED)
 @exit_on_usage_error
-def main(sampler, outdir, weights, n_trials, objective, step, storage, study_name, seed, sampler_args):
+def cli(sampler, outdir, weights, n_trials, objective, step, storage, study_name, seed, sampler_args):
     """Search guidance weights; arguments after -- go to the sampler (sample_edm2.py / sample_dit.py)."""
     ranges = [parse_range(w) for w in weights]
     run_search(sampler, list(sampler_args), ranges, outdir, n_trials=n_trials, objective=objective, step=step,
                storage=storage, study_name=study_name, seed=seed)
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: usage errors (click's and the search's) become one line ``error: ...`` and status 2."""
+    return run_command(cli, argv, "python -m search.optuna_search")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

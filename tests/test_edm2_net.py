@@ -61,3 +61,20 @@ def test_forced_weight_normalisation_in_training():
     w = net.unet.enc["16x16_conv"].weight
     norms = w.flatten(1).norm(dim=1) / (w[0].numel() ** 0.5)
     torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-3, atol=1e-3)
+
+
+@torch.no_grad()
+def test_weight_cache_is_bit_identical_and_controlled_by_public_calls(monkeypatch):
+    import networks.edm2 as edm2
+
+    x, s, c = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 5.0]), torch.eye(4)[:2]
+    net = _net()
+    assert net.caches_weights_on("cpu")
+    cached = [net(x, s, c) for _ in range(2)]  # the second call reads the cache the first filled
+    net.use_weight_cache(False)
+    assert not net.caches_weights_on("cpu")
+    plain = net(x, s, c)
+    assert torch.equal(cached[0], plain) and torch.equal(cached[1], plain)
+    net.use_weight_cache(True)
+    monkeypatch.setattr(edm2, "CPU_WEIGHT_CACHE_BYTES", 1)  # a network "too large" for the CPU cache
+    assert not net.caches_weights_on("cpu") and net.caches_weights_on("meta")

@@ -18,7 +18,6 @@ from metrics.refs import save_ref
 from sampling import dit_flags, edm2_flags, edm2_run, run, run_folder, run_settings
 from benchmarks import edm2_snapshot as WR
 from tests.test_dit_cli import _base, assets  # noqa: F401  (module fixture: tiny DiT + VAE)
-from utils.cli import to_flags
 from utils.errors import UsageError
 
 TINY = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, model_channels=8,
@@ -155,10 +154,16 @@ def test_library_errors_name_parameters_and_each_cli_its_flags(assets, tmp_path,
 
     with pytest.raises(WindowError, match="`window_size`"):
         window_origins(8, 10, 2)
-    msg = "`window_size` 10 exceeds; `batch` too; `outdir` is a file"
-    assert to_flags(msg, edm2_flags.FLAGS, dashes=False) == "--swg_sizes 10 exceeds; --batch too; --outdir is a file"
-    assert to_flags(msg, dit_flags.FLAGS, dashes=True) == \
+    exc = UsageError("`window_size` 10 exceeds; `batch` too; `outdir` is a file")
+    assert exc.params == ("window_size", "batch", "outdir") and exc.param == "window_size"
+    assert str(exc) == "`window_size` 10 exceeds; `batch` too; `outdir` is a file"  # the API's names
+    assert exc.format(edm2_flags.SPELLING) == "--swg_sizes 10 exceeds; --batch too; --outdir is a file"
+    assert exc.format(dit_flags.SPELLING) == \
         "--window-size 10 exceeds; --per-proc-batch-size too; --sample-dir is a file"
+    # An API that calls a parameter otherwise renames it as data; the CLI spelling follows the new name.
+    renamed = UsageError("`method` x needs `window_size`").renamed({"method": "g_method", "window_size": "swg_sizes"})
+    assert renamed.params == ("g_method", "swg_sizes") and str(renamed) == "`g_method` x needs `swg_sizes`"
+    assert renamed.format(edm2_flags.SPELLING) == "--g_method x needs --swg_sizes"
     # The same guidance error through both command lines.
     assert sample_dit.main(_base(assets, tmp_path / "o", "--seeds", "0", "--crop", "1", "--g-scale", "0.5",
                                  "--window-size", "10")) == 2
@@ -172,8 +177,44 @@ def test_library_errors_name_parameters_and_each_cli_its_flags(assets, tmp_path,
     assert code == 2 and "exceeds the input size 16" in err and "--swg_sizes" in err and "--window" not in err
 
 
+def test_bounds_declared_once_for_the_api_and_both_clis(tmp_path, capsys):
+    """A setting's range is declared on its dataclass field; the API's check and the flags' click type read it."""
+    from sampling import dit_run
+    from utils.bounds import bounds
+
+    assert bounds(dit_run.DiTConfig, "global_seed") == (0, 2 ** 31 - 1)
+    assert bounds(run_settings.RunSettings, "batch") == (1, None)
+    with pytest.raises(UsageError, match=r"^`global_seed` must lie in 0\.\.2147483647, got 2147483648$") as info:
+        dit_run.build_config(global_seed=2 ** 31, metrics="none", seeds="0")
+    assert info.value.param == "global_seed"
+    with pytest.raises(UsageError, match=r"^`steps` must be >= 1, got 0$"):
+        edm2_run.build_config(net_pos_pkl="x.pkl", outdir=str(tmp_path / "o"), steps=0)
+    with pytest.raises(UsageError, match=r"^`batch` must be >= 1, got 0$"):
+        dit_run.build_config(per_proc_batch_size=0, metrics="none", seeds="0", sample_dir=str(tmp_path))
+    for flag in ("--global-seed", "--global_seed"):  # the click type has the same bounds, checked while parsing
+        assert sample_dit.main(["--sample-dir", str(tmp_path / "d"), flag, str(2 ** 31)]) == 2
+        assert "is not in the range 0<=x<=2147483647" in capsys.readouterr().err
+    code, err = _edm2(["--net_pos_pkl", "x.pkl", "--outdir", tmp_path / "o", "--steps", "0"], capsys)
+    assert code == 2 and "'--steps': 0 is not in the range x>=1" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+def test_warnings_and_notes_name_the_flags_of_the_command_line(assets, tmp_path, capsys):  # noqa: F811
+    from utils.errors import spell
+
+    assert spell("pass `ref_path`") == "pass `ref_path`"  # a Python caller: the API's names
+    assert spell("pass `ref_path`", dit_flags.SPELLING) == "pass --ref-path"
+    assert sample_dit.main(_base(assets, tmp_path / "o", "--seeds", "0,0", "--metrics", "fid")) == 0
+    err = capsys.readouterr()
+    assert "warning: --seeds lists 1 seed(s) more than once" in err.err
+    assert "metrics skipped: no reference statistics (pass --ref-path)" in err.out + err.err
+    assert "`" not in err.out + err.err
+    assert spell("pass `ref_path`") == "pass `ref_path`"  # the command line's spelling ended with it
+
+
 @pytest.mark.parametrize("edm2_args,dit_args,edm2_flag,dit_flag", [
-    (["--batch", "0"], ["--per-proc-batch-size", "0"], "--batch must be >= 1", "--per-proc-batch-size must be >= 1"),
+    (["--batch", "0"], ["--per-proc-batch-size", "0"], "'--batch': 0 is not in the range x>=1",
+     "'--per-proc-batch-size' / '--per_proc_batch_size': 0 is not in the range x>=1"),
     (["--seeds", "0-99999999"], ["--seeds", "0-99999999"], "--seeds must lie in 0..9999999",
      "--seeds must lie in 0..9999999"),
     (["--metrics", "fid"], ["--metrics", "fid", "--ref-path", ""], "--ref_path", None),

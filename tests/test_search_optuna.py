@@ -116,9 +116,15 @@ def test_argument_errors(setup, tmp_path):
                      objective="fid")
     assert not (tmp_path / "w").exists()
     # the CLI: one line, exit 2, for a bad sampler argument
-    res = CliRunner().invoke(S.main, ["--sampler", "edm2", "--outdir", str(tmp_path / "z"), "--weight", "0:1",
+    res = CliRunner().invoke(S.cli, ["--sampler", "edm2", "--outdir", str(tmp_path / "z"), "--weight", "0:1",
                                       "--n_trials", "1", "--objective", "fid", "--", *base, "--bogus", "1"])
     assert res.exit_code == 2 and "error:" in res.output
+
+
+def test_cli_without_arguments_says_one_line(capsys):
+    assert S.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--sampler" in err, err
 
 
 def test_objective_directions_and_metric_names():
@@ -152,7 +158,7 @@ from metrics import detectors
 from test_search_optuna import TinyInception
 detectors.LOADERS["inception"] = lambda device, **kw: TinyInception()
 from search.optuna_search import main
-main(sys.argv[1:])
+sys.exit(main(sys.argv[1:]))
 """
 
 

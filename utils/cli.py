@@ -1,39 +1,40 @@
 """The one wrapper every sampler command line runs through.
 
+    SPELLING = flag_spelling(FLAGS)      # library parameter -> this command line's flag
+
     @click.command(context_settings=CONTEXT)
     @click.option(...)
-    @exit_on_usage_error
-    @flag_names(FLAGS)
+    @exit_on_usage_error(spelling=SPELLING)
     def cli(**opts): ...                 # flags -> settings -> the Python API
 
     def main(argv=None) -> int:
         return run_command(cli, argv, "sample_x.py")
 
-* Library errors name *parameters* in backticks (`` `window_size` ``);
-  :func:`flag_names` rewrites them into this command line's flags
-  (``--window-size`` for DiT, ``--swg_sizes`` for EDM2) before
-  :func:`utils.errors.exit_on_usage_error` prints the one line and exits 2.
+* A library :class:`utils.errors.UsageError` carries the parameters it is about
+  (``exc.params``, in the library's names such as ``window_size``);
+  :func:`utils.errors.exit_on_usage_error` writes its one line once, each
+  parameter spelled by :func:`flag_spelling` as this command line's flag
+  (``--window-size`` for DiT, ``--swg_sizes`` for EDM2), and exits 2.
 * :func:`run_command` turns click's own usage errors (unknown flag, bad value)
   into the same one line and exit 2 (once for a torchrun job), and returns the exit status.
 * :func:`option` declares a flag with both spellings of a multi-word name
-  (``--g-weight`` and ``--g_weight``).
+  (``--g-weight`` and ``--g_weight``); :func:`int_range` is the click type of an
+  integer setting whose bounds its dataclass declares (:mod:`utils.bounds`).
 """
 
 from __future__ import annotations
 
-import functools
-import re
 import sys
 from typing import Callable, Mapping, Optional, Sequence
 
 import click
 
+from utils.bounds import bounds
 from utils.errors import UsageError, report_once
 
-__all__ = ["CONTEXT", "option", "flag_names", "to_flags", "run_command"]
+__all__ = ["CONTEXT", "option", "int_range", "flag_spelling", "run_command"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-_PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
 
 def option(name: str, *more: str, **kwargs):
@@ -44,30 +45,21 @@ def option(name: str, *more: str, **kwargs):
     return click.option(*spellings, flag.replace("-", "_"), **kwargs)
 
 
-def to_flags(message: str, flags: Mapping[str, str], dashes: bool) -> str:
-    """Replace each `` `param` `` in ``message`` by its flag: ``flags[param]``, else ``--param``
-    (with ``-`` between words when ``dashes``)."""
-    def flag(m: re.Match) -> str:
-        name = m.group(1)
+def int_range(cls, name: str) -> click.IntRange:
+    """The click type of the integer field ``name`` of the settings dataclass ``cls``, with its declared bounds."""
+    lo, hi = bounds(cls, name)
+    return click.IntRange(min=lo, max=hi)
+
+
+def flag_spelling(flags: Mapping[str, str], dashes: bool = False) -> Callable[[str], str]:
+    """``name -> flag`` of a command line: ``flags[name]``, else ``--name`` (``-`` between words when
+    ``dashes``): what :meth:`utils.errors.UsageError.format` writes for each parameter."""
+    def spell(name: str) -> str:
         if name in flags:
             return flags[name]
         return "--" + (name.replace("_", "-") if dashes else name)
 
-    return _PARAM.sub(flag, message)
-
-
-def flag_names(flags: Mapping[str, str], dashes: bool = False) -> Callable:
-    """Decorator: :class:`UsageError` messages raised inside name this command line's flags."""
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except UsageError as exc:
-                exc.args = (to_flags(str(exc), flags, dashes),)
-                raise
-        return wrapper
-    return decorate
+    return spell
 
 
 def run_command(command: click.Command, argv: Optional[Sequence[str]], prog_name: str) -> int:

@@ -1,6 +1,7 @@
 """Errors the user can fix, and how every CLI reports them: one line on stderr, no traceback.
 
-* :class:`UsageError` (bad input)            -> ``error: <message>``, exit 2;
+* :class:`UsageError` (bad input)            -> ``error: <message>``, exit 2 (its parameters in the
+  command line's own spelling, see :meth:`UsageError.format`);
 * :class:`OutputError` / :class:`OSError`     -> ``error: cannot write <path>: <cause> (errno N); <fix>``, exit 2;
 * :class:`utils.preempt.Stopped` (SIGTERM / SIGUSR1, a lost peer) -> ``stopped: <what was kept; how to resume>``,
   exit 75;
@@ -19,25 +20,80 @@ exits 1; the README's troubleshooting section shows what that looks like.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import functools
 import os
+import re
 import sys
 import time
-from typing import Optional
+from typing import Callable, Mapping, Optional
 
 from utils.threads import apply_default_threads
 
-__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "describe_os_error", "report_once", "INTERRUPTED"]
+__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "spell", "describe_os_error", "report_once",
+           "INTERRUPTED"]
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 RANK_WAIT_S = 5.0  # how long a failing rank other than 0 waits to see whether rank 0 reports the error
 
 
+_PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+# The spelling of the command line running now (set by exit_on_usage_error): warnings and notes use it too.
+_SPELLING: contextvars.ContextVar = contextvars.ContextVar("swg_spelling", default=None)
+
+
+def spell(message: str, spelling: Optional[Callable[[str], str]] = None) -> str:
+    """``message`` with each parameter named as a code span (`` `ref_path` ``) written as ``spelling(name)``,
+    else as the flag of the command line running now, else left as the code span (a Python caller's names).
+
+    For warnings and notes; a :class:`UsageError` formats itself the same way (:meth:`UsageError.format`)."""
+    spelling = spelling or _SPELLING.get()
+    return _PARAM.sub(lambda m: spelling(m.group(1)), message) if spelling else message
+
+
 class UsageError(Exception):
-    """Bad input from the user. The message is one line naming the problem and the fix."""
+    """Bad input from the user: one line naming the problem and the fix.
+
+    The message names the parameters it is about as code spans, in the library's names
+    (``UsageError("`window_size` 90 exceeds the 64-pixel input; choose <= 64")``); they are
+    data, not text: :attr:`params` lists them (:attr:`param` is the first, the one to change),
+    :meth:`renamed` gives them another API's names (``sampling.edm2_run`` calls ``method`` and
+    ``window_size`` ``g_method`` and ``swg_sizes``) and :meth:`format` writes the line with a
+    command line's own spelling of each, once, where the CLI reports it
+    (:func:`exit_on_usage_error` ``spelling=``).  ``str()`` keeps the code spans.
+    """
 
     exit_code = 2
+    names: Mapping[str, str] = {}        # library name -> this API's name (renamed())
+    spelling: Optional[Callable[[str], str]] = None  # set by a tool that reports another command's errors
+
+    @property
+    def template(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    @property
+    def params(self) -> tuple:
+        """The parameters the message names, in order (this API's names)."""
+        return tuple(self.names.get(n, n) for n in _PARAM.findall(self.template))
+
+    @property
+    def param(self) -> Optional[str]:
+        """The parameter to change (the first one named), or None."""
+        return next(iter(self.params), None)
+
+    def renamed(self, names: Mapping[str, str]) -> "UsageError":
+        """This error with the parameters of ``names`` called by their values; returns ``self``."""
+        self.names = {**self.names, **names}
+        return self
+
+    def format(self, spelling: Optional[Callable[[str], str]] = None) -> str:
+        """The message with each parameter written as ``spelling(name)`` (default: the code span)."""
+        write = spelling or (lambda name: f"`{name}`")
+        return _PARAM.sub(lambda m: write(self.names.get(m.group(1), m.group(1))), self.template)
+
+    def __str__(self) -> str:
+        return self.format()
 
 
 _FULL = (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
@@ -183,8 +239,13 @@ def _stop_signals_ignored(active: bool = True):
 INTERRUPTED_RESTART = "interrupted; this command does not resume: rerun it to start over"
 
 
-def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED):
+def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED,
+                        spelling: Optional[Callable[[str], str]] = None):
     """Decorator for CLI entry points: user-fixable errors become one line on stderr (see the module docstring).
+
+    ``spelling(name)`` writes a parameter of a :class:`UsageError` as this command line's flag
+    (:func:`utils.cli.flag_spelling`); an error that carries its own :attr:`UsageError.spelling`
+    (another command's flags, e.g. the sampler a search runs) is written with that one.
 
     :class:`UsageError` and :class:`OSError` exit 2, Ctrl-C exits 130 with the
     line ``interrupted`` (printed by rank 0 only, as every rank receives it;
@@ -194,18 +255,20 @@ def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED):
     (:func:`utils.threads.apply_default_threads`).
     """
     if fn is None:
-        return functools.partial(exit_on_usage_error, interrupted=interrupted)
+        return functools.partial(exit_on_usage_error, interrupted=interrupted, spelling=spelling)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         apply_default_threads()  # every CLI passes here first: torch's CPU threads (utils/threads.py)
+        token = _SPELLING.set(spelling)  # warnings and notes printed meanwhile name this command line's flags
         try:
             return fn(*args, **kwargs)
         except UsageError as exc:  # also utils.preempt.Stopped: 'stopped: ...', exit 75
             # stopping anyway (exit 75): a repeated TERM (torchrun's) must not cut the line short
             with _stop_signals_ignored(exc.exit_code == 75):
                 if not (getattr(exc, "rank0_prints", False) and _env_int("RANK", 0) != 0):  # every rank agreed
-                    report_once(_one_line(exc), prefix=getattr(exc, "prefix", "error"))
+                    line = exc.format(exc.spelling or spelling)
+                    report_once(_one_line(line), prefix=getattr(exc, "prefix", "error"))
             sys.exit(exc.exit_code)
         except OSError as exc:
             report_once(_one_line(describe_os_error(exc)))
@@ -216,5 +279,7 @@ def exit_on_usage_error(fn=None, *, interrupted: str = INTERRUPTED):
             if _env_int("RANK", 0) == 0:
                 print(interrupted, file=sys.stderr, flush=True)
             sys.exit(130)
+        finally:
+            _SPELLING.reset(token)
 
     return wrapper
