@@ -37,7 +37,7 @@ from typing import Mapping, Optional, Tuple
 import torch
 
 from .settings import GuidanceSettings
-from .table import method_params, method_spec
+from .table import METHODS, method_params, method_spec
 from utils.errors import UsageError
 
 __all__ = ["DiTDenoiser", "dit_guidance", "dit_settings", "guide_dit", "DIT_MODES", "ReferenceMode", "REFERENCE_MODES",
@@ -57,6 +57,11 @@ class ReferenceMode:
     meaning: Tuple[str, ...] = ()
     example: Tuple[float, ...] = ()
 
+    @property
+    def windows(self) -> bool:
+        """Whether the mode uses the sliding windows (and so takes ``mask``)."""
+        return self.mode in METHODS and METHODS[self.mode].windows
+
 
 # In the order the reference checks its switches (the first one set wins there; here two are an error).
 REFERENCE_MODES = (
@@ -68,17 +73,32 @@ REFERENCE_MODES = (
 DIT_MODES = ("none", *(m.mode for m in REFERENCE_MODES))  # every mode the switches select, and none
 
 
-def reference_mode(switches: Mapping[str, object]) -> str:
-    """The mode of the reference's switches (``{"crop": 1, ...}``; missing or 0 = off), ``"none"`` without one.
+def reference_mode(switches: Mapping[str, object], g_scale: float = 0.0, crop_scale: float = 0.0) -> str:
+    """The mode the reference's switches select (``{"crop": 1, ...}``; missing or 0 = off; ``"none"`` without
+    one), checked with its scales as the reference means them (see :func:`dit_settings`).
 
-    >>> reference_mode({"crop": 1, "cfg_crop": 0})
+    >>> reference_mode({"crop": 1, "cfg_crop": 0}, g_scale=0.5)
     'swg'
     """
     chosen = [m for m in REFERENCE_MODES if switches.get(m.switch)]
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(f'`{m.switch}`' for m in chosen)} exclude each other; pick one guidance "
                          f"switch")
-    return chosen[0].mode if chosen else "none"
+    mode = chosen[0] if chosen else ReferenceMode("", "none")
+    g, c = g_scale, crop_scale
+    if g < 0 or c < 0:
+        raise UsageError(f"guidance scales must be >= 0, got `g_scale` {g} `crop_scale` {c}")
+    if c > 0 and "crop_scale" not in mode.scales:
+        raise UsageError("`crop_scale` is the SWG weight of `cfg_crop` 1; with `crop` 1 the weight is `g_scale`")
+    if g > 0 and "g_scale" not in mode.scales:
+        if chosen:
+            raise UsageError(f"`{mode.switch}` 1 samples without guidance; drop `g_scale`")
+        *first, last = [f"`{m.switch}` 1 ({METHODS[m.mode].label})" for m in REFERENCE_MODES if m.scales]
+        raise UsageError(f"`g_scale` needs a guidance switch: {', '.join(first)} or {last}")
+    if "S" in mode.meaning and g < 1:
+        raise UsageError(f"`{mode.switch}` 1 needs DiT's CFG scale `g_scale` >= 1 (1 = no guidance, e.g. "
+                         f"{mode.example[0]:g}), got {g}")
+    return mode.mode
 
 
 class DiTDenoiser:
@@ -150,6 +170,8 @@ def dit_settings(
                                 perturb_blocks=perturb_blocks, seg_sigma=seg_sigma).checked()
     if cfg_channels not in ("reference", "all"):
         raise UsageError(f"cfg_channels must be 'reference' or 'all', got {cfg_channels!r}")
+    if mode in ("swg", "cfg-swg") and g_scale == 0 and crop_scale == 0:
+        mode = "none"  # SWG (or CFG+SWG) with weight 0 is plain sampling, as in the reference
     windows = dict(window_size=window_size, window_steps=window_steps, masked=bool(mask),
                    max_window_batch=max_window_batch)
     if mode in ("none", "uncond"):

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import click
 
 from guidance.dit import DIT_MODES, REFERENCE_MODES, ReferenceMode
-from guidance.table import METHODS, method_param_help, method_spec
+from guidance.table import METHODS, method_param_help
 from sampling import dit_run
 from utils import dist
 from sampling.run_settings import RunSettings
@@ -72,7 +72,7 @@ def _table_methods() -> list:
 
 
 def _switch_flags(mode: ReferenceMode) -> str:
-    mask = " [--mask 1]" if method_spec(mode.mode).windows else ""
+    mask = " [--mask 1]" if mode.windows else ""
     scales = " ".join(f"--{s.replace('_', '-')} {v}" for s, v in zip(mode.scales, mode.meaning))
     return f"--{mode.switch.replace('_', '-')} 1{mask} {scales}"
 

@@ -34,7 +34,7 @@ import torch
 from guidance import WindowError
 from guidance.dit import DIT_MODES, REFERENCE_MODES, default_window_size, dit_settings, guide_dit, reference_mode
 from guidance.settings import GuidanceSettings
-from guidance.table import method_param_names, method_params, method_spec, parse_sigma_interval
+from guidance.table import METHODS, method_param_names, method_params, method_spec, parse_sigma_interval
 from metrics.api import needs_reference
 from networks.dit import PRETRAINED_DIT, DiT_models, create_dit
 from networks.dit_diffusers import load_dit_weights, snapshot_source
@@ -211,8 +211,8 @@ def _seed_list(seeds, num_fid_samples) -> list[int]:
     return list(range(50000 if num_fid_samples is None else num_fid_samples))
 
 
-def _table_method(o: dict, mode: str):
-    """``(mode, weights, params, g_sigma, swg_sigma)``: a `method` of the guidance table, checked, or the switches'."""
+def _table_method(o: dict):
+    """``(mode, weights, params, g_sigma, swg_sigma)`` of a `method` of the guidance table, checked; None without."""
     name = o["method"]
     params = {k: o[k] for k in method_param_names()}
     intervals = (o["g_sigma_interval"], o["swg_sigma_interval"])
@@ -220,13 +220,13 @@ def _table_method(o: dict, mode: str):
         if o["weights"] is not None or any(v is not None for v in (*params.values(), *intervals)):
             raise UsageError("`weights`, the method parameters and the sigma intervals belong to `method`; "
                              "choose one, e.g. `method` apg")
-        return mode, (), {}, None, None
+        return None
     spec = method_spec(name, "method")
     if spec.name in DIT_MODES:
         switch = {m.mode: m for m in REFERENCE_MODES}.get(spec.name)
         use = f"`{switch.switch}` 1 with {' and '.join(f'`{s}`' for s in switch.scales)}" if switch else "no switch"
         raise UsageError(f"`method` {spec.name} is one of DiT's reference modes: use {use} (see --help)")
-    if mode != "none" or o["g_scale"] or o["crop_scale"]:
+    if any(o[m.switch] for m in REFERENCE_MODES) or o["g_scale"] or o["crop_scale"]:
         raise UsageError(f"`method` {spec.name} replaces the switches "
                          f"{', '.join(f'`{m.switch}`' for m in REFERENCE_MODES)} and `g_scale` / `crop_scale`; "
                          f"give its weights with `weights` (e.g. {spec.example_text()})")
@@ -291,28 +291,14 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
                          f"(VAE factor 8 x patch size {patch}); DiT uses 256 or 512")
     latent = o["image_size"] // 8
 
-    # Guidance.
-    mode = reference_mode(o)
+    # Guidance: a method of the table (`method`), or the reference's switches and scales (guidance.dit).
     g, c = o["g_scale"], o["crop_scale"]
-    if g < 0 or c < 0:
-        raise UsageError(f"guidance scales must be >= 0, got `g_scale` {g} `crop_scale` {c}")
-    if c > 0 and mode != "cfg-swg":
-        raise UsageError("`crop_scale` is the SWG weight of `cfg_crop` 1; with `crop` 1 the weight is `g_scale`")
-    mode, weights, g_params, g_sigma, swg_sigma = _table_method(o, mode)
-    windows = mode != "uncond" and method_spec(mode).windows
+    table = _table_method(o)
+    mode, weights, g_params, g_sigma, swg_sigma = table or (reference_mode(o, g, c), (), {}, None, None)
+    windows = mode in METHODS and METHODS[mode].windows
     if o["mask"] and not windows:
-        raise UsageError("`mask` 1 (M-SWG) needs `crop` 1 or `cfg_crop` 1 (or a `method` with windows, e.g. apg-swg)")
-    if mode == "uncond" and g > 0:
-        raise UsageError("`uncond` 1 samples without guidance; drop `g_scale`")
-    if mode == "cfg" and g < 1:
-        raise UsageError(f"`vanila_cfg` 1 needs DiT's CFG scale `g_scale` >= 1 (1 = no guidance, e.g. 1.5), got {g}")
-    if mode == "swg" and g == 0:
-        mode = "none"  # SWG with weight 0 is plain sampling, as in the reference.
-    if mode == "cfg-swg" and g == 0 and c == 0:
-        mode = "none"
-    if mode == "none" and g > 0 and not (o["crop"] or o["cfg_crop"] or o["vanila_cfg"]):
-        raise UsageError("`g_scale` needs a guidance switch: `crop` 1 (SWG), `cfg_crop` 1 (CFG+SWG) "
-                         "or `vanila_cfg` 1 (CFG)")
+        raise UsageError("`mask` 1 (M-SWG) needs " + " or ".join(f"`{m.switch}` 1" for m in REFERENCE_MODES if m.windows)
+                         + " (or a `method` with windows, e.g. apg-swg)")
     window = None
     if windows:
         window = o["window_size"] or max(patch, default_window_size(latent) // patch * patch)

@@ -196,7 +196,7 @@ def _perturb_presets() -> dict[str, Preset]:
     """PAG, SEG, SLG (no second network) at the weights their papers publish (the table's ``example``:
     PAG 3.0, SEG 3.0, SLG 2.8), default blocks, alone and with M-SWG."""
     p: dict[str, Preset] = {}
-    for name in ("pag", "seg", "slg"):
+    for name in (n for n, spec in METHODS.items() if spec.perturbation and not spec.pairing):
         p.update(_method_presets(name, METHODS[name].example, False, source="published default weight "
                                  "(guidance.table), default blocks (guidance.perturb)"))
     return p
