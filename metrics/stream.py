@@ -204,16 +204,26 @@ class StreamingStats:
             for st in live.values():
                 self._absorb(st)
             self.covered = set(self.done_before)
+            self._remove_killed_saves()
         dist.barrier()  # every rank has read the folder before anyone writes or deletes in it
-        if dist.get_rank() == 0 and self.state_dir.is_dir():
-            for p in self.state_dir.iterdir():
-                m = _TEMP_RE.match(p.name)
-                if m and int(m.group(1)) < self._gen:
-                    p.unlink(missing_ok=True)
-            rows_dir = self.state_dir / ROWS_DIR
-            for p in rows_dir.iterdir() if rows_dir.is_dir() else ():
-                if p.name.startswith("."):  # a rows file whose save was killed midway
-                    p.unlink(missing_ok=True)
+
+    def _remove_killed_saves(self) -> None:
+        """Delete the temporary files of saves killed midway (rank 0, before :meth:`_load`'s barrier).
+
+        Before the barrier no rank of this launch writes, so every temporary file is a
+        dead one; after it the other ranks save their rows (``rows/.chunk-*.tmp.pt``,
+        which name no generation) and deleting those would fail their saves.
+        """
+        if not self.state_dir.is_dir():
+            return
+        for p in self.state_dir.iterdir():
+            m = _TEMP_RE.match(p.name)
+            if m and int(m.group(1)) < self._gen:
+                p.unlink(missing_ok=True)
+        rows_dir = self.state_dir / ROWS_DIR
+        for p in rows_dir.iterdir() if rows_dir.is_dir() else ():
+            if p.name.startswith("."):  # a rows file whose save was killed midway
+                p.unlink(missing_ok=True)
 
     def _absorb(self, st: Mapping[str, Any]) -> None:
         self.num += int(st["num"])

@@ -22,6 +22,7 @@ from metrics.detectors import DINOv2Detector
 from metrics.refs import save_ref
 from metrics.scores import inception_score, inception_score_from_sums
 from metrics.stream import StreamingStats
+from utils import dist
 from utils.errors import UsageError
 from tests.tiny_detectors import TinyInception as InceptionStandIn
 
@@ -213,6 +214,27 @@ def test_stats_file_round_trip(tmp_path):
     assert res.exit_code == 2 and "probs_digits_splits" in res.stderr
 
 
+def test_resume_keeps_the_saves_other_ranks_begin_after_the_barrier(tmp_path, monkeypatch):
+    """Rank 0 of a resumed launch deletes the temporary files of killed saves, but not another rank's save
+    in progress: once the load's barrier releases them the other ranks save rows (this raced under load)."""
+    state = tmp_path / "state"
+    first = StreamingStats("fid,kid", SEEDS, batch=16, device="cpu", state_dir=state, save_every=16)
+    feed(first, 16, stop_after=2)
+    rows = state / "rows"
+    assert sorted(p.name for p in rows.iterdir()) == ["chunk-000000.pt", "chunk-000001.pt"]
+    dead = rows / ".chunk-000002.pt.k9x2.tmp.pt"
+    dead.write_bytes(b"half a save")  # the first launch was killed while saving
+    live = rows / ".chunk-000003.pt.a1b2.tmp.pt"
+
+    def barrier():  # the other rank passes the barrier and starts saving a chunk before rank 0 goes on
+        live.write_bytes(b"being written")
+
+    monkeypatch.setattr(dist, "barrier", barrier)
+    second = StreamingStats("fid,kid", SEEDS, batch=16, device="cpu", state_dir=state, save_every=16)
+    assert second.done_before == {0, 1}
+    assert not dead.exists() and live.exists()
+
+
 def _dist_worker(rank, store, state, out, threads):
     import torch.distributed as tdist
     torch.set_num_threads(threads)  # the parent's: float32 features then round alike (sFID differed by 2e-9 under load)
@@ -229,7 +251,8 @@ def _dist_worker(rank, store, state, out, threads):
             with open(out, "wb") as f:
                 pickle.dump(stats, f)
     finally:
-        tdist.destroy_process_group()
+        if tdist.is_initialized():  # a lost peer has destroyed it already (utils.dist): report that error
+            tdist.destroy_process_group()
 
 
 def test_two_ranks_with_resume_equal_one(tmp_path):
