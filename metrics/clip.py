@@ -28,6 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.cache import fetch
+from utils.errors import UsageError
+from utils.safe_load import load_weights
+
 __all__ = ["CLIP_SOURCE", "CLIP_RESOLUTION", "CLIP_MEAN", "CLIP_STD", "CLIPVisionTower", "load_clip",
            "preprocess_clip"]
 
@@ -117,11 +121,8 @@ def load_clip(weights: Optional[str | os.PathLike] = None, device=None, quick_ge
     ``torch.load(weights_only=True)``, or ``.safetensors``).  Keys or shapes that do not
     match raise :class:`UsageError`, as for the other detectors.
     """
-    from utils.errors import UsageError
-    from utils.safe_load import load_weights
 
     if weights is None:
-        from utils.cache import fetch
 
         weights = fetch(CLIP_SOURCE, desc="CLIP ViT-L/14 weights")
     if not os.path.isfile(weights):

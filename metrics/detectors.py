@@ -20,11 +20,13 @@ from typing import Callable, Dict
 
 import torch
 
+from utils.cache import fetch
 from utils.errors import UsageError
 
 from . import clip as _clip
 from . import dinov2 as _dinov2
 from . import inception as _inception
+from .digits import DEFAULT_CLASSIFIER, DigitsDetector
 
 __all__ = ["full_precision", "output_dims", "Detector", "InceptionDetector", "DINOv2Detector", "CLIPDetector", "LOADERS", "get_detector", "clear_cache",
            "weights_source", "prefetch"]
@@ -141,7 +143,6 @@ def _load_dinov2(device, **kwargs) -> Detector:
 
 def _load_digits(device, **kwargs) -> Detector:
     """The demo's digit classifier; ``weights`` defaults to the shipped ``digits-classifier.safetensors``."""
-    from .digits import DEFAULT_CLASSIFIER, DigitsDetector
 
     return DigitsDetector(kwargs.get("weights") or DEFAULT_CLASSIFIER, device=device)
 
@@ -186,14 +187,12 @@ def weights_source(kind: str):
     if kind == "clip":
         return _clip.CLIP_SOURCE
     if kind == "digits":
-        from .digits import DEFAULT_CLASSIFIER
         return DEFAULT_CLASSIFIER
     raise UsageError(f"unknown detector {kind!r}; use one of {sorted(LOADERS)}")
 
 
 def prefetch(kinds) -> list:
     """Download the default weights of the detectors ``kinds`` into the cache (no network is built); return paths."""
-    from utils.cache import fetch
 
     paths = []
     for kind in kinds:

@@ -33,6 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.cache import fetch
+from utils.errors import UsageError
+from utils.safe_load import load_weights
+
 __all__ = [
     "DINOV2_SOURCE",
     "DINOV2_RESOLUTION",
@@ -109,7 +113,6 @@ def _read_weights(path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(path)
-    from utils.safe_load import load_weights
 
     return load_weights(path, what="DINOv2 weights", fix="pass the ViT-L/14 weights as .safetensors or .pth")
 
@@ -119,10 +122,8 @@ def load_dinov2(weights: Optional[str | os.PathLike] = None, device=None, **over
 
     ``weights`` may be timm's ``model.safetensors`` or the official ``.pth`` state dict.
     """
-    from utils.errors import UsageError
 
     if weights is None:
-        from utils.cache import fetch
 
         weights = fetch(DINOV2_SOURCE, desc="DINOv2 ViT-L/14 weights")
     try:

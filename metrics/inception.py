@@ -36,6 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.cache import fetch
+from utils.errors import UsageError
+from utils.safe_load import load_weights
+
 __all__ = [
     "INCEPTION_URL",
     "INCEPTION_RESOLUTION",
@@ -321,7 +325,6 @@ def check_name_hash(path: str | os.PathLike) -> None:
     ``-`` and before a ``.`` must start the file's sha256.  Names without such
     digits are not checked.
     """
-    from utils.errors import UsageError
 
     path = pathlib.Path(path)
     match = _HASH_IN_NAME.search(path.name)
@@ -350,14 +353,11 @@ def load_inception(weights: Optional[str | os.PathLike] = None, device=None) -> 
     state dict, read with ``torch.load(weights_only=True)``.  A state dict whose
     keys or shapes do not match raises :class:`UsageError`.
     """
-    from utils.errors import UsageError
 
     weights = weights or os.environ.get(INCEPTION_WEIGHTS_ENV) or None
     if weights is None:
-        from utils.cache import fetch
 
         weights = fetch(INCEPTION_URL, desc="Inception-v3 (FID) weights")
-    from utils.safe_load import load_weights
 
     if not os.path.isfile(weights):
         raise UsageError(f"Inception weights not found: {weights}; pass an existing file or leave the option "

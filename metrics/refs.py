@@ -26,6 +26,7 @@ from typing import Any, Dict
 import numpy as np
 
 from utils.atomic import atomic_path, write_bytes_atomic
+from utils.cache import fetch
 from utils.errors import UsageError
 from utils.safe_load import global_exists as _global_exists
 
@@ -64,7 +65,6 @@ def resolve_ref_path(ref: str | os.PathLike) -> pathlib.Path:
     """A local path as is; a URL or ``hf://`` address through the download cache."""
     ref = str(ref)
     if "://" in ref:
-        from utils.cache import fetch
 
         return pathlib.Path(fetch(ref, desc="reference statistics"))
     path = pathlib.Path(ref).expanduser()

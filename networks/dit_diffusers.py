@@ -39,6 +39,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from utils.cache import fetch, hf_snapshot
 from utils.errors import UsageError
 
 from .dit import DiT, DiT_models, load_dit, sincos_pos_embed_2d
@@ -248,7 +249,6 @@ def diffusers_folder(source) -> pathlib.Path:
     text = os.fspath(source)
     path = pathlib.Path(os.path.expanduser(text))
     if not path.is_dir():
-        from utils.cache import hf_snapshot
 
         repo = text.removesuffix("/transformer")
         path = hf_snapshot(repo, "transformer")
@@ -310,7 +310,6 @@ def load_dit_weights(source, model: Optional[str] = "DiT-XL/2", pos_embed: str =
     with it, else :class:`UsageError` names the difference.
     """
     if not is_diffusers_source(source):
-        from utils.cache import fetch
 
         path = fetch(os.fspath(source), desc=os.path.basename(os.fspath(source)))
         net = load_dit(model, path, pos_embed=pos_embed, **expected)

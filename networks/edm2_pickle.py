@@ -48,6 +48,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from networks.edm2 import Precond
 from networks.encoders import PixelEncoder, StabilityVAEEncoder, encoder_from_config
 from utils.atomic import atomic_path
 from utils.errors import UsageError
@@ -350,7 +351,6 @@ def build_precond(init_kwargs: dict, state_dict: dict, source: str) -> torch.nn.
 
     ``state_dict`` is consumed: its tensors are replaced by their float32 versions, which the network takes.
     """
-    from networks.edm2 import Precond
 
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(init_kwargs).items()}
     # Large networks are built on the meta device (no random init, no memory) and take the

@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from utils.cache import hf_snapshot
+
 __all__ = ["PixelEncoder", "StabilityVAEEncoder", "load_vae", "EDM2_RAW_MEAN", "EDM2_RAW_STD",
            "encoder_from_config"]
 
@@ -60,7 +62,6 @@ def load_vae(vae_name: str, device=torch.device("cpu")):
     """A diffusers ``AutoencoderKL`` from a local folder or a Hub id (through :func:`utils.cache.hf_snapshot`)."""
     from diffusers import AutoencoderKL
 
-    from utils.cache import hf_snapshot
 
     path = pathlib.Path(os.path.expanduser(vae_name))
     folder = path if path.is_dir() else hf_snapshot(vae_name)

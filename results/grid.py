@@ -31,6 +31,9 @@ import torch
 
 from guidance import method_spec
 from guidance.table import NEGATIVES
+from networks.edm2_pickle import load_checkpoint
+from sampling import dit_run, edm2_run
+from utils import cache
 from utils.atomic import atomic_path
 from utils.errors import UsageError
 
@@ -120,9 +123,6 @@ def edm2_grid(net_pos: str, columns: Sequence, seeds: Sequence[int], classes: Op
     Each network is loaded once.  Each column is a :func:`sampling.edm2_run.build_config`
     sampled by :class:`sampling.edm2_run.EDM2Backend`, the code ``sample_edm2.py`` runs.
     """
-    from networks.edm2_pickle import load_checkpoint
-    from sampling import edm2_run
-    from utils import cache
 
     # The EDM2 reference's wmg-swg / cfg-swg never apply the mask unless clean_combos: label what is drawn.
     cols = [dataclasses.replace(c, masked=c.masked and (clean_combos or "reference_quirks"
@@ -189,7 +189,6 @@ def dit_grid(columns: Sequence, seeds: Sequence[int], classes: Optional[Sequence
              window_steps: int = 2, global_seed: int = 0, device=None,
              progress: Optional[Callable[[str], None]] = None) -> Grid:
     """Sample a DiT grid; options as :func:`sampling.dit_run.build_config`, sampled by its backend."""
-    from sampling import dit_run
 
     cols = parse_columns(columns)
     seeds, classes = _rows(seeds, classes)

@@ -39,6 +39,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import click
 
+from sampling import edm2_run
+from sampling.seeds import parse_int_list
+from utils import dist
 from utils.atomic import atomic_path
 from utils.errors import UsageError, exit_on_usage_error
 
@@ -90,7 +93,6 @@ def _point_dir(out: pathlib.Path, line: Line, weight: str, offset: int) -> pathl
 def _edm2_point(line: Line, weight: str, seeds: list, outdir: pathlib.Path, common: Mapping[str, Any],
                 progress: bool) -> dict:
     """One streaming EDM2 run through the sampler's Python API; returns its metrics."""
-    from sampling import edm2_run
 
     cfg = edm2_run.build_config(preset=line.preset, outdir=str(outdir), seeds=seeds, g_weight=weight,
                                 save="none", **{**common, **line.options})
@@ -263,8 +265,6 @@ def write_sweep(rows: Sequence[Mapping[str, Any]], out: os.PathLike | str, digit
 @exit_on_usage_error
 def main(lines, seeds, offsets, metrics, ref_path, batch, device, out, digits):
     """Run a guidance-weight sweep in streaming mode (no image files) and write its table and figure."""
-    from sampling.seeds import parse_int_list
-    from utils import dist
 
     parsed = [parse_line(t) for t in lines]
     try:

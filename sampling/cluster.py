@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from sampling.writer import finished_seeds
 from utils import dist
 from utils.lock import FolderBusy, FolderLock
 from utils.preempt import Preempted, Preemption, Stopped
@@ -57,7 +58,6 @@ def set_aside_damaged(outdir: pathlib.Path) -> Optional[set]:
 
     Returns the seeds finished intact (rank 0; None elsewhere), for :func:`sampling.run_folder.pending_seeds`.
     """
-    from sampling.writer import finished_seeds
 
     if dist.get_rank() != 0:
         return None

@@ -39,6 +39,8 @@ from typing import Callable, Optional, Sequence
 
 import click
 
+from results.collect import find_runs, read_run
+from sampling import dit_flags, dit_run, edm2_flags, edm2_run
 from utils import dist
 from utils.atomic import write_json_atomic
 from utils.cli import run_command
@@ -99,7 +101,6 @@ def sampler_argv(sampler: str, base: Sequence[str], weights: Sequence[float], fo
 
 
 def _flags(sampler: str):
-    from sampling import dit_flags, edm2_flags
 
     return edm2_flags if sampler == "edm2" else dit_flags
 
@@ -114,7 +115,6 @@ def sampler_settings(sampler: str, argv: Sequence[str]):
 
 def run_sampler(sampler: str, argv: Sequence[str]) -> dict:
     """Sample one trial in this process through the Python API; returns the run summary."""
-    from sampling import dit_run, edm2_run
 
     cfg = sampler_settings(sampler, argv)
     api = edm2_run if sampler == "edm2" else dit_run
@@ -139,7 +139,6 @@ def _check_objective(sampler: str, base_args: Sequence[str], ranges, outdir, obj
 
 def read_objective(folder: pathlib.Path, objective: str) -> float:
     """The objective from the newest metrics file under ``folder`` (see :mod:`results.collect`)."""
-    from results.collect import find_runs, read_run
 
     rows = [row for run in find_runs(folder) for row in read_run(run)]
     values = [row[objective] for row in rows if isinstance(row.get(objective), (int, float))]

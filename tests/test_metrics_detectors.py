@@ -61,9 +61,8 @@ def test_inception_loads_port_state_dict_and_runs(tmp_path, monkeypatch):
     model = inception.load_inception(path)
     assert set(model.state_dict()) == set(state)
     # The default loader goes through utils.cache.fetch with the published URL.
-    import utils.cache
     seen = []
-    monkeypatch.setattr(utils.cache, "fetch", lambda url, **kw: seen.append(url) or path)
+    monkeypatch.setattr(inception, "fetch", lambda url, **kw: seen.append(url) or path)
     inception.load_inception()
     assert seen == [inception.INCEPTION_URL]
 
@@ -199,9 +198,8 @@ def test_dinov2_loads_weights_and_outputs_cls_token(tmp_path, monkeypatch):
     torch.save(state, tmp_path / "official.pth")  # official .pth layout loads too
     torch.testing.assert_close(dinov2.load_dinov2(tmp_path / "official.pth", **TINY).pos_embed, model.pos_embed)
 
-    import utils.cache
-    seen = []
-    monkeypatch.setattr(utils.cache, "fetch", lambda src, **kw: seen.append(src) or tmp_path / "model.safetensors")
+    seen = []  # the default loader goes through utils.cache.fetch with the published source
+    monkeypatch.setattr(dinov2, "fetch", lambda src, **kw: seen.append(src) or tmp_path / "model.safetensors")
     dinov2.load_dinov2(**TINY)
     assert seen == [dinov2.DINOV2_SOURCE]
 

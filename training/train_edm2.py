@@ -49,6 +49,7 @@ import click
 import numpy as np
 import torch
 
+from networks.edm2 import Precond
 from networks.edm2_pickle import PLAIN_FORMAT, write_plain
 from training.data import NUM_CLASSES, load_digits_images, load_quad_digits, one_hot
 from utils.errors import INTERRUPTED_RESTART, UsageError, exit_on_usage_error
@@ -164,7 +165,6 @@ def load_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return load_digits_images(cfg.resolution, split="train")
 
 def build_net(cfg: TrainConfig) -> torch.nn.Module:
-    from networks.edm2 import Precond
 
     return Precond(**cfg.net_kwargs())
 
