@@ -49,9 +49,9 @@ WEIGHT_FLAGS = {"inception": "--inception_weights", "dinov2": "--dinov2_weights"
 
 @contextlib.contextmanager
 def _offline_advice(file_flag: Optional[str] = None):
-    """This command has no ``--prefetch`` (the samplers' advice in :class:`utils.cache.OfflineError`):
-    a download that fails names the flag that takes a local copy instead (a detector's ``--*_weights``,
-    else ``file_flag`` for a reference or statistics URL)."""
+    """A download that fails (:class:`utils.cache.OfflineError`) names the flag that takes a local copy
+    (a detector's ``--*_weights``, else ``file_flag`` for a reference or statistics URL); otherwise
+    the cache's own advice, which holds for any command."""
     try:
         yield
     except OfflineError as exc:
@@ -60,7 +60,7 @@ def _offline_advice(file_flag: Optional[str] = None):
                 raise exc.advise(f"or give a local copy with {flag} FILE") from None
         if file_flag:
             raise exc.advise(f"or give a local copy as {file_flag} FILE") from None
-        raise exc.advise("or run this command once where there is internet, with the same $SWG_CACHE") from None
+        raise
 
 
 def _image_source(images_arg: Optional[str], images: Optional[str]) -> str:

@@ -18,7 +18,7 @@ from guidance.table import METHODS, method_param_help
 from sampling import dit_run
 from utils import dist
 from sampling.run_settings import RunSettings
-from utils.cli import CONTEXT, flag_spelling, int_range, run_command
+from utils.cli import CONTEXT, PREFETCH_FIX, flag_spelling, int_range, offline_advice, run_command
 from utils.errors import UsageError, exit_on_usage_error
 
 __all__ = ["cli", "main", "settings", "format_methods", "FLAGS", "SPELLING"]
@@ -170,6 +170,7 @@ def format_methods() -> str:
 @click.option("--wandb-group", "--wandb_group", "wandb_group", default=D.wandb_group, help="wandb group")
 @click.option("--wandb-runname", "--wandb_runname", "wandb_runname", default=D.wandb_runname, help="wandb run name")
 @exit_on_usage_error(spelling=SPELLING)
+@offline_advice(PREFETCH_FIX)
 def cli(prefetch: bool, **opts):
     """Sample images from DiT with sliding window guidance (SWG / M-SWG), CFG or CFG+SWG."""
     cfg = dit_run.build_config(**opts)

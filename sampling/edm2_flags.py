@@ -16,7 +16,7 @@ from guidance.table import method_names, method_param_help
 from sampling import edm2_run
 from sampling.presets import format_presets
 from utils import dist
-from utils.cli import CONTEXT, flag_spelling, int_range, option, run_command
+from utils.cli import CONTEXT, PREFETCH_FIX, flag_spelling, int_range, offline_advice, option, run_command
 from utils.errors import UsageError, exit_on_usage_error
 
 __all__ = ["cli", "main", "settings", "FLAGS", "SPELLING"]
@@ -95,6 +95,7 @@ def _method_options(fn):
 @option("--wandb_runname", default=None, help="W&B run name.")
 @option("--prefetch", is_flag=True, help="Only download what this command needs into the cache, then exit.")
 @exit_on_usage_error(spelling=SPELLING)
+@offline_advice(PREFETCH_FIX)
 def cli(prefetch: bool, list_presets: bool, **opts) -> None:
     """Sample EDM2 with sliding window guidance; see the README for the methods."""
     if list_presets:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import tarfile
@@ -282,6 +283,20 @@ def test_metrics_hook(assets, tmp_path, capsys):
     rc, err = _run(_base(assets, tmp_path / "o3", "--seeds", "0-1", "--metrics", "fid", "--ref-path",
                          str(tmp_path / "img64.pkl")), capsys)
     assert rc == 2 and "img64.pkl" in err and not (tmp_path / "o3").exists()
+
+
+def test_offline_checkpoint_advises_prefetch(assets, tmp_path, capsys, monkeypatch):
+    """A checkpoint that cannot be downloaded: one line naming the cache path and this command's --prefetch."""
+    monkeypatch.setenv("SWG_CACHE", str(tmp_path / "cache"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    argv = _base(assets, tmp_path / "o", "--seeds", "0")
+    argv[argv.index("--ckpt") + 1] = f"http://127.0.0.1:{port}/dit/tiny.pt"
+    rc, err = _run(argv, capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert str(tmp_path / "cache" / "127.0.0.1" / "dit" / "tiny.pt") in err
+    assert err.rstrip().endswith("(or run with --prefetch where there is internet)"), err
 
 
 def test_missing_checkpoint_and_prefetch(assets, tmp_path, capsys):

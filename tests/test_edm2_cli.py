@@ -193,6 +193,7 @@ def test_offline_message(tmp_path, capsys, monkeypatch):
     code, err = run_cli(["--net_pos_pkl", url, "--outdir", out], capsys)
     assert code == 2 and err.count("\n") == 1
     assert url in err and str(tmp_path / "cache" / "127.0.0.1" / "edm2" / "raw-snapshots") in err
+    assert "or run with --prefetch where there is internet" in err  # this command's own remedy
     assert not out.exists()
     code, err = run_cli(["--net_pos_pkl", url, "--prefetch"], capsys)
     assert code == 2 and url in err

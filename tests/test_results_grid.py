@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
+import pytest
 
 from results.grid import edm2_grid
+from utils import cache
 
 
 def test_edm2_combination_labels_follow_the_mask_actually_applied():
@@ -19,3 +23,17 @@ def test_edm2_combination_labels_follow_the_mask_actually_applied():
     clean = edm2_grid("demo-digits-cond", cols, clean_combos=True, **kw)
     assert [c.split("\n")[0] for c in clean.col_labels] == ["CFG+M-SWG", "CFG+SWG", "M-SWG"]
     assert not np.array_equal(clean.images[:, 0], clean.images[:, 1])
+
+
+def test_offline_advice_names_no_flag_the_grid_lacks(tmp_path, monkeypatch):
+    """results.grid has no --prefetch: a network it cannot download names the cache path and $SWG_CACHE."""
+    monkeypatch.setenv("SWG_CACHE", str(tmp_path / "cache"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    url = f"http://127.0.0.1:{port}/nets/pos.pkl"
+    with pytest.raises(cache.OfflineError) as err:
+        edm2_grid(url, ["none"], seeds=[0], device="cpu")
+    message = str(err.value)
+    assert str(tmp_path / "cache" / "127.0.0.1" / "nets" / "pos.pkl") in message and "$SWG_CACHE" in message
+    assert "--prefetch" not in message, message

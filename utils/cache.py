@@ -14,9 +14,11 @@ it in ``<file>.sha256``.  Under torchrun rank 0 downloads while the other ranks
 wait on a barrier.  When a file is missing and cannot be downloaded, an
 :class:`OfflineError` names the URL and the exact path to place the file at,
 so compute nodes without internet can be served by copying files into the
-cache.  The message's last advice is the samplers' (run the same command with
-``--prefetch`` on a login node); a command without that flag gives its own with
-:meth:`OfflineError.advise` (``python -m metrics`` names its ``--*_weights`` and ``--ref``).
+cache.  The message's last advice (:data:`OFFLINE_FIX`: run the command once where
+there is internet, with the same ``$SWG_CACHE``) holds for any command; a command
+line with a better remedy gives its own with :meth:`OfflineError.advise` (the
+samplers' ``--prefetch``, :func:`utils.cli.offline_advice`; ``python -m metrics``
+names its ``--*_weights`` and ``--ref``).
 """
 
 from __future__ import annotations
@@ -41,15 +43,17 @@ _CHUNK = 1 << 20
 _SNAPSHOT_PATTERNS = ["*.json", "*.safetensors"]
 
 
-PREFETCH_FIX = "or run with --prefetch where there is internet"  # the samplers' flag
+# The last advice of an OfflineError, true for every command; a command line with a better remedy gives its
+# own with OfflineError.advise (the samplers' --prefetch: utils.cli.PREFETCH_FIX; metrics' --*_weights FILE).
+OFFLINE_FIX = "or run this command once on a machine with internet, with the same $SWG_CACHE"
 
 
 class OfflineError(UsageError):
     """A file is not cached and cannot be downloaded (offline or unreachable).
 
     Made by :func:`_offline`: ``problem`` (what could not be downloaded, from where, why), ``target``
-    (where a copy placed by hand is found) and ``fix`` (a further remedy, by default the samplers'
-    ``--prefetch``).  An error made from a plain message has only that message.
+    (where a copy placed by hand is found) and ``fix`` (a further remedy, by default :data:`OFFLINE_FIX`,
+    which any command can follow).  An error made from a plain message has only that message.
     """
 
     def __init__(self, message: str, *, problem: Optional[str] = None, target: Optional[pathlib.Path] = None,
@@ -58,7 +62,7 @@ class OfflineError(UsageError):
         self.problem, self.target, self.fix = problem, target, fix
 
     def advise(self, fix: str) -> "OfflineError":
-        """The same error with another last advice ``fix`` (for commands that have no ``--prefetch``)."""
+        """The same error with another last advice ``fix`` (a command's own remedy, e.g. its ``--prefetch``)."""
         if self.problem is None or self.target is None:
             return self
         return _offline_error(self.problem, self.target, fix)
@@ -135,7 +139,7 @@ def _offline_error(problem: str, target: pathlib.Path, fix: str) -> OfflineError
 
 def _offline(source: str, target: pathlib.Path, what: str, reason: object) -> OfflineError:
     reason = " ".join(str(reason).split()) or type(reason).__name__
-    return _offline_error(f"cannot download {what} from {source} ({reason})", target, PREFETCH_FIX)
+    return _offline_error(f"cannot download {what} from {source} ({reason})", target, OFFLINE_FIX)
 
 
 def _download_url(url: str, target: pathlib.Path, sha256: Optional[str], desc: str) -> None:

@@ -17,6 +17,9 @@
   (``--window-size`` for DiT, ``--swg_sizes`` for EDM2), and exits 2.
 * :func:`run_command` turns click's own usage errors (unknown flag, bad value)
   into the same one line and exit 2 (once for a torchrun job), and returns the exit status.
+* :func:`offline_advice` (a decorator or ``with`` block) gives a failed download's
+  :class:`utils.cache.OfflineError` this command's own last advice, e.g. the
+  samplers' :data:`PREFETCH_FIX` (the cache's default names no flag).
 * :func:`option` declares a flag with both spellings of a multi-word name
   (``--g-weight`` and ``--g_weight``); :func:`int_range` is the click type of an
   integer setting whose bounds its dataclass declares (:mod:`utils.bounds`).
@@ -24,17 +27,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import click
 
 from utils.bounds import bounds
+from utils.cache import OfflineError
 from utils.errors import UsageError, report_once
 
-__all__ = ["CONTEXT", "option", "int_range", "flag_spelling", "run_command"]
+__all__ = ["CONTEXT", "PREFETCH_FIX", "option", "int_range", "flag_spelling", "offline_advice", "run_command"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+PREFETCH_FIX = "or run with --prefetch where there is internet"  # the samplers' flag
+
+
+@contextlib.contextmanager
+def offline_advice(fix: str) -> Iterator[None]:
+    """A failed download inside (:class:`utils.cache.OfflineError`) ends with this command's remedy ``fix``."""
+    try:
+        yield
+    except OfflineError as exc:
+        raise exc.advise(fix) from None
 
 
 def option(name: str, *more: str, **kwargs):
