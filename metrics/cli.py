@@ -63,19 +63,26 @@ def _offline_advice(file_flag: Optional[str] = None):
         raise
 
 
-def _image_source(images_arg: Optional[str], images: Optional[str]) -> str:
-    """The images of ``calc``, given as IMAGES or --images; refused when missing, named the way it was given."""
+# command -> (how to call it, what its IMAGES may be)
+_IMAGE_USAGE = {
+    "calc": ("python -m metrics calc IMAGES --ref REF", "PNG/JPEG folder, .zip, .tar, ADM .npz or a --save_stats .pkl"),
+    "ref": ("python -m metrics ref IMAGES --dest FILE", "PNG/JPEG folder, .zip, .tar or ADM .npz"),
+}
+
+
+def _image_source(images_arg: Optional[str], images: Optional[str], command: str = "calc") -> str:
+    """The images of ``command`` (calc, ref), given as IMAGES or --images; refused when missing, named the way
+    it was given."""
+    usage, kinds = _IMAGE_USAGE[command]
     if images_arg and images and images_arg != images:
         raise UsageError(f"two image sources ({images_arg} and --images {images}); give one")
     how = "IMAGES" if images_arg else "--images"
     images = images or images_arg
     if not images:
-        raise UsageError("no images given; use 'python -m metrics calc IMAGES --ref REF [--metrics fid,...]' "
-                         "(IMAGES: PNG/JPEG folder, .zip, .tar, ADM .npz or a --save_stats .pkl)")
+        raise UsageError(f"no images given; use '{usage} [--metrics fid,...]' (IMAGES: {kinds})")
     if not pathlib.Path(images).expanduser().exists():
-        raise UsageError(f"images not found: {images}; give an existing PNG/JPEG folder, .zip, .tar, ADM .npz or "
-                         f"--save_stats .pkl as {how}" + (" ('python -m metrics calc IMAGES --ref REF')"
-                                                           if how == "IMAGES" else ""))
+        raise UsageError(f"images not found: {images}; give an existing {kinds} as {how}"
+                         + (f" ('{usage}')" if how == "IMAGES" else ""))
     return images
 
 
@@ -141,7 +148,8 @@ ADM_REF_IMAGES = 10000  # images in ADM's reference batches (for precision/recal
 
 
 @main.command()
-@click.option("--images", required=True, help="folder (recursive), .zip, .tar or ADM .npz of reference images")
+@click.argument("images_arg", metavar="[IMAGES]", required=False)
+@click.option("--images", default=None, help="folder (recursive), .zip, .tar or ADM .npz of reference images (or give it as IMAGES)")
 @click.option("--dest", required=True, type=click.Path(dir_okay=False),
               help="output: a reference pickle (.pkl), or an ADM reference batch (.npz: arr_0, mu, sigma, mu_s, sigma_s)")
 @click.option("--metrics", default=None, help="which statistics: fid, sfid, fd_dinov2 [default: fid,fd_dinov2; "
@@ -154,8 +162,10 @@ ADM_REF_IMAGES = 10000  # images in ADM's reference batches (for precision/recal
 @click.option("--overwrite", is_flag=True, help="replace an existing --dest")
 @_with_common
 @exit_on_usage_error
-def ref(images, dest, metrics, num, seed, features, overwrite, batch, device, inception_weights, dinov2_weights, clip_weights, dinov2_resize):
-    """Compute reference statistics of --images into --dest (EDM2 pickle or ADM reference batch)."""
+def ref(images_arg, images, dest, metrics, num, seed, features, overwrite, batch, device, inception_weights,
+        dinov2_weights, clip_weights, dinov2_resize):
+    """Compute reference statistics of IMAGES (or --images) into --dest (EDM2 pickle or ADM reference batch)."""
+    images = _image_source(images_arg, images, "ref")
     adm = dest.lower().endswith(".npz")
     names = parse_metrics(metrics or ("fid,sfid" if adm else "fid,fd_dinov2"))
     for name in names:

@@ -268,6 +268,28 @@ def test_missing_images_named_the_way_they_were_given(tmp_path):
     assert "calc IMAGES" in line and "--images" not in line, line
 
 
+def test_ref_takes_the_images_positionally_as_calc_does(tmp_path):
+    """`metrics ref FOLDER --dest F` (was click's "Missing option '--images'"); --images still works, the same stats."""
+    gen = write_folder(tmp_path / "gen", make_images(6, 3))
+    code, out, err = run_cli("ref", gen, "--dest", tmp_path / "pos.pkl", "--metrics", "fid")
+    assert code == 0, err
+    code, out, err = run_cli("ref", "--images", gen, "--dest", tmp_path / "flag.pkl", "--metrics", "fid")
+    assert code == 0, err
+    pos, flag = api.load_ref(tmp_path / "pos.pkl"), api.load_ref(tmp_path / "flag.pkl")
+    assert pos["num_images"] == flag["num_images"] == 6
+    assert np.array_equal(pos["fid"]["mu"], flag["fid"]["mu"]) and np.array_equal(pos["fid"]["sigma"], flag["fid"]["sigma"])
+    line = one_error_line(*run_cli("ref", tmp_path / "nowhere", "--dest", tmp_path / "r.pkl"), "images not found")
+    assert "as IMAGES ('python -m metrics ref IMAGES --dest FILE')" in line and "--save_stats" not in line, line
+    line = one_error_line(*run_cli("ref", "--images", tmp_path / "nowhere", "--dest", tmp_path / "r.pkl"),
+                          "images not found")
+    assert line.endswith("as --images"), line
+    line = one_error_line(*run_cli("ref", "--dest", tmp_path / "r.pkl"), "no images given")
+    assert "'python -m metrics ref IMAGES --dest FILE" in line, line
+    one_error_line(*run_cli("ref", gen, "--images", tmp_path / "other", "--dest", tmp_path / "r.pkl"),
+                   "two image sources")
+    assert not (tmp_path / "r.pkl").exists()
+
+
 def _bar_states(err: str, desc: str) -> list:
     """The states of the bar ``desc`` drawn on a non-terminal stderr (tqdm separates them with carriage returns)."""
     return [s.strip() for s in err.split("\r") if s.strip().startswith(f"{desc}:")]
