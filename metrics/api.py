@@ -85,6 +85,7 @@ __all__ = [
     "minimum_images",
     "check_image_count",
     "needs_reference",
+    "reference_metrics",
     "compute_stats",
     "calc_metrics_from_stats",
     "check_stats_cover",
@@ -259,9 +260,15 @@ def parse_metrics(metrics: Union[str, Sequence[str]]) -> list[str]:
     return out
 
 
+def reference_metrics(metrics: Sequence[str]) -> list[str]:
+    """Those of ``metrics`` that compare against reference statistics (FD, precision/recall, KID,
+    density/coverage; not IS, confidence or saturation), in the order given."""
+    return [m for m in metrics if METRICS[m].needs_reference]
+
+
 def needs_reference(metrics: Sequence[str]) -> bool:
     """Whether any of ``metrics`` compares against reference statistics (FD, precision/recall)."""
-    return any(METRICS[m].needs_reference for m in metrics)
+    return bool(reference_metrics(metrics))
 
 
 def _default_device() -> torch.device:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from metrics.api import check_image_count, metrics_need, needs_reference
+from metrics.api import check_image_count, metrics_need, needs_reference, reference_metrics
 from metrics.api import parse_metrics as parse
 from metrics.stream import check_streamable
 from networks.zoo import DEMO_REF, REFS
@@ -108,9 +108,10 @@ def reference_hint(metrics: Sequence[str]) -> str:
 
 def check_reference(settings: RunSettings) -> None:
     """Metrics that compare against a reference need `ref_path` (unless the sampler skips them).  No I/O."""
-    if settings.metrics and needs_reference(settings.metrics) and not settings.ref_path and settings.require_reference:
-        raise UsageError(f"`metrics`: {metrics_need(settings.metrics, 'reference statistics')}; pass `ref_path` "
-                         f"(e.g. {reference_hint(settings.metrics)})")
+    need = reference_metrics(settings.metrics or ())
+    if need and not settings.ref_path and settings.require_reference:
+        raise UsageError(f"`metrics`: {metrics_need(need, 'reference statistics')}; pass `ref_path` "
+                         f"(e.g. {reference_hint(need)})")
 
 
 def effective_metrics(settings: RunSettings) -> tuple:

@@ -21,7 +21,8 @@ import pytest
 import sample_dit
 import sample_edm2
 from guidance.table import METHODS
-from sampling import dit_flags, edm2_flags
+from sampling import dit_flags, edm2_flags, run_settings
+from utils.errors import UsageError
 from tests.test_run_lifecycle import pos  # noqa: F401  (module fixture: a tiny EDM2 pickle)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -121,6 +122,21 @@ def test_the_minimum_image_count_counts_distinct_seeds(tmp_path, capsys):
                                        "--ref-path", "r.pkl"], capsys)
     assert code == 2 and "needs at least 2 images, the run makes 1" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+def test_missing_reference_names_only_the_metrics_that_need_one(tmp_path, capsys):
+    """IS, saturation and the digit confidence score the images alone: only FD / KID are said to need --ref_path."""
+    code, err = _run(sample_edm2.main, ["--net_pos_pkl", tmp_path / "absent.pkl", "--outdir", tmp_path / "o",
+                                        "--seeds", "0-19", "--metrics", "is,fid,saturation,kid"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "metrics 'fid', 'kid_inception' need reference statistics; pass --ref_path" in err, err
+    assert "'is'" not in err and "saturation" not in err, err
+    assert not (tmp_path / "o").exists()
+    ask = dict(outdir=None, seeds=list(range(20)))
+    with pytest.raises(UsageError, match=r"^`metrics`: metric 'fd_digits' needs reference statistics; pass `ref_path` "
+                                         r"\(e\.g\. .*digits"):
+        run_settings.check_reference(run_settings.RunSettings(metrics=("conf_digits", "fd_digits"), **ask))
+    run_settings.check_reference(run_settings.RunSettings(metrics=("is", "saturation", "conf_digits"), **ask))
 
 
 def test_pyproject_gives_setuptools_no_deprecation_warning():
