@@ -285,7 +285,9 @@ def test_prefetch_also_fetches_detector_weights_and_reference(pos, tmp_path, mon
     from utils import cache
 
     fetched = []
-    monkeypatch.setattr(cache, "fetch", lambda source, **kw: fetched.append(str(source)) or pathlib.Path(source))
+    fake = lambda source, **kw: fetched.append(str(source)) or pathlib.Path(source)  # noqa: E731
+    monkeypatch.setattr(cache, "fetch", fake)
+    monkeypatch.setattr(detectors, "fetch", fake)  # imported by name at its top (c6d3e0c)
     ref = tmp_path / "ref.pkl"
     code, err = _edm2(["--net_pos_pkl", pos, "--prefetch", "--metrics", "fid", "--ref_path", ref], capsys)
     assert code == 0, err
