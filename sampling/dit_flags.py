@@ -156,8 +156,10 @@ def format_methods() -> str:
 @click.option("--save-npz/--no-save-npz", "--save_npz/--no_save_npz", "save_npz", default=D.save_npz, show_default=True,
               help="Also write <run>/samples.npz (arr_0, uint8 NHWC) for the ADM evaluator")
 @click.option("--subdirs", is_flag=True, default=D.subdirs, help="PNGs in per-1000 subfolders")
-@click.option("--metrics", default=D.metrics, show_default=True,
-              help="Metrics after sampling (space or comma separated), or none")
+@click.option("--metrics", default=D.metrics,
+              help=f"Metrics after sampling (space or comma separated), or none  [default: "
+                   f"{dit_run.DEFAULT_METRICS}, skipped with a note when no reference statistics are found; "
+                   f"metrics given here need them]")
 @click.option("--ref-path", "--ref_path", "ref_path", default=D.ref_path,
               help="Reference statistics (path/URL) for the metrics, e.g. dataset_refs/img256.pkl")
 @click.option("--max-window-batch", "--max_window_batch", "max_window_batch", type=int, default=D.max_window_batch,

@@ -48,6 +48,9 @@ from utils.cache import prefetch as cache_prefetch
 from utils.errors import UsageError
 
 LATENT_SCALE = 0.18215  # Stable Diffusion VAE latent scaling used by DiT.
+# The reference's metrics when `metrics` is not given; skipped (with a note) when no reference statistics are
+# found (`ref_path`, else dataset_refs/img{size}.pkl).  Metrics given explicitly need their reference.
+DEFAULT_METRICS = "fid,fd_dinov2"
 VAE_REPOS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 # Settings an existing output folder must share with a resumed run (the rest may change).
 IDENTITY_KEYS = ("model", "model_kwargs", "ckpt", "image_size", "vae", "num_classes", "method", "g_scale",
@@ -55,7 +58,7 @@ IDENTITY_KEYS = ("model", "model_kwargs", "ckpt", "image_size", "vae", "num_clas
                  "num_sampling_steps", "global_seed", "weights", "g_params", "g_sigma_interval",
                  "swg_sigma_interval", "perturb_blocks", "seg_sigma")
 
-__all__ = ["DiTOptions", "VAE_REPOS", "LATENT_SCALE", "IDENTITY_KEYS", "DiTConfig", "DiTBackend", "build_config",
+__all__ = ["DiTOptions", "DEFAULT_METRICS", "VAE_REPOS", "LATENT_SCALE", "IDENTITY_KEYS", "DiTConfig", "DiTBackend", "build_config",
            "resolve_config", "folder_name", "run_dir", "decode_latents",
            "load_model", "load_vae", "prefetch", "generate"]
 
@@ -96,7 +99,7 @@ class DiTOptions:
     keep: int = 0
     save_stats: Optional[str] = None
     subdirs: bool = False
-    metrics: str = "fid,fd_dinov2"         # text or a list
+    metrics: Optional[str] = None          # text or a list; None: DEFAULT_METRICS, skipped without a reference
     ref_path: Optional[str] = None
     max_window_batch: Optional[int] = None
     device: Optional[str] = None
@@ -318,7 +321,7 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     steps = str(o["num_sampling_steps"])
     timesteps = len(space_timesteps(1000, steps))
     guidance.check_sampler_steps(timesteps)
-    metrics = run_settings.parse_metrics(o["metrics"])
+    metrics = run_settings.parse_metrics(DEFAULT_METRICS if o["metrics"] is None else o["metrics"])
     ref_path = _default_ref_path(o["ref_path"], o["image_size"]) if needs_reference(metrics) else o["ref_path"]
 
     save = run_settings.save_mode(o["save"], o["save_tar"])
@@ -326,7 +329,7 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
         outdir=None, seeds=_seed_list(o["seeds"], o["num_fid_samples"]), batch=o["per_proc_batch_size"],
         subdirs=o["subdirs"], save_tar=save == "tar", save_npz=o["save_npz"], save=save,
         keep=o["keep"], save_stats=o["save_stats"], metrics=metrics, ref_path=ref_path,
-        require_reference=False, use_wandb=o["use_wandb"], wandb_group=o["wandb_group"],
+        require_reference=o["metrics"] is not None, use_wandb=o["use_wandb"], wandb_group=o["wandb_group"],
         wandb_runname=o["wandb_runname"], device=o["device"],
         model=o["model"], model_kwargs=kwargs, ckpt=o["ckpt"], ckpt_source=ckpt_source, vae=o["vae"],
         vae_path=o["vae_path"], sample_dir=str(o["sample_dir"]), num_fid_samples=o["num_fid_samples"],

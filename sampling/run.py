@@ -200,6 +200,9 @@ def _generate(backend: Backend, guard: RunGuard, *, progress_bar: bool, desc: st
                   file=sys.stderr)
         else:
             print(f"all {len(settings.seeds)} images already exist in {outdir}", file=sys.stderr)
+        if skip_metrics:  # said before the first image, not only after the last
+            print(spell(f"note: no reference statistics, so {', '.join(settings.metrics)} will be skipped; pass "
+                        f"`ref_path` to compute them"), file=sys.stderr)
 
     t0 = time.perf_counter()
     sinks = []
@@ -227,7 +230,7 @@ def _generate(backend: Backend, guard: RunGuard, *, progress_bar: bool, desc: st
         print(f"wrote {summary['npz']}", file=sys.stderr)
     dist.barrier()
     if skip_metrics:
-        dist.print0(spell("metrics skipped: no reference statistics (pass `ref_path`)"))
+        dist.print0(spell("metrics skipped: no reference statistics (pass `ref_path`)"), file=sys.stderr)
     elif stream is not None:
         with torch.no_grad():
             summary["metrics"] = finish_stream(stream, settings, outdir, ref, metrics, record, device)

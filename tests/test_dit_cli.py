@@ -205,10 +205,12 @@ def test_seed_readme_commands_resolve():
     # Both spellings of every two-word flag.
     dash = _resolve(["--g-scale", "0.6", "--crop-scale", "0.5", "--cfg-crop", "1", "--sample-dir", "a",
                      "--per-proc-batch-size", "3", "--num-fid-samples", "7", "--global-seed", "2",
-                     "--num-sampling-steps", "ddim50", "--save-tar", "--save-npz", "--metrics", "fid,fd_dinov2"])
+                     "--num-sampling-steps", "ddim50", "--save-tar", "--save-npz", "--metrics", "fid,fd_dinov2",
+                     "--ref-path", "r.pkl"])
     under = _resolve(["--g_scale", "0.6", "--crop_scale", "0.5", "--cfg_crop", "1", "--sample_dir", "a",
                       "--per_proc_batch_size", "3", "--num_fid_samples", "7", "--global_seed", "2",
-                      "--num_sampling_steps", "ddim50", "--save_tar", "--save_npz", "--metrics", "fid fd_dinov2"])
+                      "--num_sampling_steps", "ddim50", "--save_tar", "--save_npz", "--metrics", "fid fd_dinov2",
+                      "--ref_path", "r.pkl"])
     assert dash == under and dash.timesteps == 50
 
 
@@ -275,10 +277,17 @@ def test_metrics_hook(assets, tmp_path, capsys):
     assert doc["results"]["num_images"] == 4
     assert doc["results"]["saturation"] == pytest.approx(hsv[..., 1].mean() / 255, abs=2e-3)
     assert doc["args"]["method"] == "none"
-    # FID without reference statistics: sampling works, the metric is skipped with a note.
+    # The default metrics (fid, fd_dinov2) without reference statistics: sampling works, the metrics are
+    # skipped with a note before the first image and after the last; metrics given explicitly are refused.
     out2 = tmp_path / "out2"
-    rc, err = _run(_base(assets, out2, "--seeds", "0-1", "--metrics", "fid", "fd_dinov2"), capsys)
+    default = _base(assets, out2, "--seeds", "0-1")
+    del default[default.index("--metrics"):default.index("--metrics") + 2]
+    rc, err = _run(default, capsys)
     assert rc == 0 and not list(_run_dir(out2).glob("metrics*"))
+    assert "note: no reference statistics, so fid, fd_dinov2 will be skipped; pass --ref-path" in err
+    assert "metrics skipped: no reference statistics (pass --ref-path)" in err
+    rc, err = _run(_base(assets, tmp_path / "o4", "--seeds", "0-1", "--metrics", "fid", "fd_dinov2"), capsys)
+    assert rc == 2 and "need reference statistics; pass --ref-path" in err and not (tmp_path / "o4").exists()
     # A missing reference is refused before sampling.
     rc, err = _run(_base(assets, tmp_path / "o3", "--seeds", "0-1", "--metrics", "fid", "--ref-path",
                          str(tmp_path / "img64.pkl")), capsys)
