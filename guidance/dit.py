@@ -41,7 +41,7 @@ from .table import METHODS, method_params, method_spec
 from utils.errors import UsageError
 
 __all__ = ["DiTDenoiser", "dit_guidance", "dit_settings", "guide_dit", "DIT_MODES", "ReferenceMode", "REFERENCE_MODES",
-           "reference_mode", "default_window_size"]
+           "reference_mode", "idle_scales", "default_window_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,7 @@ class ReferenceMode:
     scales: Tuple[str, ...] = ()
     meaning: Tuple[str, ...] = ()
     example: Tuple[float, ...] = ()
+    terms: Tuple[str, ...] = ()            # the guidance term each scale weighs (for messages)
 
     @property
     def windows(self) -> bool:
@@ -65,9 +66,9 @@ class ReferenceMode:
 
 # In the order the reference checks its switches (the first one set wins there; here two are an error).
 REFERENCE_MODES = (
-    ReferenceMode("crop", "swg", ("g_scale",), ("W",), (0.5,)),
-    ReferenceMode("cfg_crop", "cfg-swg", ("g_scale", "crop_scale"), ("W1", "W2"), (0.6, 0.5)),
-    ReferenceMode("vanila_cfg", "cfg", ("g_scale",), ("S",), (1.5,)),
+    ReferenceMode("crop", "swg", ("g_scale",), ("W",), (0.5,), ("SWG",)),
+    ReferenceMode("cfg_crop", "cfg-swg", ("g_scale", "crop_scale"), ("W1", "W2"), (0.6, 0.5), ("CFG", "SWG")),
+    ReferenceMode("vanila_cfg", "cfg", ("g_scale",), ("S",), (1.5,), ("CFG",)),
     ReferenceMode("uncond", "uncond"),
 )
 DIT_MODES = ("none", *(m.mode for m in REFERENCE_MODES))  # every mode the switches select, and none
@@ -99,6 +100,22 @@ def reference_mode(switches: Mapping[str, object], g_scale: float = 0.0, crop_sc
         raise UsageError(f"`{mode.switch}` 1 needs DiT's CFG scale `g_scale` >= 1 (1 = no guidance, e.g. "
                          f"{mode.example[0]:g}), got {g}")
     return mode.mode
+
+
+def idle_scales(switches: Mapping[str, object], scales: Mapping[str, float]) -> Optional[str]:
+    """A warning (code spans for the parameters) when the chosen switch's weight scales are 0, else None: the
+    reference then samples without that term (all 0: without guidance), which is rarely what was meant."""
+    mode = next((m for m in REFERENCE_MODES if switches.get(m.switch)), None)
+    if mode is None or "W" not in "".join(mode.meaning):
+        return None
+    idle = [(s, ex, term) for s, v, ex, term in zip(mode.scales, mode.meaning, mode.example, mode.terms)
+            if v.startswith("W") and not scales[s]]
+    if not idle:
+        return None
+    what = ("samples without guidance" if len(idle) == len(mode.scales)
+            else f"has no {' or '.join(t for *_, t in idle)} term")
+    return (f"`{mode.switch}` 1 with {' and '.join(f'`{s}` 0' for s, *_ in idle)} {what}, as in the reference; "
+            f"give {' and '.join(f'`{s}` > 0 (e.g. {ex:g})' for s, ex, _ in idle)}")
 
 
 class DiTDenoiser:

@@ -254,7 +254,7 @@ class Composite(Guider):
             return pos - ev.term(pos - ev.still(pos))
         out = pos
         for t in self.terms:
-            on = t.active(ev)
+            on = t.active(ev) if t.w != 0 else False  # a zero weight adds nothing: its negative is not evaluated
             if on is False:
                 continue
             new = out + t.w * t.delta(ev, pos)

@@ -19,7 +19,7 @@ from sampling import dit_run
 from utils import dist
 from sampling.run_settings import RunSettings
 from utils.cli import CONTEXT, PREFETCH_FIX, flag_spelling, int_range, offline_advice, run_command
-from utils.errors import UsageError, exit_on_usage_error
+from utils.errors import UsageError, exit_on_usage_error, spelling_of
 
 __all__ = ["cli", "main", "settings", "format_methods", "FLAGS", "SPELLING"]
 D = dit_run.DiTOptions()  # the defaults
@@ -207,7 +207,8 @@ def settings(argv: Sequence[str]):
     params = dict(cli.make_context("sample_dit.py", _join_metric_words(list(argv))).params)
     params.pop("prefetch")
     try:
-        return dit_run.build_config(**params)
+        with spelling_of(SPELLING):  # warnings name these flags too
+            return dit_run.build_config(**params)
     except UsageError as exc:
         exc.spelling = SPELLING  # the error is about these flags, wherever it is reported
         raise

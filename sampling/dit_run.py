@@ -26,13 +26,15 @@ import json
 import math
 import os
 import pathlib
+import sys
 import typing
 from typing import Optional, Sequence
 
 import torch
 
 from guidance import WindowError
-from guidance.dit import DIT_MODES, REFERENCE_MODES, default_window_size, dit_settings, guide_dit, reference_mode
+from guidance.dit import (DIT_MODES, REFERENCE_MODES, default_window_size, dit_settings, guide_dit, idle_scales,
+                          reference_mode)
 from guidance.settings import GuidanceSettings
 from guidance.table import METHODS, method_param_names, method_params, method_spec, parse_sigma_interval
 from metrics.api import needs_reference
@@ -43,9 +45,10 @@ from networks.zoo import close_names
 from sampling import run, run_folder, run_settings
 from sampling.gaussian_diffusion import create_diffusion, space_timesteps
 from sampling.seeds import draw_dit
+from utils import dist
 from utils.bounds import bounded, check_bounds
 from utils.cache import prefetch as cache_prefetch
-from utils.errors import UsageError
+from utils.errors import UsageError, spell
 
 LATENT_SCALE = 0.18215  # Stable Diffusion VAE latent scaling used by DiT.
 # The reference's metrics when `metrics` is not given; skipped (with a note) when no reference statistics are
@@ -298,6 +301,9 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     g, c = o["g_scale"], o["crop_scale"]
     table = _table_method(o)
     mode, weights, g_params, g_sigma, swg_sigma = table or (reference_mode(o, g, c), (), {}, None, None)
+    idle = None if table else idle_scales(o, o)
+    if idle:
+        dist.print0(spell(f"warning: {idle}"), file=sys.stderr)
     windows = mode in METHODS and METHODS[mode].windows
     if o["mask"] and not windows:
         raise UsageError("`mask` 1 (M-SWG) needs " + " or ".join(f"`{m.switch}` 1" for m in REFERENCE_MODES if m.windows)

@@ -17,7 +17,7 @@ from sampling import edm2_run
 from sampling.presets import format_presets
 from utils import dist
 from utils.cli import CONTEXT, PREFETCH_FIX, flag_spelling, int_range, offline_advice, option, run_command
-from utils.errors import UsageError, exit_on_usage_error
+from utils.errors import UsageError, exit_on_usage_error, spelling_of
 
 __all__ = ["cli", "main", "settings", "FLAGS", "SPELLING"]
 
@@ -117,7 +117,8 @@ def settings(argv: Sequence[str]):
     prefetch = params.pop("prefetch")
     params.pop("list_presets")
     try:
-        return edm2_run.build_config(require_outdir=not prefetch, **params)
+        with spelling_of(SPELLING):  # warnings name these flags too
+            return edm2_run.build_config(require_outdir=not prefetch, **params)
     except UsageError as exc:
         exc.spelling = SPELLING  # the error is about these flags, wherever it is reported
         raise

@@ -384,3 +384,20 @@ def test_common_run_folder_helpers(tmp_path):
         check_outdir(blocker / "a" / "b", "--sample-dir")
     assert check_outdir(tmp_path / "new" / "run", "--outdir") == tmp_path / "new" / "run"
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_a_switch_with_zero_weights_is_said(capsys):
+    """The reference runs --crop 1 without --g-scale as plain sampling: allowed, but said (with the fix)."""
+    from guidance.dit import idle_scales
+
+    assert idle_scales({"crop": 1}, {"g_scale": 0.5}) is None and idle_scales({}, {"g_scale": 0}) is None
+    assert idle_scales({"vanila_cfg": 1}, {"g_scale": 1.0}) is None  # a CFG scale of 1 is refused elsewhere
+    cfg = _resolve(["--cfg-crop", "1", "--g-scale", "0.6"])
+    assert cfg.guidance.method == "cfg-swg" and cfg.guidance.weights == (0.6, 0.0)
+    assert "warning: --cfg-crop 1 with --crop-scale 0 has no SWG term, as in the reference; give --crop-scale > 0 " \
+        "(e.g. 0.5)" in capsys.readouterr().err
+    cfg = _resolve(["--crop", "1"])
+    assert cfg.guidance.method == "none"
+    assert "--crop 1 with --g-scale 0 samples without guidance" in capsys.readouterr().err
+    dit_run.build_config(crop=1, metrics="none", seeds="0")  # the Python API: its own names
+    assert "warning: `crop` 1 with `g_scale` 0 samples without guidance" in capsys.readouterr().err

@@ -182,3 +182,29 @@ def test_window_larger_than_input_fails_at_call():
     d = guide(global_pos, "swg", 0.5, window_size=20)
     with pytest.raises(WindowError, match="exceeds"):
         d(X, SIGMA, LABELS)
+
+
+@pytest.mark.parametrize("method,weight,neg,expect_evals", [
+    ("cfg-swg", (0.4, 0.0), weak, 2),      # no window term: D_pos and D_uncond only
+    ("cfg-swg", (0.0, 0.5), weak, 1 + 4),  # no CFG term: D_pos and the 4 windows
+    ("swg", 0.0, None, 1),                 # plain sampling
+    ("wmg-swg", (0.0, 0.0), weak, 1),
+])
+def test_zero_weight_terms_are_not_evaluated_and_add_nothing(method, weight, neg, expect_evals):
+    calls = []
+
+    def pos(x, sigma, labels):
+        calls.append(x.shape[0])
+        return global_pos(x, sigma, labels)
+
+    d = guide(pos, method, weight, neg_denoiser=neg, window_size=12, window_steps=2, masked=True)
+    out = d(X, SIGMA, LABELS)
+    ws = weight if isinstance(weight, tuple) else (weight,)
+    expect = global_pos(X, SIGMA, LABELS)
+    if method == "cfg-swg" and ws[0]:
+        expect = expect + ws[0] * (expect - weak(X, SIGMA, None))
+    if method == "cfg-swg" and ws[1]:
+        win, count = windows(global_pos)
+        expect = expect + ws[1] * (count > 1) * (global_pos(X, SIGMA, LABELS) - win)
+    torch.testing.assert_close(out, expect, rtol=1e-6, atol=1e-6)
+    assert d.cost()["evals_per_call"] == expect_evals

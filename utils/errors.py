@@ -31,8 +31,8 @@ from typing import Callable, Mapping, Optional
 
 from utils.threads import apply_default_threads
 
-__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "spell", "describe_os_error", "report_once",
-           "INTERRUPTED"]
+__all__ = ["UsageError", "OutputError", "exit_on_usage_error", "spell", "spelling_of", "describe_os_error",
+           "report_once", "INTERRUPTED"]
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 RANK_WAIT_S = 5.0  # how long a failing rank other than 0 waits to see whether rank 0 reports the error
@@ -41,6 +41,16 @@ RANK_WAIT_S = 5.0  # how long a failing rank other than 0 waits to see whether r
 _PARAM = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 # The spelling of the command line running now (set by exit_on_usage_error): warnings and notes use it too.
 _SPELLING: contextvars.ContextVar = contextvars.ContextVar("swg_spelling", default=None)
+
+
+@contextlib.contextmanager
+def spelling_of(spelling: Optional[Callable[[str], str]]):
+    """Inside the block, :func:`spell` (warnings, notes) writes parameters with ``spelling`` (a command line's)."""
+    token = _SPELLING.set(spelling)
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
 
 
 def spell(message: str, spelling: Optional[Callable[[str], str]] = None) -> str:
