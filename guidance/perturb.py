@@ -103,7 +103,12 @@ class Perturbation:
         bad = [b for b in blocks if b not in valid]
         if bad:
             names = net.block_names()
-            what = ", ".join(f"{b} ({names[b]})" if 0 <= b < len(names) else f"{b} (no such block)" for b in bad)
+            missing = [b for b in bad if not 0 <= b < len(names)]
+            if missing:
+                raise PerturbationError(
+                    f"`perturb_blocks`: this network has no block {', '.join(map(str, missing))} (its blocks run "
+                    f"0-{len(names) - 1}); valid blocks are {_ranges(valid)} ({_named(valid)})")
+            what = ", ".join(f"{b} ({names[b]})" for b in bad)
             raise PerturbationError(
                 f"`perturb_blocks`: block {what} cannot be used by {self.kind}: it needs a block that "
                 f"{_NEEDS[self.op]}; valid blocks are {_ranges(valid)} ({_named(valid)})")

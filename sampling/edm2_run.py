@@ -39,9 +39,9 @@ from sampling import presets as PR
 from sampling import run, run_folder, run_settings
 from sampling.edm import edm_sampler
 from sampling.seeds import draw_edm2
-from utils import cache
+from utils import cache, dist
 from utils.bounds import bounded, check_bounds
-from utils.errors import UsageError
+from utils.errors import UsageError, spell
 
 __all__ = ["GenerateConfig", "EDM2Backend", "build_config", "load_networks", "check_networks",
            "make_guided", "prefetch", "generate"]
@@ -166,12 +166,14 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     params = {**(kwargs.pop("g_params", None) or {}), **{k: v for k, v in params.items() if v is not None}}
     preset_params, preset_method = {}, None
     if preset is not None:
+        preset_method = PR.get_preset(preset).g_method
+        # Another method than the preset's takes its own weights, not the preset's.
+        other = g_method is not None and method_spec(g_method, "g_method").name != method_spec(preset_method).name
         for key, value in PR.get_preset(preset).settings().items():
             if key == "g_params":
                 preset_params = dict(value)
-            elif given.get(key) is None:
+            elif given.get(key) is None and not (other and key == "g_weight"):
                 given[key] = value
-        preset_method = PR.get_preset(preset).g_method
     pos = zoo.resolve_model(given["net_pos_pkl"], "net_pos_pkl")
     neg = zoo.resolve_model(given["net_neg_pkl"], "net_neg_pkl")
     if not pos:
@@ -204,8 +206,7 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
         raise UsageError(f"`g_method` {method} needs a negative network ({NEGATIVES[spec.negative]}); "
                          f"pass `net_neg_pkl`")
     if neg and not spec.needs_neg:
-        print(f"warning: the negative network is not used by guidance method {method}; ignoring it",
-              file=sys.stderr)
+        dist.print0(spell(f"warning: `net_neg_pkl` is not used by `g_method` {method}; ignoring it"), file=sys.stderr)
         neg = None
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}  # unset options keep the defaults

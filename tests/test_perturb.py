@@ -286,7 +286,8 @@ def test_refused_blocks_name_the_valid_ones(edm2, dit):
     msg = str(exc.value)
     assert "`perturb_blocks`" in msg and "0 (enc.16x16_block0)" in msg and "self-attention" in msg
     assert all(f"{i} {n}" in msg for i, n in edm2.edit_blocks("identity").items())
-    with pytest.raises(PerturbationError, match=r"valid blocks are 0-2 "):
+    with pytest.raises(PerturbationError, match=r"^`perturb_blocks`: this network has no block 5 \(its blocks run "
+                                                 r"0-2\); valid blocks are 0-2 "):
         perturbation("slg", [1, 5]).resolve(dit)
     with pytest.raises(PerturbationError, match="keeps its input's shape"):
         perturbation("slg", [min(set(edm2.edit_blocks("identity")) - set(edm2.edit_blocks("skip")))]).resolve(edm2)
