@@ -47,12 +47,17 @@ from typing import Callable, Optional, Sequence, Tuple
 
 from utils.errors import UsageError
 
-__all__ = ["KINDS", "EDITS", "Perturbation", "PerturbationError", "PerturbedDenoiser", "perturbation",
+__all__ = ["KINDS", "EDITS", "kind_options", "Perturbation", "PerturbationError", "PerturbedDenoiser", "perturbation",
            "perturbed", "perturber", "default_blocks", "parse_blocks"]
 
 # kind -> the network's block edit that makes its perturbed pass.
 EDITS = {"pag": "identity", "seg": "blur", "slg": "skip"}
 KINDS = tuple(EDITS)
+
+
+def kind_options(kind: str) -> dict:
+    """The options of a perturbed pass and their defaults, as the command lines show them."""
+    return {"perturb_blocks": "default", **({"seg_sigma": "inf"} if EDITS[kind] == "blur" else {})}
 _NEEDS = {"identity": "has self-attention", "blur": "has self-attention",
           "skip": "keeps its input's shape (can be skipped)"}
 

@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Optional, Tuple
 
 from .guided import GuidedDenoiser, guide
 from .perturb import perturbation, perturber
-from .table import GuidanceError, MethodSpec, check_sigma_interval, method_params, method_spec
+from .table import METHODS, GuidanceError, MethodSpec, check_sigma_interval, method_params, method_spec
 from .windows import WindowError, WindowGrid
 
 __all__ = ["GuidanceSettings"]
@@ -90,8 +90,9 @@ class GuidanceSettings:
         window_sigma = None if self.window_sigma_interval is None else \
             check_sigma_interval(self.window_sigma_interval, "window_sigma_interval")
         if window_sigma is not None and not spec.windows:
+            pair = f"{spec.name}-swg" if f"{spec.name}-swg" in METHODS else "an X-swg method"
             raise GuidanceError(f"`window_sigma_interval` limits the window term, but `method` {spec.name} has no "
-                                f"windows")
+                                f"windows; drop it or use {pair}")
         if sigma is not None and not (spec.needs_neg or spec.perturbation):
             raise GuidanceError(f"`sigma_interval` limits the negative's terms, but `method` {spec.name} has none; "
                                 f"use `window_sigma_interval` for the window term")

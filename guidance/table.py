@@ -56,7 +56,7 @@ class Param:
         if self.integer and not isinstance(v, int) or not (self.lo <= v <= self.hi):
             kind = "an integer" if self.integer else "a number"
             raise GuidanceError(f"`{self.name}` of method {method} must be {kind} in [{self.lo:g}, {self.hi:g}], "
-                                f"got {value!r}")
+                                f"got {value!r}; e.g. `{self.name}` {self.default:g} (its default)")
         return v
 
 
@@ -146,22 +146,23 @@ def method_param_names() -> List[str]:
     return list(dict.fromkeys(p.name for s in METHODS.values() for p in s.params))
 
 
-def method_param_help() -> List[Tuple[str, str]]:
-    """``(name, help)`` of every method parameter, for the command lines' flags."""
-    seen: Dict[str, str] = {}
+def method_param_help() -> List[Tuple[str, str, type]]:
+    """``(name, help, type)`` of every method parameter, for the command lines' flags (``type``: int or float)."""
+    seen: Dict[str, Tuple[str, str, type]] = {}
     for spec in METHODS.values():
         for p in spec.params:
-            seen.setdefault(p.name, f"{p.help} [default: {p.default:g}]")
-    return list(seen.items())
+            seen.setdefault(p.name, (p.name, f"{p.help} [default: {p.default:g}]", int if p.integer else float))
+    return list(seen.values())
 
 
-def check_sigma_interval(lo_hi, what: str = "sigma_interval") -> Tuple[float, float]:
-    """``(lo, hi)`` with ``0 <= lo < hi`` (``hi`` may be inf): the noise levels ``lo < sigma <= hi``."""
+def check_sigma_interval(lo_hi, what: str = "sigma_interval", given=None) -> Tuple[float, float]:
+    """``(lo, hi)`` with ``0 <= lo < hi`` (``hi`` may be inf): the noise levels ``lo < sigma <= hi``
+    (``given``: the value as the user wrote it, for the message)."""
     try:
         lo, hi = (float(v) for v in lo_hi)
     except (TypeError, ValueError):
-        raise GuidanceError(f"`{what}` must be two noise levels lo,hi (guidance where lo < sigma <= hi), "
-                            f"got {lo_hi!r}") from None
+        raise GuidanceError(f"`{what}` must be two noise levels lo,hi (guidance where lo < sigma <= hi, e.g. "
+                            f"0.28,2.9), got {lo_hi if given is None else given!r}") from None
     if not (0 <= lo < hi) or math.isnan(hi):
         raise GuidanceError(f"`{what}` must satisfy 0 <= lo < hi, got {lo:g},{hi:g}; e.g. 0.28,2.9")
     return lo, hi
@@ -171,7 +172,7 @@ def parse_sigma_interval(text, what: str) -> Optional[Tuple[float, float]]:
     """``"lo,hi"`` / ``(lo, hi)`` -> checked ``(lo, hi)``; None, ``""`` or ``"none"`` -> None."""
     if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "")):
         return None
-    return check_sigma_interval(text.split(",") if isinstance(text, str) else text, what)
+    return check_sigma_interval(text.split(",") if isinstance(text, str) else text, what, given=text)
 
 
 _APG_PARAMS = (

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import click
 
 from guidance.dit import DIT_MODES, REFERENCE_MODES, ReferenceMode
+from guidance.perturb import kind_options
 from guidance.table import METHODS, method_param_help
 from sampling import dit_run
 from utils import dist
@@ -40,9 +41,9 @@ def _switch(*names, help):  # noqa: A002 - click's argument name
 
 def _method_options(fn):
     """``--method``, ``--weights``, every method parameter of the table and the sigma intervals."""
-    for name, text in reversed(method_param_help()):
+    for name, text, kind in reversed(method_param_help()):
         flag = name.replace("_", "-")
-        fn = click.option(*dict.fromkeys((f"--{flag}", f"--{name}")), name, type=float, default=None, help=text)(fn)
+        fn = click.option(*dict.fromkeys((f"--{flag}", f"--{name}")), name, type=kind, default=None, help=text)(fn)
     for flag, text in (("seg-sigma", "With --method seg / seg-swg: width of the query blur in tokens [default: inf, "
                                      "the mean query]"),
                        ("perturb-blocks", "With --method pag / seg / slg (or X-swg): block indices to perturb, "
@@ -85,8 +86,11 @@ def format_methods() -> str:
     for name in _table_methods():
         spec = METHODS[name]
         mask = " [--mask 1]" if spec.windows else ""
+        options = [f"{p.name}={p.default:g}" for p in spec.params]
+        if spec.perturbation:
+            options += [f"{k}={v}" for k, v in kind_options(spec.perturbation).items()]
         rows.append((name, f"--method {name} --weights {','.join(spec.weights)}{mask}", spec.example_text(),
-                     ",".join(f"{p.name}={p.default:g}" for p in spec.params) or "-"))
+                     ",".join(options) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -117,7 +121,7 @@ def format_methods() -> str:
 @click.option("--image-size", "--image_size", "image_size", type=int, default=D.image_size, show_default=True,
               help="Image resolution (256 or 512 for the released weights)")
 @click.option("--num-classes", "--num_classes", "num_classes", type=int_range(dit_run.DiTConfig, "num_classes"),
-              default=D.num_classes, show_default=True)
+              default=D.num_classes, show_default=True, help="Classes of the checkpoint (ImageNet: 1000)")
 @click.option("--g-scale", "--g_scale", "g_scale", type=float, default=D.g_scale, show_default=True,
               help="SWG weight (--crop), CFG scale (--vanila-cfg) or CFG weight (--cfg-crop)")
 @click.option("--crop-scale", "--crop_scale", "crop_scale", type=float, default=D.crop_scale, show_default=True,
@@ -143,7 +147,8 @@ def format_methods() -> str:
               default=D.num_sampling_steps,
               show_default=True, help="Respacing of the 1000 steps: 250, ddim50, 10,15,20, ...")
 @click.option("--global-seed", "--global_seed", "global_seed", type=int_range(dit_run.DiTConfig, "global_seed"),
-              default=D.global_seed, show_default=True)
+              default=D.global_seed, show_default=True,
+              help="Seed of every image's generator: image i uses global_seed * 2^32 + i")
 @click.option("--tf32/--no-tf32", " /--no_tf32", "tf32", default=D.tf32, show_default=True, help="TF32 matmuls on Ampere+ GPUs")
 @click.option("--save-tar/--no-save-tar", "--save_tar/--no_save_tar", "save_tar", default=D.save_tar, show_default=True,
               help="Write tar shards of PNGs instead of single PNGs")

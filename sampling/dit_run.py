@@ -252,7 +252,9 @@ def _table_method(o: dict):
     g_sigma = parse_sigma_interval(o["g_sigma_interval"], "g_sigma_interval")
     swg_sigma = parse_sigma_interval(o["swg_sigma_interval"], "swg_sigma_interval")
     if swg_sigma is not None and not spec.windows:
-        raise UsageError(f"`swg_sigma_interval` limits the window term, but `method` {spec.name} has no windows")
+        pair = f"{spec.name}-swg" if f"{spec.name}-swg" in METHODS else "an X-swg method"
+        raise UsageError(f"`swg_sigma_interval` limits the window term, but `method` {spec.name} has no windows; "
+                         f"drop it or use {pair}")
     return spec.name, weights, method_params(spec, params, "method"), g_sigma, swg_sigma
 
 

@@ -31,8 +31,8 @@ SPELLING = flag_spelling(FLAGS)  # how this command line writes a parameter in a
 
 def _method_options(fn):
     """Every method parameter of the guidance table (``--eta`` ...) and the sigma intervals."""
-    for name, text in reversed(method_param_help()):
-        fn = option(f"--{name}", type=float, default=None, help=text)(fn)
+    for name, text, kind in reversed(method_param_help()):
+        fn = option(f"--{name}", type=kind, default=None, help=text)(fn)
     fn = option("--swg_sigma_interval", default=None,
                 help="The window term only where lo < sigma <= hi (e.g. 0.28,2.9) [default: every sigma].")(fn)
     return option("--g_sigma_interval", default=None,

@@ -273,7 +273,8 @@ def check_networks(cfg: GenerateConfig, pos: EDM2Checkpoint, neg: Optional[EDM2C
             raise UsageError(f"the negative network has {neg.net.label_dim} classes, the positive {label_dim}")
     if cfg.class_idx is not None and not (0 <= cfg.class_idx < max(label_dim, 0)):
         raise UsageError(f"`class_idx` {cfg.class_idx} is out of range: the network has {label_dim} classes"
-                         + ("" if label_dim else " (it is unconditional; drop `class_idx`)"))
+                         + (f"; use `class_idx` 0..{label_dim - 1}" if label_dim > 0
+                            else " (it is unconditional; drop `class_idx`)"))
     g = cfg.guidance
     g.check_network(pos.net)  # PAG / SEG / SLG: blocks that take the perturbation
     if g.spec.windows:

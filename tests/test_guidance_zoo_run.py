@@ -125,8 +125,15 @@ def test_zoo_presets_carry_their_parameters():
         assert cfg.guidance.method == p.g_method and cfg.guidance.params == METHODS[p.g_method].param_values(**(p.g_params or {}))
     cfg = edm2_run.build_config(preset="demo-digits-apg", eta=0.25, outdir=None, require_outdir=False)
     assert cfg.guidance.params["eta"] == 0.25 and cfg.guidance.params["momentum"] == -0.5   # flag wins, preset fills the rest
-    cfg = edm2_run.build_config(preset="demo-digits-apg", g_method="cfg", outdir=None, require_outdir=False)
+    cfg = edm2_run.build_config(preset="demo-digits-apg", g_method="cfg", g_weight=0.3, outdir=None,
+                                require_outdir=False)
     assert cfg.guidance.params == {}   # another method drops the preset's parameters
+    assert cfg.guidance.weights == (0.3,) and cfg.net_neg_pkl == edm2_run.build_config(
+        preset="demo-digits-apg", outdir=None, require_outdir=False).net_neg_pkl  # ... keeps its networks
+    with pytest.raises(UsageError, match=r"`g_method` cfg takes 1 weight\(s\), got none; e.g. `g_weight` 1"):
+        edm2_run.build_config(preset="demo-digits-apg", g_method="cfg", outdir=None, require_outdir=False)  # and weights
+    assert edm2_run.build_config(preset="demo-digits", g_method="none", outdir=None,
+                                 require_outdir=False).guidance.weights == ()
 
 
 def test_results_collect_shows_the_counted_evaluations(nets, tmp_path):

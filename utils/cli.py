@@ -63,7 +63,9 @@ def option(name: str, *more: str, **kwargs):
 def int_range(cls, name: str) -> click.IntRange:
     """The click type of the integer field ``name`` of the settings dataclass ``cls``, with its declared bounds."""
     lo, hi = bounds(cls, name)
-    return click.IntRange(min=lo, max=hi)
+    kind = click.IntRange(min=lo, max=hi)
+    kind.name = "integer"  # "'abc' is not a valid integer." (click's own name reads "integer range")
+    return kind
 
 
 def flag_spelling(flags: Mapping[str, str], dashes: bool = False) -> Callable[[str], str]:
