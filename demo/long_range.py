@@ -57,6 +57,7 @@ from demo.common import (Timings, check_outdir, counted_evals, csv_text, exit_on
                          requested_classes, sample_grid, sample_row, save_figure, write_settings)
 from sampling.presets import ZOO_PARAMS  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
+from utils.cli import CONTEXT, run_command  # noqa: E402
 from utils.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 __all__ = ["MODELS", "Row", "rows", "window_steps", "consistency", "quadrant_labels", "score_images",
@@ -376,7 +377,7 @@ def _parse(text: Optional[str], kind, what: str):
     return values
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.option("--outdir", required=True, help="Folder for the images (one subfolder per row) and results.")
 @click.option("--full", is_flag=True, help=f"Larger run: {FULL['num']} images, {FULL['steps']} steps, windows "
               f"{','.join(map(str, FULL['windows']))}, weights {','.join(map(str, FULL['weights']))}.")
@@ -410,5 +411,5 @@ def main(outdir, full, num, steps, windows, weights, positives, batch, no_progre
                    batch, chosen, progress=not no_progress)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # click's usage errors as one line, exit 2 (utils.cli.run_command)
+    sys.exit(run_command(main, None, "demo/long_range.py"))

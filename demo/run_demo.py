@@ -56,6 +56,7 @@ from demo.common import (Timings, check_outdir, counted_evals, csv_text, exit_on
 from guidance.perturb import KINDS as PERTURBED  # noqa: E402
 from sampling.presets import ZOO_PARAMS  # noqa: E402
 from utils.atomic import write_text_atomic  # noqa: E402
+from utils.cli import CONTEXT, run_command  # noqa: E402
 from utils.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 WINDOW, WINDOW_STEPS = 12, 2     # what the demo-digits presets use (checked in run_demo)
@@ -290,7 +291,7 @@ def _clock(seconds: float) -> str:
     return f"{minutes} min {secs:02d} s"
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.option("--outdir", required=True, help="Folder for the images (one subfolder per method) and results.")
 @click.option("--full", is_flag=True, help=f"The table of demo/README.md: --num {FULL['num']} --steps {FULL['steps']} "
               f"(about four times the default's time).")
@@ -309,5 +310,5 @@ def main(outdir, full, num, steps, batch, methods, no_progress):
              methods.split(",") if methods else None, progress=not no_progress)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # click's usage errors as one line, exit 2 (utils.cli.run_command)
+    sys.exit(run_command(main, None, "demo/run_demo.py"))

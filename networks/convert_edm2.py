@@ -11,16 +11,18 @@ constants).  Existing outputs are never overwritten.
 from __future__ import annotations
 
 import pathlib
+import sys
 import urllib.parse
 
 import click
 
 from networks.edm2_pickle import load_checkpoint, save_plain
 from utils.cache import fetch
+from utils.cli import CONTEXT, run_command
 from utils.errors import UsageError, exit_on_usage_error
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.argument("source")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--name", default=None, help="Output file stem (default: the input's name).")
@@ -42,5 +44,5 @@ def main(source: str, out_dir: str, name: str | None) -> None:
     click.echo(f"wrote {weights} ({n / 1e6:.1f} M values) and {meta}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # click's usage errors as one line, exit 2 (utils.cli.run_command)
+    sys.exit(run_command(main, None, "python -m networks.convert_edm2"))

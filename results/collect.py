@@ -55,6 +55,7 @@ import click
 from guidance import METHODS
 from sampling.run_folder import EVALS_FILE
 from utils.atomic import atomic_path, ensure_dir
+from utils.cli import CONTEXT, run_command
 from utils.errors import UsageError, exit_on_usage_error
 
 __all__ = ["ARGS_FILES", "MAIN_COLUMNS", "PLOT_METRICS", "TABLE_METRICS", "DEMO_SETTINGS", "find_runs", "read_run",
@@ -458,7 +459,7 @@ def write_report(root: os.PathLike | str, out: os.PathLike | str, *, all_evals: 
     return paths
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.argument("root", type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--out", "out", type=click.Path(path_type=pathlib.Path), default=None,
               help="Folder for results.csv, results.md and metrics_vs_weight.png  "
@@ -474,5 +475,5 @@ def main(root: pathlib.Path, out: Optional[pathlib.Path], all_evals: bool, digit
         print(f"wrote {kind}: {path}", file=sys.stderr)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # click's usage errors as one line, exit 2 (utils.cli.run_command)
+    sys.exit(run_command(main, None, "python -m results.collect"))

@@ -43,6 +43,7 @@ from sampling import edm2_run
 from sampling.seeds import parse_int_list
 from utils import dist
 from utils.atomic import atomic_path
+from utils.cli import CONTEXT, run_command
 from utils.errors import UsageError, exit_on_usage_error
 
 __all__ = ["Line", "parse_line", "run_sweep", "summarize", "to_markdown", "plot_sweep", "write_sweep", "main"]
@@ -249,7 +250,7 @@ def write_sweep(rows: Sequence[Mapping[str, Any]], out: os.PathLike | str, digit
     return paths
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.option("--line", "lines", multiple=True, required=True,
               help="LABEL=PRESET:W1 W2 ... (repeat for each method); a weight is 0.2 or 1.2,0.14")
 @click.option("--seeds", default="0-49999", show_default=True, help="seeds of one point, e.g. 0-49999")
@@ -280,5 +281,5 @@ def main(lines, seeds, offsets, metrics, ref_path, batch, device, out, digits):
             print(f"wrote {kind}: {path}", file=sys.stderr)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # click's usage errors as one line, exit 2 (utils.cli.run_command)
+    sys.exit(run_command(main, None, "python -m results.sweep"))

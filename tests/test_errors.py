@@ -184,9 +184,9 @@ _CLICK_JOB = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("args, line", [(["--bogus", "1"], "error: No such option '--bogus'."),
+@pytest.mark.parametrize("args, line", [(["--bogus", "1"], "error: No such option '--bogus'; see job.py --help"),
                                         (["--batch", "abc"], "error: Invalid value for '--batch': 'abc' is not a "
-                                                             "valid integer.")])
+                                                             "valid integer; see job.py --help")])
 def test_torchrun_prints_a_click_error_once(args, line, tmp_path):
     """click's own usage errors (an unknown flag, a bad value) are one line for the whole job, not one per rank."""
     script = tmp_path / "job.py"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 
 import click
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from training.data import NUM_CLASSES, to_uint8
 from metrics.digits import DEFAULT_CLASSIFIER, DEFAULT_REF, METRIC, DigitsDetector, confidence_score
+from utils.cli import CONTEXT, run_command
 from utils.errors import INTERRUPTED_RESTART, exit_on_usage_error
 
 __all__ = ["sample_digits", "frechet_to_ref", "evaluate", "main"]
@@ -71,7 +73,7 @@ def evaluate(images: torch.Tensor, classes: torch.Tensor, detector: DigitsDetect
             "max_prob": float(probs.max(1).mean())}
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--num", type=int, default=256, show_default=True)
 @click.option("--steps", type=int, default=32, show_default=True)
@@ -91,5 +93,5 @@ def main(checkpoints, num, steps, seed, device):
         print(json.dumps({"checkpoint": str(path), **{k: round(v, 4) for k, v in res.items()}}))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # click's usage errors as one line, exit 2 (utils.cli.run_command)
+    sys.exit(run_command(main, None, "python -m training.eval_denoiser"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pathlib
 import pickle
+import sys
 import time
 
 import click
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from training.data import load_digits_images, to_uint8
 from metrics.digits import METRIC, DigitsClassifier, DigitsDetector, save_classifier
 from utils.atomic import write_bytes_atomic
+from utils.cli import CONTEXT, run_command
 from utils.errors import INTERRUPTED_RESTART, UsageError, exit_on_usage_error
 
 __all__ = ["train_classifier", "accuracy", "reference_stats", "write_ref", "main"]
@@ -93,7 +95,7 @@ def write_ref(ref: dict, path: str | pathlib.Path) -> None:
     write_bytes_atomic(path, pickle.dumps(ref, protocol=4))
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.option("--out", required=True, help="Classifier weights (.safetensors; a .json is written beside).")
 @click.option("--refs-out", default=None, help="Also write the training-set reference statistics here (.pkl).")
 @click.option("--epochs", type=int, default=30, show_default=True)
@@ -126,5 +128,5 @@ def main(out, refs_out, epochs, batch, lr, seed, threads):
         print(f"saved {refs_out} ({ref['num_images']} images)")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # click's usage errors as one line, exit 2 (utils.cli.run_command)
+    sys.exit(run_command(main, None, "python -m training.train_classifier"))

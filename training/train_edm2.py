@@ -42,6 +42,7 @@ import copy
 import dataclasses
 import math
 import pathlib
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -52,6 +53,7 @@ import torch
 from networks.edm2 import Precond
 from networks.edm2_pickle import PLAIN_FORMAT, write_plain
 from training.data import NUM_CLASSES, load_digits_images, load_quad_digits, one_hot
+from utils.cli import CONTEXT, run_command
 from utils.errors import INTERRUPTED_RESTART, UsageError, exit_on_usage_error
 
 __all__ = ["TrainConfig", "edm2_loss", "learning_rate", "ema_exponent", "PowerEMA", "build_net", "train",
@@ -271,7 +273,7 @@ def _snapshot_specs(specs: Sequence[str], steps: int) -> dict[int, str]:
     return out
 
 
-@click.command()
+@click.command(context_settings=CONTEXT)
 @click.option("--out", required=True, help="Output path without suffix: writes OUT.safetensors and OUT.json.")
 @click.option("--uncond", is_flag=True, help="Unconditional model (label_dim 0), e.g. the CFG negative.")
 @click.option("--data", type=click.Choice(DATASETS), default="digits", show_default=True,
@@ -336,5 +338,5 @@ def main(out, uncond, data, num_images, data_seed, resolution, model_channels, c
     print(f"trained {steps} steps in {result['seconds']:.0f}s")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # click's usage errors as one line, exit 2 (utils.cli.run_command)
+    sys.exit(run_command(main, None, "python -m training.train_edm2"))

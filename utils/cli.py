@@ -82,7 +82,7 @@ def flag_spelling(flags: Mapping[str, str], dashes: bool = False) -> Callable[[s
 def run_command(command: click.Command, argv: Optional[Sequence[str]], prog_name: str) -> int:
     """Run a click command as its script would; return the exit status.
 
-    Click's usage errors become ``error: <one line>`` and status 2; Ctrl-C status 130;
+    Click's usage errors become ``error: <one line>; see <prog_name> --help`` and status 2; Ctrl-C status 130;
     a :class:`UsageError` is printed by the command's own ``exit_on_usage_error``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -92,7 +92,8 @@ def run_command(command: click.Command, argv: Optional[Sequence[str]], prog_name
         print("error: aborted", file=sys.stderr)
         return 130
     except click.ClickException as exc:  # every rank of a torchrun job parses the same flags: printed once
-        report_once(" ".join(exc.format_message().split()))
+        message = " ".join(exc.format_message().split()).rstrip(".")
+        report_once(f"{message}; see {prog_name} --help" if isinstance(exc, click.UsageError) else message)
         return 2
     except UsageError as exc:  # raised outside the decorated function (should not happen)
         report_once(" ".join(str(exc).split()))
