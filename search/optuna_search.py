@@ -41,10 +41,12 @@ import click
 
 from results.collect import find_runs, read_run
 from sampling import dit_flags, dit_run, edm2_flags, edm2_run
+from sampling.outputs import load_reference
+from sampling.run_settings import effective_metrics
 from utils import dist
 from utils.atomic import write_json_atomic
 from utils.cli import run_command
-from utils.errors import UsageError, exit_on_usage_error
+from utils.errors import UsageError, exit_on_usage_error, spell, spelling_of
 
 __all__ = ["parse_range", "trial_folder", "sampler_argv", "sampler_settings", "run_sampler", "read_objective",
            "run_search", "cli", "main"]
@@ -101,7 +103,6 @@ def sampler_argv(sampler: str, base: Sequence[str], weights: Sequence[float], fo
 
 
 def _flags(sampler: str):
-
     return edm2_flags if sampler == "edm2" else dit_flags
 
 
@@ -115,11 +116,11 @@ def sampler_settings(sampler: str, argv: Sequence[str]):
 
 def run_sampler(sampler: str, argv: Sequence[str]) -> dict:
     """Sample one trial in this process through the Python API; returns the run summary."""
-
     cfg = sampler_settings(sampler, argv)
     api = edm2_run if sampler == "edm2" else dit_run
     try:
-        return api.generate(cfg)
+        with spelling_of(_flags(sampler).SPELLING):  # its notes and warnings name the sampler's flags
+            return api.generate(cfg)
     except UsageError as exc:
         exc.spelling = exc.spelling or _flags(sampler).SPELLING  # about the sampler's flags
         raise
@@ -132,9 +133,19 @@ def _check_objective(sampler: str, base_args: Sequence[str], ranges, outdir, obj
                          f"{', '.join(OBJECTIVES)}")
     lows = [lo for lo, _ in ranges]
     cfg = sampler_settings(sampler, sampler_argv(sampler, base_args, lows, trial_folder(outdir, 0, lows)))
-    if OBJECTIVES[objective] not in cfg.metrics:
-        raise UsageError(f"--objective {objective} needs the sampler's --metrics to include {OBJECTIVES[objective]} "
+    metric = OBJECTIVES[objective]
+    if metric not in cfg.metrics:
+        raise UsageError(f"--objective {objective} needs the sampler's --metrics to include {metric} "
                          f"(it has {','.join(cfg.metrics) or 'none'}); add it after -- or choose another --objective")
+    spelling = _flags(sampler).SPELLING
+    if metric not in effective_metrics(cfg):  # DiT's default metrics, skipped without reference statistics
+        raise UsageError(spell(f"--objective {objective}: the sampler skips {metric} without reference statistics; "
+                               f"add `ref_path` after --", spelling))
+    try:  # the reference statistics, downloaded or found in the cache now rather than after the first trial
+        load_reference(cfg)
+    except UsageError as exc:
+        exc.spelling = exc.spelling or spelling
+        raise
 
 
 def read_objective(folder: pathlib.Path, objective: str) -> float:
@@ -143,8 +154,8 @@ def read_objective(folder: pathlib.Path, objective: str) -> float:
     rows = [row for run in find_runs(folder) for row in read_run(run)]
     values = [row[objective] for row in rows if isinstance(row.get(objective), (int, float))]
     if not values:
-        raise UsageError(f"no '{objective}' in the metrics under {folder}; add it to the sampler's --metrics "
-                         f"(with --ref_path) or choose another --objective")
+        raise UsageError(f"no '{objective}' in the metrics under {folder}; add it to the sampler's `metrics` "
+                         f"(with `ref_path`) or choose another --objective")
     return float(values[-1])
 
 
@@ -237,6 +248,11 @@ def run_search(sampler: str, base_args: Sequence[str], ranges: Sequence[tuple[fl
             run_sampler(sampler, sampler_argv(sampler, base_args, task["weights"], folder))
             dist.barrier()
             value = read_objective(folder, objective) if rank == 0 else None
+        except UsageError as exc:
+            if rank == 0:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            exc.spelling = exc.spelling or _flags(sampler).SPELLING  # the sampler's flags
+            raise
         except BaseException:
             if rank == 0:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)

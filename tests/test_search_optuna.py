@@ -215,3 +215,31 @@ def test_dit_trial_runs_the_dit_sampler(tmp_path):
     (metrics_path,) = folder.rglob("metrics.json")
     assert best["value"] == json.loads(metrics_path.read_text())["results"]["saturation"]
     assert best["weights"] == [0.6, 0.5]
+
+
+def test_a_reference_the_trials_cannot_use_is_refused_before_the_study(setup, tmp_path, monkeypatch):
+    """Offline reference statistics (and DiT's skipped default metrics) stop the search before optuna.db exists."""
+    import json
+    import socket
+
+    from tests.tiny_dit import TINY as DIT_TINY, write_tiny_dit, write_tiny_vae
+
+    _, base = setup
+    monkeypatch.setenv("SWG_CACHE", str(tmp_path / "cache"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    offline = base[:-1] + [f"http://127.0.0.1:{port}/img512.pkl"]
+    with pytest.raises(UsageError, match="img512.pkl") as info:
+        S.run_search("edm2", offline, [(0.1, 0.3)], tmp_path / "off", n_trials=1, objective="fid")
+    assert info.value.format(info.value.spelling).count("--ref-path") == 0  # EDM2's spelling if any
+    assert not (tmp_path / "off").exists()
+    # DiT without reference statistics would skip its default metrics: refused, naming DiT's flag.
+    write_tiny_dit(tmp_path / "tiny-dit.pt")
+    write_tiny_vae(tmp_path / "vae")
+    dit = ["--model", "DiT-S/2", "--model-kwargs", json.dumps(DIT_TINY), "--ckpt", str(tmp_path / "tiny-dit.pt"),
+           "--image-size", "64", "--num-classes", "10", "--vae-path", str(tmp_path / "vae"), "--seeds", "0-3",
+           "--num-sampling-steps", "3", "--crop", "1"]
+    with pytest.raises(UsageError, match="the sampler skips fid without reference statistics; add --ref-path after --"):
+        S.run_search("dit", dit, [(0.1, 0.3)], tmp_path / "dit", n_trials=1, objective="fid")
+    assert not (tmp_path / "dit").exists()
