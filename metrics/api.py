@@ -240,8 +240,15 @@ def check_image_count(names: Sequence[str], n: int) -> None:
     """Raise :class:`UsageError` before sampling when ``n`` images are too few for the metrics ``names``."""
     need = minimum_images(names)
     if n < need:
-        raise UsageError(f"`metrics`: {metrics_need(names, f'at least {need} images')}, the run makes {n}; "
-                         f"sample more seeds or drop {'is' if 'is' in names and need == IS_SPLITS else 'the metrics'}")
+        raise UsageError(f"`metrics`: {_too_few(names, n)}, the run makes {n}; sample at least {need} images or "
+                         f"drop {', '.join(m for m in names if METRICS[m].min_images > n)}")
+
+
+def _too_few(names: Sequence[str], n: int) -> str:
+    """``metric 'is' needs at least 10 images``: only the metrics that ``n`` images are too few for."""
+    short = [m for m in names if METRICS[m].min_images > n]
+    return metrics_need(short, f"at least {minimum_images(short)} images" if len({METRICS[m].min_images for m in short})
+                        == 1 else "more images (" + ", ".join(f"{m}: {METRICS[m].min_images}" for m in short) + ")")
 
 
 def parse_metrics(metrics: Union[str, Sequence[str]]) -> list[str]:
@@ -586,7 +593,7 @@ def is_stats_file(path: Union[str, os.PathLike]) -> bool:
 def _reference(ref_path, need_ref: Sequence[str], *, batch, device, detector_kwargs, progress):
     """The reference of ``need_ref``: statistics of an image folder, or a loaded file (checked, no rows yet)."""
     if ref_path is None:
-        raise UsageError(f"{metrics_need(need_ref, 'reference statistics')}; pass --ref / ref_path")
+        raise UsageError(f"{metrics_need(need_ref, 'reference statistics')}; pass `ref_path`")
     if is_image_source(ref_path):
         return compute_stats(ref_path, detectors_for(need_ref), blocks=blocks_for(need_ref),
                              keep_features=row_blocks(need_ref), batch=batch, device=device,
@@ -668,7 +675,7 @@ def calc_metrics(images: Images, metrics: Union[str, Sequence[str]] = ("fid", "f
         indices = select_indices(len(images), num, seed)
         minimum = minimum_images(names)
         if (num or len(images)) < minimum:
-            raise UsageError(f"{metrics_need(names, f'at least {minimum} images')}, found {num or len(images)}; "
+            raise UsageError(f"{_too_few(names, num or len(images))}, found {num or len(images)}; "
                              + ("raise --num" if num is not None and num < len(images) else "give more images"))
         if need_ref and ref is not None:
             check_resolution(ref.get("resolution"), _first_resolution(images, indices), where)

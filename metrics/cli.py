@@ -18,12 +18,13 @@ from typing import Optional
 import click
 import numpy as np
 
+from utils import dist
 from utils.atomic import check_output_dir
 from utils.cache import OfflineError, cache_path
+from utils.cli import flag_spelling
 from utils.device import resolve_device
 from utils.errors import UsageError, exit_on_usage_error
 
-from utils import dist
 from .api import (ALIASES, METRICS, STAT_KEYS, blocks_for, calc_metrics, compute_stats, detectors_for, parse_metrics,
                   write_metrics)
 from .detectors import weights_source
@@ -31,6 +32,10 @@ from .images import open_images, select_indices
 from .refs import save_adm_ref, save_ref
 
 __all__ = ["main"]
+
+
+# The library's parameters whose flag here is not --<name> (they are named in its errors).
+SPELLING = flag_spelling({"ref_path": "--ref"})
 
 
 def _detector_kwargs(inception_weights, dinov2_weights, dinov2_resize, clip_weights=None) -> dict:
@@ -104,7 +109,7 @@ def _with_common(fn):
 
 @click.group(invoke_without_command=True)
 @click.pass_context
-@exit_on_usage_error
+@exit_on_usage_error(spelling=SPELLING)
 def main(ctx):
     """FID, sFID, FD-DINOv2, FD-CLIP, IS, KID, precision/recall, density/coverage and saturation of images."""
     if ctx.invoked_subcommand is None:
@@ -123,7 +128,7 @@ def main(ctx):
 @click.option("--seed", default=0, show_default=True, help="seed of the --num choice")
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="also write metrics.json and metrics.csv here")
 @_with_common
-@exit_on_usage_error
+@exit_on_usage_error(spelling=SPELLING)
 def calc(images_arg, images, ref, metrics, num, seed, out, batch, device, inception_weights, dinov2_weights,
          clip_weights, dinov2_resize):
     """Compute metrics of IMAGES (or --images) against --ref."""
@@ -161,7 +166,7 @@ ADM_REF_IMAGES = 10000  # images in ADM's reference batches (for precision/recal
                    f"[default: 0 for .pkl, {ADM_REF_IMAGES} for .npz]")
 @click.option("--overwrite", is_flag=True, help="replace an existing --dest")
 @_with_common
-@exit_on_usage_error
+@exit_on_usage_error(spelling=SPELLING)
 def ref(images_arg, images, dest, metrics, num, seed, features, overwrite, batch, device, inception_weights,
         dinov2_weights, clip_weights, dinov2_resize):
     """Compute reference statistics of IMAGES (or --images) into --dest (EDM2 pickle or ADM reference batch)."""
@@ -214,7 +219,7 @@ def ref(images_arg, images, dest, metrics, num, seed, features, overwrite, batch
               help="statistics .pkl of disjoint image sets (--save_stats or 'ref' output); repeat the option")
 @click.option("--dest", required=True, type=click.Path(dir_okay=False), help="output statistics pickle")
 @click.option("--overwrite", is_flag=True, help="replace an existing --dest")
-@exit_on_usage_error
+@exit_on_usage_error(spelling=SPELLING)
 def combine(stats, dest, overwrite):
     """Statistics of the union of the images behind several statistics files (FD blocks, saturation)."""
     from .refs import load_ref

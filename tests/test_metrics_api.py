@@ -251,11 +251,15 @@ def test_too_few_images_is_worded_as_a_sentence(tmp_path):
     line = one_error_line(*run_cli("calc", gen, "--metrics", "is"), "metric 'is' needs at least 10 images, found 6")
     assert "is need " not in line
     line = one_error_line(*run_cli("calc", gen, "--metrics", "is,saturation"),
-                          "metrics 'is', 'saturation' need at least 10 images")
+                          "metric 'is' needs at least 10 images, found 6")  # saturation needs 2: not named
     with pytest.raises(UsageError, match="metric 'is' needs at least 10 images, the run makes 4"):
         api.check_image_count(["is"], 4)
-    with pytest.raises(UsageError, match="metrics 'fid', 'is' need at least 10 images, the run makes 4"):
+    with pytest.raises(UsageError, match="^`metrics`: metric 'is' needs at least 10 images, the run makes 4; sample "
+                                         "at least 10 images or drop is$"):
         api.check_image_count(["fid", "is"], 4)
+    with pytest.raises(UsageError, match=r"metrics 'pr_inception', 'is' need more images \(pr_inception: 4, is: "
+                                         r"10\), the run makes 3; sample at least 10 images or drop pr_inception, is"):
+        api.check_image_count(["fid", "pr_inception", "is"], 3)
 
 
 def test_missing_images_named_the_way_they_were_given(tmp_path):
@@ -315,3 +319,9 @@ def test_progress_bar_ends_at_its_count_and_is_absent_with_nothing_to_do(tmp_pat
     states = _bar_states(capsys.readouterr().err, "images")
     assert res["num_images"] == 12 and states and "1/1" in states[-1] and "100%" in states[-1], states
     assert not any(s.startswith("images: 0batch") for s in states), states  # the unknown-length bar of before
+
+
+def test_missing_reference_names_this_commands_flag(tmp_path):
+    gen = write_folder(tmp_path / "gen", make_images(3, 3))
+    line = one_error_line(*run_cli("calc", gen, "--metrics", "fid"), "metric 'fid' needs reference statistics")
+    assert line.endswith("; pass --ref") and "ref_path" not in line and "`" not in line, line
