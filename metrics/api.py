@@ -57,13 +57,14 @@ import torch
 import tqdm
 
 from utils.atomic import atomic_path, ensure_dir, write_text_atomic
+from utils.cache import cache_dir
 from utils.errors import UsageError
 
 from utils import dist
 from .detectors import get_detector, output_dims
 from .frechet import frechet_distance
 from .images import ImageSource, is_image_source, iterate_batches, open_images, select_indices
-from .refs import load_ref
+from .refs import ADM_LAYOUT, NPZ_BLOCKS, load_ref
 from .scores import (density_coverage, inception_score, inception_score_from_sums, kernel_distance, precision_recall,
                      saturation_sum)
 from .stats import FeatureStats
@@ -508,7 +509,6 @@ def calc_metrics_from_stats(stats: Mapping[str, Any], ref: Optional[Mapping[str,
 
 def check_ref_covers(ref: Mapping[str, Any], metrics: Sequence[str], where: str) -> None:
     """Refuse a reference that lacks what ``metrics`` need: one line naming what it has and what is needed."""
-    from .refs import ADM_LAYOUT, NPZ_BLOCKS
 
     keys = ref.get("npz_keys")
     for metric in metrics:
@@ -553,7 +553,6 @@ def reference_rows(ref: Dict[str, Any], blocks: Sequence[str], *, batch: int = 6
     (float16), beside the weights cache (:func:`utils.cache.cache_dir`).  Blocks that already have rows
     are left alone.  Returns ``ref``.
     """
-    from utils.cache import cache_dir
 
     todo = [b for b in blocks if not (b in ref and ref[b].get("features") is not None)]
     if not todo or "images" not in ref:

@@ -29,7 +29,8 @@ from .api import (ALIASES, METRICS, STAT_KEYS, blocks_for, calc_metrics, compute
                   write_metrics)
 from .detectors import weights_source
 from .images import open_images, select_indices
-from .refs import save_adm_ref, save_ref
+from .refs import load_ref, save_adm_ref, save_ref
+from .stream import combine_stats
 
 __all__ = ["main"]
 
@@ -222,8 +223,6 @@ def ref(images_arg, images, dest, metrics, num, seed, features, overwrite, batch
 @exit_on_usage_error(spelling=SPELLING)
 def combine(stats, dest, overwrite):
     """Statistics of the union of the images behind several statistics files (FD blocks, saturation)."""
-    from .refs import load_ref
-    from .stream import combine_stats
 
     if os.path.exists(dest) and not overwrite:
         raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
