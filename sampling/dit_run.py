@@ -454,6 +454,9 @@ class DiTBackend(run.Backend):
         self.denoiser = guide_dit(cfg.guidance, model, sigma_of=self.diffusion.sigma_of)
         return self
 
+    def resolution(self) -> tuple:
+        return self.settings.image_size, self.settings.image_size
+
     def cost(self) -> Optional[dict]:
         return self.denoiser.cost() if self.denoiser is not None else None
 

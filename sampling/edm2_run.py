@@ -341,6 +341,10 @@ class EDM2Backend(run.Backend):
         self.guided = make_guided(cfg, pos_net, neg_net)
         return self
 
+    def resolution(self) -> tuple:
+        side = int(self.pos.net.img_resolution) * int(self.pos.encoder.spatial_factor)
+        return side, side
+
     def describe(self) -> str:
         cfg = self.settings
         return f"EDM2 {cfg.guidance.method} ({cfg.steps} steps)"

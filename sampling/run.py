@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from metrics.api import detectors_for
+from metrics.api import check_resolution, detectors_for
 from metrics.detectors import prefetch as fetch_detectors
 from sampling.cluster import RunGuard, kept_by, sample_batches, set_aside_damaged, stopped
 from sampling.outputs import (finish_stream, load_detectors, load_reference, open_sinks, open_stream, reference_stats,
@@ -88,6 +88,10 @@ class Backend(abc.ABC):
         """Load the networks onto ``device`` and check them against the settings (:class:`UsageError`)."""
     def describe(self) -> str:
         return self.name
+
+    def resolution(self) -> Optional[tuple]:
+        """``(H, W)`` of the images, known once :meth:`load` ran (None: unknown until the first image)."""
+        return None
 
     def cost(self) -> Optional[dict]:
         """Counted network evaluations per image (``evals_per_step`` ...), when the guided denoiser counts them."""
@@ -168,6 +172,9 @@ def _generate(backend: Backend, guard: RunGuard, *, progress_bar: bool, desc: st
     skip_metrics = bool(settings.metrics) and not metrics
     load_detectors(metrics, device)
     backend.load(device)
+    if ref is not None and metrics:  # a reference of another resolution is refused now, not after the last image
+        check_resolution(ref.get("resolution"), backend.resolution(), spell(f"`ref_path` {settings.ref_path}"),
+                         "this run's images")
     keys = ("sampler", *backend.identity_keys, "subdirs", "save_tar")
     check_saved_settings(outdir, record, keys)
     guard.hold(outdir)  # one run per folder, before anything in it is read for resuming or written

@@ -174,3 +174,22 @@ def test_checks_do_not_change_what_they_check():
     with pytest.raises(UsageError, match="save_mode"):
         run_settings.check_run_settings(raw, require_outdir=False)
     assert raw.save == "TAR"
+
+
+def test_a_reference_of_another_resolution_is_refused_before_the_first_image(tmp_path, capsys):
+    """The digits models make 16x16 images: a 32x32 reference is refused once the networks are loaded, before
+    anything is sampled or written (it used to fail only when the metrics were computed, after the run)."""
+    from metrics.refs import load_ref, save_ref
+
+    ref = load_ref(str(ROOT / "demo" / "refs" / "digits-ref.pkl"))
+    save_ref({**ref, "resolution": [32, 32]}, tmp_path / "ref32.pkl")
+    out = tmp_path / "out"
+    code, err = _run(sample_edm2.main, ["--preset", "demo-digits", "--seeds", "0-3", "--steps", "2", "--outdir",
+                                        str(out), "--ref_path", str(tmp_path / "ref32.pkl")], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--ref_path " in err and "was made from 32x32 images but this run's images are 16x16" in err, err
+    assert not out.exists()
+    save_ref({**ref, "resolution": [16, 16]}, tmp_path / "ref16.pkl")  # the right size runs
+    code, err = _run(sample_edm2.main, ["--preset", "demo-digits", "--seeds", "0-1", "--steps", "2", "--outdir",
+                                        str(out), "--ref_path", str(tmp_path / "ref16.pkl")], capsys)
+    assert code == 0 and (out / "metrics.json").is_file(), err
