@@ -6,11 +6,12 @@
                      net_uncond="raw-img512-xs-uncond", swg_sizes=40)
     draw_grid(grid, "edm2_grid.png")
 
-A column is written ``method[:w[,w2]]``: ``none``, ``cfg:w``, ``wmg:w``, ``swg:w`` /
-``m-swg:w`` (plain / masked SWG), and the combinations ``wmg-swg:w1,w2``,
-``wmg-m-swg:w1,w2``, ``cfg-swg:w1,w2``, ``cfg-m-swg:w1,w2``.  Weights use the paper's
-convention ``D = D_pos + w (D_pos - D_neg)`` for both models (DiT's CFG scale is
-``s = 1 + w``).  ``cfg`` uses the unconditional network, ``wmg`` the weaker one.
+A column is written ``method[:w[,w2]]`` with any method of :data:`guidance.table.METHODS`:
+``none``, ``cfg:w``, ``wmg:w``, ``apg:w``, ``pag:w`` ...; the window methods plain or masked,
+``swg:w`` / ``m-swg:w``, ``cfg-swg:w1,w2`` / ``cfg-m-swg:w1,w2``, ``apg-m-swg:w1,w2`` ...
+Weights use the table's convention ``D = D_pos + w rule(D_pos, D_neg)`` for both models (DiT's
+CFG scale is ``s = 1 + w``); method parameters keep their defaults.  The methods with an
+unconditional negative use the unconditional network, ``wmg`` the weaker one.
 
 Every image is drawn exactly as the samplers draw it (:func:`sampling.seeds.draw_edm2`,
 :func:`sampling.seeds.draw_dit`): the seed's generator gives the initial noise, then the
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from guidance import method_spec
+from guidance.dit import REFERENCE_MODES
 from guidance.table import NEGATIVES
 from networks.edm2_pickle import load_checkpoint
 from sampling import dit_run, edm2_run
@@ -39,7 +41,7 @@ from utils.errors import UsageError
 
 __all__ = ["Column", "Grid", "parse_columns", "edm2_grid", "dit_grid", "draw_grid", "save_mosaic", "default_device"]
 
-_SPEC = re.compile(r"^(none|cfg|wmg|swg|m-swg|wmg-swg|wmg-m-swg|cfg-swg|cfg-m-swg)(?::([^:]+))?$")
+_SPEC = re.compile(r"^([a-z0-9*_-]+)(?::([^:]+))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +77,11 @@ def parse_columns(specs: Sequence) -> list[Column]:
             continue
         m = _SPEC.match(str(spec).strip().lower())
         if not m:
-            raise UsageError(f"column {spec!r} is not 'method[:w[,w2]]' with method none, cfg, wmg, swg, m-swg, "
-                             f"wmg-swg, wmg-m-swg, cfg-swg or cfg-m-swg; e.g. 'm-swg:0.2'")
+            raise UsageError(f"column {spec!r} is not 'method[:w[,w2]]' (a method of the table, its window "
+                             f"methods as X-swg or masked X-m-swg); e.g. 'm-swg:0.2' or 'cfg-m-swg:0.3,0.3'")
         name, text = m.group(1), m.group(2)
         masked = "m-swg" in name
-        method = name.replace("m-swg", "swg")
+        method = method_spec(name.replace("m-swg", "swg"), "column").name
         try:
             weights = tuple(float(w) for w in text.split(",")) if text else ()
         except ValueError:
@@ -149,7 +151,7 @@ def edm2_grid(net_pos: str, columns: Sequence, seeds: Sequence[int], classes: Op
         cfg = edm2_run.build_config(
             net_pos_pkl=net_pos, net_neg_pkl=neg, outdir=None, require_outdir=False, seeds="0",
             g_method=col.method, g_weight=",".join(map(str, col.weights)) or None,
-            swg_sizes=swg_sizes if "swg" in col.method else None, swg_steps=swg_steps,
+            swg_sizes=swg_sizes if method_spec(col.method).windows else None, swg_steps=swg_steps,
             scale_window_guide=int(col.masked), steps=steps, clean_combos=clean_combos)
         backend = edm2_run.EDM2Backend(cfg).use(load(cfg.net_pos_pkl),
                                                 load(cfg.net_neg_pkl) if cfg.net_neg_pkl else None, device)
@@ -170,16 +172,20 @@ def edm2_grid(net_pos: str, columns: Sequence, seeds: Sequence[int], classes: Op
 # DiT.
 
 def _dit_options(col: Column) -> dict:
-    """The :func:`sampling.dit_run.build_config` switches of a column (paper weights -> DiT's scales)."""
-    if col.method == "none":
+    """The :func:`sampling.dit_run.build_config` options of a column: the reference's switch for its modes (table
+    weights -> DiT's scales, CFG's ``s = 1 + w``), else ``method`` / ``weights``."""
+    spec = method_spec(col.method)
+    if spec.negative == "weak":
+        raise UsageError(f"DiT has no weaker model: column {col.method} is EDM2-only; use a method with the "
+                         f"unconditional negative (cfg, apg ...) or none")
+    mode = next((m for m in REFERENCE_MODES if m.mode == spec.name), None)
+    if spec.num_weights == 0:
         return {}
-    if col.method == "swg":
-        return {"crop": 1, "mask": int(col.masked), "g_scale": col.weights[0]}
-    if col.method == "cfg":
-        return {"vanila_cfg": 1, "g_scale": 1.0 + col.weights[0]}
-    if col.method == "cfg-swg":
-        return {"cfg_crop": 1, "mask": int(col.masked), "g_scale": col.weights[0], "crop_scale": col.weights[1]}
-    raise UsageError(f"DiT has no weaker model: column {col.method} is EDM2-only; use none, cfg, swg or cfg-swg")
+    mask = {"mask": int(col.masked)} if spec.windows else {}
+    if mode is None:
+        return {"method": spec.name, "weights": list(col.weights), **mask}
+    scales = [1.0 + w if meaning == "S" else w for w, meaning in zip(col.weights, mode.meaning)]
+    return {mode.switch: 1, **dict(zip(mode.scales, scales)), **mask}
 
 
 def dit_grid(columns: Sequence, seeds: Sequence[int], classes: Optional[Sequence[int]] = None, *,
