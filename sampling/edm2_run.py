@@ -162,6 +162,7 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     given = dict(net_pos_pkl=net_pos_pkl, net_neg_pkl=net_neg_pkl, g_method=g_method, g_weight=g_weight,
                  swg_sizes=swg_sizes, swg_steps=swg_steps, scale_window_guide=scale_window_guide,
                  ref_path=ref_path, metrics=metrics)
+    window_options = [k for k in ("swg_sizes", "swg_steps", "scale_window_guide") if given[k] is not None]
     params = {k: kwargs.pop(k) for k in list(kwargs) if k in METHOD_PARAMS}
     params = {**(kwargs.pop("g_params", None) or {}), **{k: v for k, v in params.items() if v is not None}}
     preset_params, preset_method = {}, None
@@ -208,6 +209,12 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     if neg and not spec.needs_neg:
         dist.print0(spell(f"warning: `net_neg_pkl` is not used by `g_method` {method}; ignoring it"), file=sys.stderr)
         neg = None
+    unused = [*(window_options if not spec.windows else ()),
+              *(["clean_combos"] if not guidance.reference_quirks and "reference_quirks" not in spec.options else ())]
+    if unused:  # the reference ignores them too; said, as a script may pass them by mistake
+        one = len(unused) == 1
+        dist.print0(spell(f"warning: {' and '.join(f'`{k}`' for k in unused)} {'is' if one else 'are'} not used by "
+                          f"`g_method` {method}; ignoring {'it' if one else 'them'}"), file=sys.stderr)
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}  # unset options keep the defaults
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(GenerateConfig)})

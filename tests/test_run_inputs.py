@@ -193,3 +193,14 @@ def test_a_reference_of_another_resolution_is_refused_before_the_first_image(tmp
     code, err = _run(sample_edm2.main, ["--preset", "demo-digits", "--seeds", "0-1", "--steps", "2", "--outdir",
                                         str(out), "--ref_path", str(tmp_path / "ref16.pkl")], capsys)
     assert code == 0 and (out / "metrics.json").is_file(), err
+
+
+def test_options_a_method_does_not_use_are_said(capsys):
+    """The reference ignores window flags given with a method without windows; here a warning says so."""
+    edm2_flags.settings(["--preset", "demo-digits-apg", "--outdir", "o", "--scale_window_guide", "0",
+                         "--clean_combos"])
+    assert "warning: --scale_window_guide and --clean_combos are not used by --g_method apg; ignoring them" in \
+        capsys.readouterr().err
+    edm2_flags.settings(["--preset", "demo-digits-apg-mswg", "--outdir", "o", "--scale_window_guide", "0"])
+    edm2_flags.settings(["--preset", "demo-digits-cfg-mswg", "--outdir", "o", "--clean_combos"])
+    assert "warning" not in capsys.readouterr().err  # used there
