@@ -22,12 +22,18 @@ from sampling.run_settings import RunSettings
 from utils.cli import CONTEXT, PREFETCH_FIX, flag_spelling, int_range, offline_advice, run_command
 from utils.errors import UsageError, exit_on_usage_error, spelling_of
 
-__all__ = ["cli", "main", "settings", "format_methods", "FLAGS", "SPELLING"]
+__all__ = ["cli", "main", "settings", "format_methods", "FLAGS", "SPELLING", "EDM2_FLAGS"]
 D = dit_run.DiTOptions()  # the defaults
 # Library parameters whose flag is not simply --<name-with-dashes> (the run's and guidance's names included).
 FLAGS = {"batch": "--per-proc-batch-size", "outdir": "--sample-dir", "weight": "--g-scale", "masked": "--mask",
          "swg_sizes": "--window-size", "swg_steps": "--window-steps"}
 SPELLING = flag_spelling(FLAGS, dashes=True)  # how this command line writes a parameter in an error
+# sample_edm2.py's flags, and what says the same here (offered when one is given to this command).
+EDM2_FLAGS = {"--g_method": "--method, or the switches --crop 1 (swg), --cfg-crop 1 (cfg-swg), --vanila-cfg 1 (cfg)",
+              "--g_weight": "--g-scale with a switch, or --weights with --method", "--swg_sizes": "--window-size",
+              "--swg_steps": "--window-steps", "--scale_window_guide": "--mask 1", "--outdir": "--sample-dir",
+              "--batch": "--per-proc-batch-size", "--steps": "--num-sampling-steps", "--preset": "the flags of "
+              "--list-methods (DiT has no presets)", "--net_pos_pkl": "--ckpt", "--class": "--num-classes / --seeds"}
 
 
 # ----------------------------------------------------------------------------
@@ -221,4 +227,5 @@ def settings(argv: Sequence[str]):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: usage errors (click's and the library's) become one line ``error: ...`` and status 2."""
-    return run_command(cli, _join_metric_words(list(sys.argv[1:] if argv is None else argv)), "sample_dit.py")
+    return run_command(cli, _join_metric_words(list(sys.argv[1:] if argv is None else argv)), "sample_dit.py",
+                       hints=EDM2_FLAGS)

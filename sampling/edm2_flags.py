@@ -19,7 +19,7 @@ from utils import dist
 from utils.cli import CONTEXT, PREFETCH_FIX, flag_spelling, int_range, offline_advice, option, run_command
 from utils.errors import UsageError, exit_on_usage_error, spelling_of
 
-__all__ = ["cli", "main", "settings", "FLAGS", "SPELLING"]
+__all__ = ["cli", "main", "settings", "FLAGS", "SPELLING", "DIT_FLAGS"]
 
 D = edm2_run.GenerateConfig()  # the defaults, shown in --help
 # Library parameters whose flag is not simply --<name> (guidance's own names included).
@@ -27,6 +27,12 @@ FLAGS = {"class_idx": "--class", "window_size": "--swg_sizes", "window_steps": "
          "weight": "--g_weight", "method": "--g_method", "neg_denoiser": "--net_neg_pkl",
          "masked": "--scale_window_guide"}
 SPELLING = flag_spelling(FLAGS)  # how this command line writes a parameter in an error
+# sample_dit.py's flags, and what says the same here (offered when one is given to this command).
+DIT_FLAGS = {"--g-scale": "--g_weight (the guidance weight w; CFG's w = s - 1)", "--crop": "--g_method swg",
+             "--cfg-crop": "--g_method cfg-swg", "--vanila-cfg": "--g_method cfg", "--mask": "--scale_window_guide 1",
+             "--window-size": "--swg_sizes", "--window-steps": "--swg_steps", "--method": "--g_method",
+             "--weights": "--g_weight", "--crop-scale": "--g_weight w_neg,w_swg (the second weight)",
+             "--sample-dir": "--outdir", "--num-fid-samples": "--seeds 0-N"}
 
 
 def _method_options(fn):
@@ -126,4 +132,4 @@ def settings(argv: Sequence[str]):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point: usage errors (click's and the library's) become one line ``error: ...`` and status 2."""
-    return run_command(cli, argv, "sample_edm2.py")
+    return run_command(cli, argv, "sample_edm2.py", hints=DIT_FLAGS)

@@ -204,3 +204,15 @@ def test_options_a_method_does_not_use_are_said(capsys):
     edm2_flags.settings(["--preset", "demo-digits-apg-mswg", "--outdir", "o", "--scale_window_guide", "0"])
     edm2_flags.settings(["--preset", "demo-digits-cfg-mswg", "--outdir", "o", "--clean_combos"])
     assert "warning" not in capsys.readouterr().err  # used there
+
+
+@pytest.mark.parametrize("main,flags,foreign,hint", [
+    (sample_edm2.main, edm2_flags, "--g-scale", "use --g_weight"),
+    (sample_dit.main, dit_flags, "--g_method", "use --method, or the switches --crop 1"),
+])
+def test_the_other_samplers_flags_get_this_ones_spelling(main, flags, foreign, hint, capsys):
+    hints = flags.DIT_FLAGS if flags is edm2_flags else flags.EDM2_FLAGS
+    names = {opt for p in flags.cli.params for opt in (*p.opts, *p.secondary_opts)}
+    assert not set(hints) & names  # every hint is for a flag this command does not have
+    code, err = _run(main, [foreign, "1"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: no such option {foreign} in ") and hint in err

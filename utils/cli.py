@@ -79,11 +79,14 @@ def flag_spelling(flags: Mapping[str, str], dashes: bool = False) -> Callable[[s
     return spell
 
 
-def run_command(command: click.Command, argv: Optional[Sequence[str]], prog_name: str) -> int:
+def run_command(command: click.Command, argv: Optional[Sequence[str]], prog_name: str,
+                hints: Optional[Mapping[str, str]] = None) -> int:
     """Run a click command as its script would; return the exit status.
 
     Click's usage errors become ``error: <one line>; see <prog_name> --help`` and status 2; Ctrl-C status 130;
-    a :class:`UsageError` is printed by the command's own ``exit_on_usage_error``.
+    a :class:`UsageError` is printed by the command's own ``exit_on_usage_error``.  ``hints`` maps flags of
+    other commands (the other sampler's ``--g-scale``) to this command's way of saying it, offered instead of
+    click's guesses when such a flag is given.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -92,6 +95,9 @@ def run_command(command: click.Command, argv: Optional[Sequence[str]], prog_name
         print("error: aborted", file=sys.stderr)
         return 130
     except click.ClickException as exc:  # every rank of a torchrun job parses the same flags: printed once
+        if isinstance(exc, click.NoSuchOption) and (hints or {}).get(exc.option_name):
+            report_once(f"no such option {exc.option_name} in {prog_name}: use {hints[exc.option_name]}")
+            return 2
         message = " ".join(exc.format_message().split()).rstrip(".")
         report_once(f"{message}; see {prog_name} --help" if isinstance(exc, click.UsageError) else message)
         return 2
