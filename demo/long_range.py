@@ -199,7 +199,7 @@ def row_config(row: Row, outdir: pathlib.Path, seeds, steps: int, batch: int):
         net_pos_pkl=MODELS[row.pos], net_neg_pkl=MODELS[row.neg] if row.neg else None, outdir=str(outdir /
         folder_name(row)), seeds=seeds, g_method=row.g_method, g_weight=row.weight if row.g_method != "none"
         else None, swg_sizes=row.window if swg else None, swg_steps=window_steps(row.window) if swg else None,
-        scale_window_guide=row.masked, steps=steps, batch=batch, metrics="none",
+        scale_window_guide=row.masked if swg else None, steps=steps, batch=batch, metrics="none",
         **{k: float(v) for k, v in (p.split("=") for p in row.params.split(",") if p)})
 
 

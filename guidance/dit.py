@@ -180,8 +180,10 @@ def dit_settings(
             raise UsageError(f"`method` {spec.name} needs a weaker network; DiT samples with one network "
                              f"(use the null class: e.g. `method` cfg-zero, apg)")
         return GuidanceSettings(method=spec.name, weights=tuple(weights or ()),
-                                window_size=window_size if spec.windows else None, window_steps=window_steps,
-                                masked=bool(mask), params=method_params(spec, params or {}, "method"),
+                                window_size=window_size if spec.windows else None,
+                                window_steps=window_steps if spec.windows else GuidanceSettings.window_steps,
+                                masked=bool(mask) if spec.windows else GuidanceSettings.masked,
+                                params=method_params(spec, params or {}, "method"),
                                 sigma_interval=sigma_interval, window_sigma_interval=swg_sigma_interval,
                                 guided_channels=in_channels, max_window_batch=max_window_batch,
                                 perturb_blocks=perturb_blocks, seg_sigma=seg_sigma).checked()
@@ -192,7 +194,7 @@ def dit_settings(
     windows = dict(window_size=window_size, window_steps=window_steps, masked=bool(mask),
                    max_window_batch=max_window_batch)
     if mode in ("none", "uncond"):
-        return GuidanceSettings(method="none", window_steps=window_steps, max_window_batch=max_window_batch).checked()
+        return GuidanceSettings(method="none", max_window_batch=max_window_batch).checked()
     if mode == "swg":
         return GuidanceSettings(method="swg", weights=(g_scale,), **windows).checked()
     if mode == "cfg":

@@ -151,8 +151,9 @@ def edm2_grid(net_pos: str, columns: Sequence, seeds: Sequence[int], classes: Op
         cfg = edm2_run.build_config(
             net_pos_pkl=net_pos, net_neg_pkl=neg, outdir=None, require_outdir=False, seeds="0",
             g_method=col.method, g_weight=",".join(map(str, col.weights)) or None,
-            swg_sizes=swg_sizes if method_spec(col.method).windows else None, swg_steps=swg_steps,
-            scale_window_guide=int(col.masked), steps=steps, clean_combos=clean_combos)
+            **(dict(swg_sizes=swg_sizes, swg_steps=swg_steps, scale_window_guide=int(col.masked))
+               if method_spec(col.method).windows else {}),
+            steps=steps, clean_combos=clean_combos and "reference_quirks" in method_spec(col.method).options)
         backend = edm2_run.EDM2Backend(cfg).use(load(cfg.net_pos_pkl),
                                                 load(cfg.net_neg_pkl) if cfg.net_neg_pkl else None, device)
         if progress:

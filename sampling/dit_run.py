@@ -310,6 +310,12 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     if o["mask"] and not windows:
         raise UsageError("`mask` 1 (M-SWG) needs " + " or ".join(f"`{m.switch}` 1" for m in REFERENCE_MODES if m.windows)
                          + " (or a `method` with windows, e.g. apg-swg)")
+    ignored = [k for k in ("window_size", "window_steps") if not windows
+               and o[k] not in (None, getattr(DiTOptions, k))]
+    if ignored:  # the reference ignores them too; said, as a script may pass them by mistake
+        one = len(ignored) == 1
+        dist.print0(spell(f"warning: {' and '.join(f'`{k}`' for k in ignored)} {'is' if one else 'are'} not used by "
+                          f"{mode} (it has no windows); ignoring {'it' if one else 'them'}"), file=sys.stderr)
     window = None
     if windows:
         window = o["window_size"] or max(patch, default_window_size(latent) // patch * patch)
@@ -426,7 +432,14 @@ class DiTBackend(run.Backend):
 
     name = "dit"
     wandb_project = "swg-dit"
-    identity_keys = IDENTITY_KEYS
+
+    @property
+    def identity_keys(self) -> tuple:
+        """:data:`IDENTITY_KEYS` less the window options when this run's method has no windows (a folder written
+        with an ignored ``--window-steps`` resumes without it, and the other way round)."""
+        if self.settings.guidance.spec.windows:
+            return IDENTITY_KEYS
+        return tuple(k for k in IDENTITY_KEYS if k not in ("mask", "window_size", "window_steps", "swg_sigma_interval"))
 
     def __init__(self, settings: DiTConfig):
         super().__init__(settings)

@@ -55,8 +55,20 @@ IDENTITY_KEYS = ("net_pos_pkl", "net_neg_pkl", "class_idx", "steps", "sigma_min"
 GUIDANCE_NAMES = {"method": "g_method", "weight": "g_weight", "window_size": "swg_sizes", "window_steps": "swg_steps",
                   "masked": "scale_window_guide", "step_interval": "g_interval", "sigma_interval": "g_sigma_interval",
                   "window_sigma_interval": "swg_sigma_interval"}
+# The window options' defaults (given with a method without windows, another value is said and ignored).
+_WINDOW_DEFAULTS = {"swg_sizes": None, "swg_steps": GuidanceSettings.window_steps[0],
+                    "scale_window_guide": int(GuidanceSettings.masked)}
 # Every method parameter of the table (APG's eta ...): a keyword of build_config and a flag.
 METHOD_PARAMS = method_param_names()
+
+
+def _is_default(key: str, value) -> bool:
+    """Whether the window option ``key`` given as ``value`` (text, number or tuple) is its default."""
+    default = _WINDOW_DEFAULTS[key]
+    try:
+        return default is not None and set(_ints(value, key, lo=0)) == {default}
+    except UsageError:
+        return False
 
 
 @dataclasses.dataclass
@@ -162,7 +174,7 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     given = dict(net_pos_pkl=net_pos_pkl, net_neg_pkl=net_neg_pkl, g_method=g_method, g_weight=g_weight,
                  swg_sizes=swg_sizes, swg_steps=swg_steps, scale_window_guide=scale_window_guide,
                  ref_path=ref_path, metrics=metrics)
-    window_options = [k for k in ("swg_sizes", "swg_steps", "scale_window_guide") if given[k] is not None]
+    explicit = {k: given[k] for k in ("swg_sizes", "swg_steps", "scale_window_guide") if given[k] is not None}
     params = {k: kwargs.pop(k) for k in list(kwargs) if k in METHOD_PARAMS}
     params = {**(kwargs.pop("g_params", None) or {}), **{k: v for k, v in params.items() if v is not None}}
     preset_params, preset_method = {}, None
@@ -180,9 +192,20 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
     if not pos:
         raise UsageError("no positive network; pass `net_pos_pkl` (path, URL or model name) or `preset`")
 
-    method = method_spec(given["g_method"] or "none", "g_method").name
+    spec = method_spec(given["g_method"] or "none", "g_method")
+    method = spec.name
     if preset_params and method_spec(preset_method).name == method:  # the preset's own parameters
         params = {**preset_params, **params}
+    if preset is not None and other and given["g_weight"] is None and spec.num_weights:
+        raise UsageError(f"`g_method` {method} is not the method of `preset` {preset} ({preset_method}), whose weights "
+                         f"do not carry over; give `g_weight` (e.g. {spec.example_text()})")
+    # What a method does not use takes its default (the settings say what runs; a resume compares them).
+    unused = {k: v for k, v in explicit.items() if not spec.windows and not _is_default(k, v)}
+    if not spec.windows:
+        given.update(swg_sizes=None, swg_steps=None, scale_window_guide=None)
+    clean = bool(kwargs.pop("clean_combos", False))
+    if clean and "reference_quirks" not in spec.options:
+        unused["clean_combos"], clean = True, False
     sw = given["scale_window_guide"]
     sw = int(GuidanceSettings.masked) if sw is None else sw
     if str(sw) not in ("0", "1"):
@@ -193,7 +216,7 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
         window_steps=GuidanceSettings.window_steps if given["swg_steps"] is None else _ints(given["swg_steps"],
                                                                                              "swg_steps"),
         masked=bool(int(sw)), step_interval=_interval(g_interval),
-        reference_quirks=not kwargs.pop("clean_combos", False), params=params,
+        reference_quirks=not clean, params=params,
         sigma_interval=parse_sigma_interval(kwargs.pop("g_sigma_interval", None), "g_sigma_interval"),
         window_sigma_interval=parse_sigma_interval(kwargs.pop("swg_sigma_interval", None), "swg_sigma_interval"),
         max_window_batch=kwargs.pop("max_window_batch", None), perturb_blocks=kwargs.pop("perturb_blocks", None),
@@ -202,15 +225,12 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
         guidance = guidance.checked()
     except UsageError as exc:  # about this API's keywords (g_method, swg_sizes ...), not the description's fields
         raise exc.renamed(GUIDANCE_NAMES)
-    spec = guidance.spec
     if spec.needs_neg and not neg:
         raise UsageError(f"`g_method` {method} needs a negative network ({NEGATIVES[spec.negative]}); "
                          f"pass `net_neg_pkl`")
     if neg and not spec.needs_neg:
         dist.print0(spell(f"warning: `net_neg_pkl` is not used by `g_method` {method}; ignoring it"), file=sys.stderr)
         neg = None
-    unused = [*(window_options if not spec.windows else ()),
-              *(["clean_combos"] if not guidance.reference_quirks and "reference_quirks" not in spec.options else ())]
     if unused:  # the reference ignores them too; said, as a script may pass them by mistake
         one = len(unused) == 1
         dist.print0(spell(f"warning: {' and '.join(f'`{k}`' for k in unused)} {'is' if one else 'are'} not used by "
@@ -317,7 +337,15 @@ class EDM2Backend(run.Backend):
 
     name = "edm2"
     wandb_project = "swg-edm2"
-    identity_keys = IDENTITY_KEYS
+
+    @property
+    def identity_keys(self) -> tuple:
+        """:data:`IDENTITY_KEYS` less the options this run's method does not use (a folder written with an ignored
+        ``--swg_steps`` resumes without it, and the other way round)."""
+        spec = self.settings.guidance.spec
+        skip = set() if spec.windows else {"swg_sizes", "swg_steps", "scale_window_guide", "swg_sigma_interval"}
+        skip |= set() if "reference_quirks" in spec.options else {"clean_combos"}
+        return tuple(k for k in IDENTITY_KEYS if k not in skip)
 
     def __init__(self, settings: GenerateConfig):
         super().__init__(settings)

@@ -130,7 +130,8 @@ def test_zoo_presets_carry_their_parameters():
     assert cfg.guidance.params == {}   # another method drops the preset's parameters
     assert cfg.guidance.weights == (0.3,) and cfg.net_neg_pkl == edm2_run.build_config(
         preset="demo-digits-apg", outdir=None, require_outdir=False).net_neg_pkl  # ... keeps its networks
-    with pytest.raises(UsageError, match=r"`g_method` cfg takes 1 weight\(s\), got none; e.g. `g_weight` 1"):
+    with pytest.raises(UsageError, match=r"^`g_method` cfg is not the method of `preset` demo-digits-apg \(apg\), "
+                                         r"whose weights do not carry over; give `g_weight` \(e.g. 1\)$"):
         edm2_run.build_config(preset="demo-digits-apg", g_method="cfg", outdir=None, require_outdir=False)  # and weights
     assert edm2_run.build_config(preset="demo-digits", g_method="none", outdir=None,
                                  require_outdir=False).guidance.weights == ()

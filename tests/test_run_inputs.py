@@ -216,3 +216,23 @@ def test_the_other_samplers_flags_get_this_ones_spelling(main, flags, foreign, h
     assert not set(hints) & names  # every hint is for a flag this command does not have
     code, err = _run(main, [foreign, "1"], capsys)
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: no such option {foreign} in ") and hint in err
+
+
+def test_an_ignored_option_is_not_recorded_and_does_not_block_a_resume(tmp_path, capsys):
+    """--swg_steps with cfg is said and ignored: the folder records the default, and the command without it
+    resumes the same folder (found by a new-user trial: it was refused as 'different settings')."""
+    out = tmp_path / "run"
+    base = ["--net_pos_pkl", "demo-digits-cond", "--net_neg_pkl", "demo-digits-uncond", "--g_method", "cfg",
+            "--g_weight", "0.4", "--steps", "2", "--metrics", "none", "--outdir", str(out)]
+    code, err = _run(sample_edm2.main, [*base, "--seeds", "0-1", "--swg_steps", "3", "--clean_combos"], capsys)
+    assert code == 0 and "--swg_steps and --clean_combos are not used by --g_method cfg" in err, err
+    saved = json.loads((out / "settings.json").read_text())
+    assert saved["swg_steps"] == [2] and saved["clean_combos"] is False
+    code, err = _run(sample_edm2.main, [*base, "--seeds", "0-3"], capsys)
+    assert code == 0 and "2 of 4 images to sample" in err, err
+    code, err = _run(sample_edm2.main, [*base, "--seeds", "0-3", "--g_weight", "0.5"], capsys)
+    assert code == 2 and "different settings" in err  # what the method uses is still compared
+    # The grid and the demo pass their own defaults: nothing to say.
+    capsys.readouterr()
+    edm2_flags.settings([*base[:-2], "--outdir", "o", "--swg_steps", "2", "--scale_window_guide", "1"])
+    assert "warning" not in capsys.readouterr().err
