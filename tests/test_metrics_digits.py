@@ -93,3 +93,18 @@ def test_rgb_input_of_grey_images_scores_exactly_like_grey():
     x = torch.randint(0, 256, (12, 1, 16, 16), dtype=torch.uint8)
     a, b = det(x), det(x.repeat(1, 3, 1, 1))
     assert torch.equal(a["features"], b["features"]) and torch.equal(a["probs"], b["probs"])
+
+
+def test_the_shipped_reference_records_its_resolution(held_out):
+    """The digits reference says it was made from 16x16 images, so images of another size are refused against it
+    (a new-user trial scored 64 px DiT images against it without a word)."""
+    from metrics.refs import load_ref
+    from training.train_classifier import reference_stats
+
+    assert load_ref(str(DEFAULT_REF))["resolution"] == [16, 16]
+    images, _ = held_out
+    big = np.repeat(np.repeat(images[:8], 2, axis=1), 2, axis=2)  # 32x32
+    with pytest.raises(UsageError, match="was made from 16x16 images but these images are 32x32"):
+        api.calc_metrics([big], "fd_digits", ref_path=str(DEFAULT_REF), device="cpu", progress=False)
+    ref = reference_stats(DigitsDetector(), torch.as_tensor(images[:8]).permute(0, 3, 1, 2).contiguous())
+    assert ref["resolution"] == [16, 16]  # what training/train_classifier.py writes now

@@ -80,9 +80,10 @@ def accuracy(net: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor) 
 
 
 def reference_stats(detector: DigitsDetector, images_uint8) -> dict:
-    """EDM2-layout reference dict of the detector features of ``images_uint8`` (uint8 NCHW)."""
+    """EDM2-layout reference dict of the detector features of ``images_uint8`` (uint8 NCHW), with their
+    resolution ``[H, W]`` (so that images of another size are refused against it)."""
     feats = detector.features(images_uint8)
-    return {"num_images": int(len(feats)),
+    return {"num_images": int(len(feats)), "resolution": [int(v) for v in images_uint8.shape[-2:]],
             METRIC: {"mu": feats.mean(axis=0), "sigma": np.cov(feats, rowvar=False)}}
 
 
