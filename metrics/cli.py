@@ -158,8 +158,9 @@ ADM_REF_IMAGES = 10000  # images in ADM's reference batches (for precision/recal
 @click.option("--images", default=None, help="folder (recursive), .zip, .tar or ADM .npz of reference images (or give it as IMAGES)")
 @click.option("--dest", required=True, type=click.Path(dir_okay=False),
               help="output: a reference pickle (.pkl), or an ADM reference batch (.npz: arr_0, mu, sigma, mu_s, sigma_s)")
-@click.option("--metrics", default=None, help="which statistics: fid, sfid, fd_dinov2 [default: fid,fd_dinov2; "
-              "fid,sfid for an .npz]")
+@click.option("--metrics", default=None, help="which statistics: "
+              + ", ".join(n for n, s in METRICS.items() if s.kind == "fd")
+              + " [default: fid,fd_dinov2; fid,sfid for an .npz]")
 @click.option("--num", default=None, type=int, help="use N images drawn with --seed (default: all)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--features", default=None, type=click.IntRange(min=0),
@@ -223,7 +224,9 @@ def ref(images_arg, images, dest, metrics, num, seed, features, overwrite, batch
 @exit_on_usage_error(spelling=SPELLING)
 def combine(stats, dest, overwrite):
     """Statistics of the union of the images behind several statistics files (FD blocks, saturation)."""
-
+    same = sorted({str(p) for p in stats if sum(os.path.realpath(q) == os.path.realpath(p) for q in stats) > 1})
+    if same:  # the same images twice would count twice: a mistake, not a union
+        raise UsageError(f"--stats {', '.join(same)} is given more than once; give each statistics file once")
     if os.path.exists(dest) and not overwrite:
         raise UsageError(f"{dest} already exists; choose another --dest or pass --overwrite")
     with _offline_advice("--stats"):

@@ -80,8 +80,8 @@ def parse_columns(specs: Sequence) -> list[Column]:
             raise UsageError(f"column {spec!r} is not 'method[:w[,w2]]' (a method of the table, its window "
                              f"methods as X-swg or masked X-m-swg); e.g. 'm-swg:0.2' or 'cfg-m-swg:0.3,0.3'")
         name, text = m.group(1), m.group(2)
-        masked = "m-swg" in name
-        method = method_spec(name.replace("m-swg", "swg"), "column").name
+        masked = "m-swg" in name or name.endswith("-mswg")  # apg-m-swg, or the demo rows' apg-mswg
+        method = method_spec(name.replace("m-swg", "swg").replace("-mswg", "-swg"), "column").name
         try:
             weights = tuple(float(w) for w in text.split(",")) if text else ()
         except ValueError:

@@ -132,7 +132,14 @@ def _check_objective(sampler: str, base_args: Sequence[str], ranges, outdir, obj
         raise UsageError(f"--objective {objective!r} is not a metric the samplers write; choose from "
                          f"{', '.join(OBJECTIVES)}")
     lows = [lo for lo, _ in ranges]
-    cfg = sampler_settings(sampler, sampler_argv(sampler, base_args, lows, trial_folder(outdir, 0, lows)))
+    try:
+        cfg = sampler_settings(sampler, sampler_argv(sampler, base_args, lows, trial_folder(outdir, 0, lows)))
+    except UsageError as exc:  # the search sets the weights: a wrong count is about its --weight ranges
+        if "takes" in exc.template and {"g_weight", "weights", "weight"} & set(exc.params):
+            raise UsageError(f"{len(ranges)} --weight range(s) given, but the sampler's method needs another count: "
+                             f"{exc.format(_flags(sampler).SPELLING)}; give one --weight low:high per weight, in the "
+                             f"method's order (e.g. w, then w_swg)") from None
+        raise
     metric = OBJECTIVES[objective]
     if metric not in cfg.metrics:
         raise UsageError(f"--objective {objective} needs the sampler's --metrics to include {metric} "
@@ -271,7 +278,7 @@ def run_search(sampler: str, base_args: Sequence[str], ranges: Sequence[tuple[fl
     if not done:
         raise UsageError("no trial finished; see the messages above")
     best = study.best_trial
-    result = {"number": best.number, "weights": [best.params[f"w{i}"] for i in range(len(ranges))],
+    result = {"number": best.number, "weights": [round(best.params[f"w{i}"], 10) for i in range(len(ranges))],
               "value": best.value, "objective": objective, "folder": best.user_attrs.get("folder"),
               "study": study.study_name, "trials": len(study.trials)}
     write_json_atomic(outdir / "best.json", result, indent=2)

@@ -339,3 +339,7 @@ def test_combine_equals_statistics_of_the_union(tmp_path):
     np.testing.assert_allclose(got["fid"]["mu"], expect["fid"]["mu"], rtol=1e-12)
     np.testing.assert_allclose(got["fid"]["sigma"], expect["fid"]["sigma"], rtol=1e-9, atol=1e-12)
     assert got["saturation"] == pytest.approx(expect["saturation"], rel=1e-12)
+    # The same file twice would count its images twice: refused, nothing written.
+    res = CliRunner().invoke(cli, ["combine", "--stats", str(parts[0]), "--stats", str(parts[0]),
+                                   "--dest", str(tmp_path / "twice.pkl")])
+    assert res.exit_code == 2 and "is given more than once" in res.stderr and not (tmp_path / "twice.pkl").exists()

@@ -47,6 +47,7 @@ def test_columns_take_every_method_of_the_table():
     assert cols == [Column("apg", (0.4,), False), Column("apg-swg", (0.4, 0.2), True),
                     Column("apg-swg", (0.4, 0.2), False), Column("cfg-zero", (0.4,), False),
                     Column("pag", (2.0,), False), Column("swg", (0.2,), False)]
+    assert parse_columns(["apg-mswg:0.4,0.2"]) == [Column("apg-swg", (0.4, 0.2), True)]  # the demo's row name
     with pytest.raises(UsageError, match="did you mean apg"):
         parse_columns(["apgg:0.4"])
     with pytest.raises(UsageError, match="apg-swg takes 2 weight"):

@@ -243,3 +243,13 @@ def test_a_reference_the_trials_cannot_use_is_refused_before_the_study(setup, tm
     with pytest.raises(UsageError, match="the sampler skips fid without reference statistics; add --ref-path after --"):
         S.run_search("dit", dit, [(0.1, 0.3)], tmp_path / "dit", n_trials=1, objective="fid")
     assert not (tmp_path / "dit").exists()
+
+
+def test_a_wrong_number_of_weight_ranges_names_the_searchs_flag(setup, tmp_path):
+    _, base = setup
+    cfg_swg = [a if a != "swg" else "cfg-swg" for a in base] + ["--net_neg_pkl", base[1]]
+    with pytest.raises(UsageError, match=r"^1 --weight range\(s\) given, but the sampler's method needs another "
+                                         r"count: --g_method cfg-swg takes 2 weight\(s\).*; give one --weight "
+                                         r"low:high per weight"):
+        S.run_search("edm2", cfg_swg, [(0.1, 0.3)], tmp_path / "w", n_trials=1, objective="fid")
+    assert not (tmp_path / "w").exists()
