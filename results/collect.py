@@ -256,6 +256,9 @@ def read_run(folder: os.PathLike | str, *, all_evals: bool = False, root: Option
             continue
         args = {**metric_args, **file_args}  # the sampler's own record wins
         row = _describe(args)
+        # The reference this evaluation compared against: metrics calc's --ref, else the sampler's ref_path.
+        ref = metric_args.get("ref") or metric_args.get("ref_path") or file_args.get("ref_path")
+        row["ref"] = _short_source(ref) if ref else None
         n = results.pop("num_images", None)
         row["N"] = int(n) if n is not None else args.get("num_images")
         row.update({k: v for k, v in results.items() if isinstance(v, (int, float)) or v is None})
@@ -291,6 +294,7 @@ def read_demo_run(folder: os.PathLike | str, *, root: Optional[os.PathLike] = No
             args = {"preset": name, "g_method": rec.get("g_method") or "none", "g_weight": rec.get("weight"),
                     "scale_window_guide": rec.get("masked") or 1}
         row = _describe(args)
+        row["ref"] = _short_source(args["ref_path"]) if args.get("ref_path") else None  # the preset's reference
         row["N"] = settings.get("num") if isinstance(settings, dict) else None
         for key, columns in _DEMO_SCORES.items():
             value = next((_scalar(rec[c]) for c in columns if rec.get(c) not in (None, "")), None)
@@ -300,6 +304,11 @@ def read_demo_run(folder: os.PathLike | str, *, root: Optional[os.PathLike] = No
         row["evaluation"] = 0
         rows.append(row)
     return rows
+
+
+def _short_source(source) -> str:
+    """``img512.pkl`` for a path or URL: the file name, enough to tell references apart in a table."""
+    return pathlib.PurePosixPath(str(source).rstrip("/")).name or str(source)
 
 
 def collect(root: os.PathLike | str, *, all_evals: bool = False) -> list[dict]:
@@ -348,7 +357,8 @@ def _run_name(row: Mapping[str, Any]) -> str:
 
 
 def to_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
-    """A Markdown table: method (display name), weights, windows, model, N, the metrics any row has, run.
+    """A Markdown table: method (display name), weights, windows, model, N, the reference (file name), the
+    metrics any row has, run.
 
     The metrics are those of :data:`TABLE_METRICS` (FID, sFID, FDD, IS, precision, recall, KID,
     FD-CLIP, saturation, and the digits demo's FD-digits, confidence and class match); a column
@@ -356,10 +366,12 @@ def to_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
     ``(metrics-k)`` for a re-evaluation), so that rows with the same settings can be told apart.
     """
     present = [k for k in TABLE_METRICS if any(isinstance(r.get(k), (int, float)) for r in rows)]
-    head = ["method", "weights", "windows", "model", "N", *(TABLE_METRICS[k] for k in present), "run"]
-    keys = ["label", "weights", "windows", "model", "N", *present]
+    refs = ["ref"] if any(r.get("ref") for r in rows) and present else []  # the reference the scores compare with
+    head = ["method", "weights", "windows", "model", "N", *refs, *(TABLE_METRICS[k] for k in present), "run"]
+    keys = ["label", "weights", "windows", "model", "N", *refs, *present]
     lines = ["| " + " | ".join(head) + " |",
-             "|" + "|".join("---" if i < 4 or i == len(head) - 1 else "---:" for i in range(len(head))) + "|"]
+             "|" + "|".join("---" if i < 4 or head[i] == "ref" or i == len(head) - 1 else "---:"
+                            for i in range(len(head))) + "|"]
     for r in rows:
         cells = [_cell(r.get(k), _DIGITS.get(k, digits)) for k in keys]
         cells.append(_cell(_run_name(r), digits))

@@ -183,8 +183,8 @@ def test_demo_run_metrics_in_table_and_plot(tmp_path, monkeypatch):
     assert (rows["none"]["label"], rows["m-swg-1.1"]["label"], rows["m-swg-1.1"]["weights"]) == \
         ("no guidance", "M-SWG", "1.1")
     md = (report / "results.md").read_text().splitlines()
-    assert md[0] == "| method | weights | windows | model | N | FD-digits | confidence | class match | run |"
-    assert any(line.startswith("| M-SWG | 1.1 | k=12,n=2 | demo-digits | 2 | ") for line in md)
+    assert md[0] == "| method | weights | windows | model | N | ref | FD-digits | confidence | class match | run |"
+    assert any(line.startswith("| M-SWG | 1.1 | k=12,n=2 | demo-digits | 2 | digits-ref.pkl | ") for line in md)
     assert C._series(list(rows.values()), "fd_digits")["demo-digits: M-SWG, k=12,n=2"] == \
         [(0.2, pytest.approx(float(table["m-swg"]["fd"]))), (1.1, pytest.approx(float(table["m-swg-1.1"]["fd"])))]
     img = PIL.Image.open(report / "metrics_vs_weight.png")
@@ -294,3 +294,23 @@ def test_dit_methods_given_by_weights(tmp_path):
         ("1,0.2", "APG+M-SWG", [1.0, 0.2])
     assert (rows["tcfg"]["weights"], rows["tcfg"]["label"], rows["tcfg"]["windows"]) == ("0.4", "TCFG", "")
     assert (rows["swg"]["weights"], rows["swg"]["label"]) == ("0.5", "SWG")
+
+
+def test_the_reference_of_each_evaluation_is_a_column(tmp_path):
+    """A run scored again against another reference: the newest row says which reference (a new-user trial saw
+    the score change with nothing telling why)."""
+    from metrics.api import write_metrics
+
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "settings.json").write_text(json.dumps({"sampler": "edm2", "g_method": "swg", "g_weight": [0.2],
+                                                   "ref_path": "https://x/edm2/dataset-refs/img512.pkl"}))
+    write_metrics(run, {"fid": 3.0, "num_images": 8}, {"ref_path": "https://x/edm2/dataset-refs/img512.pkl"})
+    write_metrics(run, {"fid": 4.0, "num_images": 8}, {"images": str(run), "ref": "/data/other.pkl"})
+    newest, = C.collect(tmp_path / "runs")
+    assert newest["ref"] == "other.pkl" and newest["fid"] == 4.0
+    both = C.collect(tmp_path / "runs", all_evals=True)
+    assert [r["ref"] for r in both] == ["img512.pkl", "other.pkl"]
+    md = C.to_markdown(both)
+    assert md.splitlines()[0].startswith("| method | weights | windows | model | N | ref | FID")
+    assert "| img512.pkl |" in md and "| other.pkl |" in md
