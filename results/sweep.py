@@ -94,7 +94,6 @@ def _point_dir(out: pathlib.Path, line: Line, weight: str, offset: int) -> pathl
 def _edm2_point(line: Line, weight: str, seeds: list, outdir: pathlib.Path, common: Mapping[str, Any],
                 progress: bool) -> dict:
     """One streaming EDM2 run through the sampler's Python API; returns its metrics."""
-
     cfg = edm2_run.build_config(preset=line.preset, outdir=str(outdir), seeds=seeds, g_weight=weight,
                                 save="none", **{**common, **line.options})
     return edm2_run.generate(cfg, progress=progress)["metrics"]
@@ -259,21 +258,22 @@ def write_sweep(rows: Sequence[Mapping[str, Any]], out: os.PathLike | str, digit
 @click.option("--metrics", default=None, help="metrics of every point (default: each preset's)")
 @click.option("--ref_path", default=None, help="reference statistics (default: each preset's)")
 @click.option("--batch", default=None, type=int, help="images per batch per process")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="sampler steps of every point (default: each "
+              "preset's)")
 @click.option("--device", default=None, help="torch device (default: cuda:<LOCAL_RANK> when available)")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="sweep folder: one subfolder per point, the table and the figure")
 @click.option("--digits", type=click.IntRange(0, 8), default=2, show_default=True, help="decimals in sweep.md")
 @exit_on_usage_error
-def main(lines, seeds, offsets, metrics, ref_path, batch, device, out, digits):
+def main(lines, seeds, offsets, metrics, ref_path, batch, steps, device, out, digits):
     """Run a guidance-weight sweep in streaming mode (no image files) and write its table and figure."""
-
     parsed = [parse_line(t) for t in lines]
     try:
         offs = [int(v) for v in str(offsets).split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"--offsets {offsets!r}: give integers separated by commas, e.g. 0,50000,100000") from None
     rows = run_sweep(parsed, seeds=parse_int_list(seeds, "--seeds"), out=out, offsets=offs or [0], metrics=metrics,
-                     ref_path=ref_path, batch=batch, device=device)
+                     ref_path=ref_path, batch=batch, device=device, options={"steps": steps} if steps else None)
     if dist.get_rank() == 0:
         paths = write_sweep(rows, out, digits)
         print(paths["markdown"].read_text(), end="")

@@ -4,6 +4,7 @@ import csv
 import io
 
 import pytest
+from click.testing import CliRunner
 
 from results import sweep
 from utils.errors import UsageError
@@ -95,3 +96,21 @@ def test_digits_sweep_end_to_end_resumes_without_sampling(tmp_path, monkeypatch)
     assert [c["pending"] for c in calls] == [0, 0, 0, 0]
     paths = sweep.write_sweep(rows, tmp_path / "report")
     assert "| M-SWG | 0.3 | 6 | 2 |" in paths["markdown"].read_text()
+
+
+def test_steps_reach_every_point(tmp_path, monkeypatch):
+    """--steps sets the sampler steps of every point (the presets' 32 otherwise)."""
+    seen = {}
+
+    def fake_run_sweep(lines, **kw):
+        seen.update(kw)
+        return []
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(sweep, "write_sweep", lambda rows, out, digits: {"markdown": tmp_path / "none"})
+    (tmp_path / "none").write_text("")
+    res = CliRunner().invoke(sweep.main, ["--line", "M-SWG=demo-digits:0.1", "--steps", "8", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert seen["options"] == {"steps": 8}
+    res = CliRunner().invoke(sweep.main, ["--line", "M-SWG=demo-digits:0.1", "--steps", "0", "--out", str(tmp_path)])
+    assert res.exit_code == 2
