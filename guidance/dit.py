@@ -41,7 +41,7 @@ from .table import METHODS, method_params, method_spec
 from utils.errors import UsageError
 
 __all__ = ["DiTDenoiser", "dit_guidance", "dit_settings", "guide_dit", "DIT_MODES", "ReferenceMode", "REFERENCE_MODES",
-           "reference_mode", "idle_scales", "default_window_size"]
+           "reference_mode", "idle_scales", "table_methods", "default_window_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,12 @@ REFERENCE_MODES = (
     ReferenceMode("uncond", "uncond"),
 )
 DIT_MODES = ("none", *(m.mode for m in REFERENCE_MODES))  # every mode the switches select, and none
+
+
+def table_methods() -> list:
+    """The methods DiT runs with ``--method``: the table's, less the reference's modes (the switches) and the
+    methods that need a weaker network (DiT samples with one network)."""
+    return [name for name, spec in METHODS.items() if name not in DIT_MODES and spec.negative != "weak"]
 
 
 def reference_mode(switches: Mapping[str, object], g_scale: float = 0.0, crop_scale: float = 0.0) -> str:

@@ -264,11 +264,14 @@ def method_names(pairings: bool = True) -> List[str]:
     return [name for name, spec in METHODS.items() if pairings or not spec.pairing]
 
 
-def method_spec(name: str, param: str = "method") -> MethodSpec:
-    """The spec of ``name`` (canonical or alias, any case); an unknown name raises with a suggestion."""
+def method_spec(name: str, param: str = "method", offered: Optional[List[str]] = None) -> MethodSpec:
+    """The spec of ``name`` (canonical or alias, any case); an unknown name raises with a suggestion among
+    ``offered`` (default: every method; a caller that runs only some names them)."""
     key = str(name).strip().lower()
     if key in _LOOKUP:
         return METHODS[_LOOKUP[key]]
-    close = difflib.get_close_matches(key, list(_LOOKUP), n=1)
+    offered = list(METHODS) if offered is None else offered
+    spellings = [k for k, v in _LOOKUP.items() if v in offered]
+    close = difflib.get_close_matches(key, spellings, n=1)
     hint = f"did you mean {_LOOKUP[close[0]]}? " if close else ""
-    raise GuidanceError(f"unknown `{param}` {name!r}; {hint}choose one of {', '.join(METHODS)}")
+    raise GuidanceError(f"unknown `{param}` {name!r}; {hint}choose one of {', '.join(offered)}")

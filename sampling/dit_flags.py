@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import click
 
-from guidance.dit import DIT_MODES, REFERENCE_MODES, ReferenceMode
+from guidance.dit import REFERENCE_MODES, ReferenceMode, table_methods
 from guidance.perturb import kind_options
 from guidance.table import METHODS, method_param_help
 from sampling import dit_run
@@ -61,7 +61,7 @@ def _method_options(fn):
                        ("weights", "With --method: its weights, comma separated (table convention: "
                                    "D = D_pos + w rule), e.g. 0.4 or 0.4,0.2 for X-swg"),
                        ("method", "Another guidance method instead of the switches: "
-                                  + ", ".join(_table_methods()) + " (--list-methods)")):
+                                  + ", ".join(table_methods()) + " (--list-methods)")):
         name = flag.replace("-", "_")
         fn = click.option(*dict.fromkeys((f"--{flag}", f"--{name}")), name, default=None, help=text)(fn)
     return fn
@@ -71,11 +71,6 @@ def _list_methods(ctx, _param, value):
     if value:
         click.echo(format_methods())
         ctx.exit(0)
-
-
-def _table_methods() -> list:
-    """The methods ``--method`` runs: the table's, less the switches' modes and those needing a weaker network."""
-    return [name for name, spec in METHODS.items() if name not in DIT_MODES and spec.negative != "weak"]
 
 
 def _switch_flags(mode: ReferenceMode) -> str:
@@ -89,7 +84,7 @@ def format_methods() -> str:
     rows = [("method", "flags", "weights (example)", "parameters")]
     rows += [(m.mode, _switch_flags(m), ",".join(f"{v:g}" for v in m.example), "-")
              for m in REFERENCE_MODES if m.scales]
-    for name in _table_methods():
+    for name in table_methods():
         spec = METHODS[name]
         mask = " [--mask 1]" if spec.windows else ""
         options = [f"{p.name}={p.default:g}" for p in spec.params]

@@ -34,7 +34,7 @@ import torch
 
 from guidance import WindowError
 from guidance.dit import (DIT_MODES, REFERENCE_MODES, default_window_size, dit_settings, guide_dit, idle_scales,
-                          reference_mode)
+                          reference_mode, table_methods)
 from guidance.settings import GuidanceSettings
 from guidance.table import METHODS, method_param_names, method_params, method_spec, parse_sigma_interval
 from metrics.api import needs_reference
@@ -227,7 +227,7 @@ def _table_method(o: dict):
             raise UsageError("`weights`, the method parameters and the sigma intervals belong to `method`; "
                              "choose one, e.g. `method` apg")
         return None
-    spec = method_spec(name, "method")
+    spec = method_spec(name, "method", offered=table_methods())
     if spec.name in DIT_MODES:
         switch = {m.mode: m for m in REFERENCE_MODES}.get(spec.name)
         use = f"`{switch.switch}` 1 with {' and '.join(f'`{s}`' for s in switch.scales)}" if switch else "no switch"

@@ -401,3 +401,11 @@ def test_a_switch_with_zero_weights_is_said(capsys):
     assert "--crop 1 with --g-scale 0 samples without guidance" in capsys.readouterr().err
     dit_run.build_config(crop=1, metrics="none", seeds="0")  # the Python API: its own names
     assert "warning: `crop` 1 with `g_scale` 0 samples without guidance" in capsys.readouterr().err
+
+
+def test_an_unknown_method_is_offered_only_what_dit_runs(capsys):
+    from guidance.dit import table_methods
+
+    assert "wmg" not in table_methods() and "swg" not in table_methods() and "apg-swg" in table_methods()
+    rc, err = _run(["--method", "apgg", "--weights", "1", "--metrics", "none"], capsys)
+    assert rc == 2 and "did you mean apg?" in err and "wmg" not in err and "cfg-swg," not in err, err
