@@ -52,7 +52,11 @@ def check_outdir(path: os.PathLike | str, option: str = "`outdir`") -> pathlib.P
     writable folder.  Returns the expanded path.  Creates nothing.
     """
     path = pathlib.Path(path).expanduser()
-    if path.exists() and not path.is_dir():
+    try:  # one stat: under torchrun rank 0 may create and remove the folder between two calls (probe_outdir)
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    if mode is not None and not stat.S_ISDIR(mode):
         raise UsageError(f"{path} is a file, not a folder; choose another {option}")
     for _ in range(100):  # under torchrun, rank 0 may be creating and removing the folder meanwhile (probe_outdir)
         probe = path

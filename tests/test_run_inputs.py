@@ -236,3 +236,30 @@ def test_an_ignored_option_is_not_recorded_and_does_not_block_a_resume(tmp_path,
     capsys.readouterr()
     edm2_flags.settings([*base[:-2], "--outdir", "o", "--swg_steps", "2", "--scale_window_guide", "1"])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_folder_another_rank_creates_and_removes_meanwhile_is_not_called_a_file(tmp_path):
+    """Under torchrun rank 0 proves the output folder can be created by creating and removing it while the other
+    ranks check it: a check must never see it as 'a file' (it did, between its exists() and is_dir() calls)."""
+    import threading
+
+    from sampling.run_folder import check_outdir
+
+    target, stop = tmp_path / "run", threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            target.mkdir()
+            target.rmdir()
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(2000):
+            check_outdir(target)
+    finally:
+        stop.set()
+        worker.join()
+    target.write_text("x")  # a real file is still refused
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        check_outdir(target)
