@@ -310,12 +310,8 @@ def build_config(*, require_outdir: bool = True, **opts) -> DiTConfig:
     if o["mask"] and not windows:
         raise UsageError("`mask` 1 (M-SWG) needs " + " or ".join(f"`{m.switch}` 1" for m in REFERENCE_MODES if m.windows)
                          + " (or a `method` with windows, e.g. apg-swg)")
-    ignored = [k for k in ("window_size", "window_steps") if not windows
-               and o[k] not in (None, getattr(DiTOptions, k))]
-    if ignored:  # the reference ignores them too; said, as a script may pass them by mistake
-        one = len(ignored) == 1
-        dist.print0(spell(f"warning: {' and '.join(f'`{k}`' for k in ignored)} {'is' if one else 'are'} not used by "
-                          f"{mode} (it has no windows); ignoring {'it' if one else 'them'}"), file=sys.stderr)
+    run_settings.warn_unused([k for k in ("window_size", "window_steps") if not windows
+                              and o[k] not in (None, getattr(DiTOptions, k))], f"{mode} (it has no windows)")
     window = None
     if windows:
         window = o["window_size"] or max(patch, default_window_size(latent) // patch * patch)

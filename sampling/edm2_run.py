@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 from typing import Optional, Sequence
 
 import torch
@@ -39,9 +38,9 @@ from sampling import presets as PR
 from sampling import run, run_folder, run_settings
 from sampling.edm import edm_sampler
 from sampling.seeds import draw_edm2
-from utils import cache, dist
+from utils import cache
 from utils.bounds import bounded, check_bounds
-from utils.errors import UsageError, spell
+from utils.errors import UsageError
 
 __all__ = ["GenerateConfig", "EDM2Backend", "build_config", "load_networks", "check_networks",
            "make_guided", "prefetch", "generate"]
@@ -229,12 +228,9 @@ def build_config(*, preset: Optional[str] = None, net_pos_pkl: Optional[str] = N
         raise UsageError(f"`g_method` {method} needs a negative network ({NEGATIVES[spec.negative]}); "
                          f"pass `net_neg_pkl`")
     if neg and not spec.needs_neg:
-        dist.print0(spell(f"warning: `net_neg_pkl` is not used by `g_method` {method}; ignoring it"), file=sys.stderr)
+        run_settings.warn_unused(["net_neg_pkl"], f"`g_method` {method}")
         neg = None
-    if unused:  # the reference ignores them too; said, as a script may pass them by mistake
-        one = len(unused) == 1
-        dist.print0(spell(f"warning: {' and '.join(f'`{k}`' for k in unused)} {'is' if one else 'are'} not used by "
-                          f"`g_method` {method}; ignoring {'it' if one else 'them'}"), file=sys.stderr)
+    run_settings.warn_unused(list(unused), f"`g_method` {method}")
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}  # unset options keep the defaults
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(GenerateConfig)})

@@ -28,7 +28,8 @@ from utils.errors import UsageError, spell
 from utils.ranges import compact_ranges
 
 __all__ = ["MAX_SEED", "SAVE_MODES", "save_mode", "RunSettings", "compact_seeds", "parse_seeds", "parse_metrics",
-           "reference_hint", "check_reference", "effective_metrics", "resolve_device", "check_run_settings"]
+           "reference_hint", "check_reference", "effective_metrics", "warn_unused", "resolve_device",
+           "check_run_settings"]
 
 MAX_SEED = 9_999_999  # image files are named by a 7-digit seed
 
@@ -121,6 +122,15 @@ def effective_metrics(settings: RunSettings) -> tuple:
             and not settings.require_reference:
         return ()
     return tuple(settings.metrics)
+
+
+def warn_unused(names: Sequence[str], by: str) -> None:
+    """Say once (rank 0, stderr, in the running command's flags) that the options ``names`` are not used by ``by``
+    and are ignored: the references ignore them silently, and a script may pass them by mistake."""
+    if names:
+        one = len(names) == 1
+        dist.print0(spell(f"warning: {' and '.join(f'`{n}`' for n in names)} {'is' if one else 'are'} not used by "
+                          f"{by}; ignoring {'it' if one else 'them'}"), file=sys.stderr)
 
 
 def resolve_device(device) -> torch.device:

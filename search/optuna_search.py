@@ -135,7 +135,7 @@ def _check_objective(sampler: str, base_args: Sequence[str], ranges, outdir, obj
     try:
         cfg = sampler_settings(sampler, sampler_argv(sampler, base_args, lows, trial_folder(outdir, 0, lows)))
     except UsageError as exc:  # the search sets the weights: a wrong count is about its --weight ranges
-        if "takes" in exc.template and {"g_weight", "weights", "weight"} & set(exc.params):
+        if exc.param in ("g_method", "method") and {"g_weight", "weights"} & set(exc.params):  # a weight count
             raise UsageError(f"{len(ranges)} --weight range(s) given, but the sampler's method needs another count: "
                              f"{exc.format(_flags(sampler).SPELLING)}; give one --weight low:high per weight, in the "
                              f"method's order (e.g. w, then w_swg)") from None
