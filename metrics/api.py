@@ -248,8 +248,10 @@ def check_image_count(names: Sequence[str], n: int) -> None:
 def _too_few(names: Sequence[str], n: int) -> str:
     """``metric 'is' needs at least 10 images``: only the metrics that ``n`` images are too few for."""
     short = [m for m in names if METRICS[m].min_images > n]
-    return metrics_need(short, f"at least {minimum_images(short)} images" if len({METRICS[m].min_images for m in short})
-                        == 1 else "more images (" + ", ".join(f"{m}: {METRICS[m].min_images}" for m in short) + ")")
+    needs = {m: METRICS[m].min_images for m in short}
+    if len(set(needs.values())) == 1:
+        return metrics_need(short, f"at least {minimum_images(short)} images")
+    return metrics_need(short, "more images (" + ", ".join(f"{m}: {k}" for m, k in needs.items()) + ")")
 
 
 def parse_metrics(metrics: Union[str, Sequence[str]]) -> list[str]:
